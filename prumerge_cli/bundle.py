@@ -1,0 +1,74 @@
+"""Compressed bundles: `reducer.json` naming the model (path and weight hash) and the reducer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from . import atomic
+from .encoder import ReducedVisionEncoder
+from .errors import PrumergeError
+from .models.weights import hash_files
+from .versions import package_versions
+
+BUNDLE_FILE = "reducer.json"
+FORMAT = "prumerge-bundle"
+FORMAT_VERSION = 1
+
+
+def write_bundle(encoder: ReducedVisionEncoder, bundle_dir: Path, force: bool = False) -> Path:
+    """Write `bundle_dir/reducer.json` atomically; an existing directory needs `force`."""
+    record = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **encoder.settings(),
+        "model": {
+            "path": str(encoder.model_dir),
+            "model_type": encoder.model.model_type,
+            "weights": [f.name for f in encoder.model.weight_files],
+            "sha256": hash_files(encoder.model.weight_files),
+        },
+        "versions": package_versions(),
+    }
+    with atomic.atomic_dir(bundle_dir, force=force) as tmp:
+        (tmp / BUNDLE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return bundle_dir
+
+
+def is_bundle(path: str | Path) -> bool:
+    """Whether `path` is a bundle directory."""
+    return (Path(path) / BUNDLE_FILE).is_file()
+
+
+def read_bundle(bundle_dir: str | Path) -> dict[str, Any]:
+    """The bundle's record, validated."""
+    path = Path(bundle_dir) / BUNDLE_FILE
+    if not path.is_file():
+        raise PrumergeError(f"{bundle_dir} is not a bundle (no {BUNDLE_FILE})")
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PrumergeError(f"{path} is corrupt: {exc}") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise PrumergeError(f"{path} is not a prumerge bundle")
+    if record.get("format_version") != FORMAT_VERSION:
+        raise PrumergeError(f"{path} has bundle format {record.get('format_version')}; this prumerge reads {FORMAT_VERSION}")
+    return record
+
+
+def load(bundle_dir: str | Path, verify: bool = True, **overrides: Any) -> ReducedVisionEncoder:
+    """Rebuild the encoder a bundle describes; `verify` checks the model's weights are unchanged.
+
+    `overrides` replace recorded settings (`method`, `dtype`, `attn_implementation`, reducer params...).
+    """
+    record = read_bundle(bundle_dir)
+    model = record["model"]
+    method = overrides.pop("method", record["method"])
+    params = {**(record["params"] if method == record["method"] else {}), **overrides.pop("params", {})}
+    options = {k: record[k] for k in ("dtype", "score_layer", "score_dtype")}
+    options.update(overrides)
+    encoder = ReducedVisionEncoder.from_pretrained(model["path"], method, **options, **params)
+    if verify and hash_files(encoder.model.weight_files) != model["sha256"]:
+        raise PrumergeError(f"the weights in {model['path']} changed since bundle {bundle_dir} was written")
+    return encoder

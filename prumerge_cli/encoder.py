@@ -1,0 +1,85 @@
+"""`ReducedVisionEncoder`: a checkpoint's vision tower, a reducer and (for LLaVA) the projector."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from .models.images import preprocess
+from .models.loading import LoadedModel, load_model
+from .models.tower import ScoreDtype, VisionTower
+from .reducers import ReducedTokens, Reducer, build_reducer
+
+
+class ReducedVisionEncoder(nn.Module):
+    """Call on `pixel_values [B, 3, H, W]` to get `ReducedTokens` (projected if `project=True`)."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        reducer: Reducer,
+        model_dir: Path,
+        dtype: str = "float32",
+        score_layer: int | None = None,
+        score_dtype: ScoreDtype = "model",
+    ):
+        super().__init__()
+        self.model = model
+        self.tower = VisionTower(model.vision, model.family, model.feature_layer, score_layer)
+        self.reducer = reducer
+        self.projector = model.projector
+        self.processor = model.processor
+        self.model_dir = model_dir
+        self.dtype_name = dtype
+        self.score_layer = score_layer
+        self.score_dtype: ScoreDtype = score_dtype
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        method: str = "prumerge",
+        *,
+        dtype: str = "float32",
+        attn_implementation: str = "sdpa",
+        score_layer: int | None = None,
+        score_dtype: ScoreDtype = "model",
+        **params: Any,
+    ) -> ReducedVisionEncoder:
+        """Load a CLIP, SigLIP or LLaVA checkpoint from a local directory and attach reducer `method`."""
+        reducer = build_reducer(method, **params)
+        model = load_model(model_dir, dtype=dtype, attn_implementation=attn_implementation)
+        return cls(model, reducer, Path(model_dir).resolve(), dtype, score_layer, score_dtype)
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor, project: bool = False) -> ReducedTokens:
+        """Reduce a batch of preprocessed images; `project=True` applies the LLaVA projector."""
+        signals = self.tower(pixel_values, with_scores=self.reducer.needs_scores, score_dtype=self.score_dtype)
+        out = self.reducer(signals)
+        if project and self.projector is not None:
+            out.tokens = self.projector(out.tokens) * out.mask[..., None].to(out.tokens.dtype)
+        return out
+
+    def encode_images(self, images: list[Image.Image], project: bool = False) -> ReducedTokens:
+        """Preprocess PIL images with the checkpoint's processor, then reduce them."""
+        return self(preprocess(self.processor, images), project=project)
+
+    def settings(self) -> dict[str, Any]:
+        """What a bundle records to rebuild this encoder."""
+        return {
+            "method": self.reducer.name,
+            "params": self.reducer.params(),
+            "dtype": self.dtype_name,
+            "score_layer": self.score_layer,
+            "score_dtype": self.score_dtype,
+        }
+
+    def save(self, bundle_dir: str | Path, force: bool = False) -> Path:
+        """Write a bundle (`reducer.json`) that `prumerge_cli.load` turns back into this encoder."""
+        from .bundle import write_bundle
+
+        return write_bundle(self, Path(bundle_dir), force=force)

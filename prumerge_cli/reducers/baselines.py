@@ -1,0 +1,93 @@
+"""Score-free baselines: keep everything, a seeded random subset, or 2-D average pooling."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import PrumergeError
+from .base import ReducedTokens, Reducer, TowerSignals
+
+
+def _full_lengths(tokens: torch.Tensor) -> torch.Tensor:
+    return torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.long, device=tokens.device)
+
+
+@dataclass
+class NoReduction(Reducer):
+    """Every patch, in raster order (the unreduced baseline)."""
+
+    name: ClassVar[str] = "none"
+
+    def reduce(self, signals: TowerSignals) -> ReducedTokens:
+        x = signals.features
+        idx = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        return ReducedTokens(x, _full_lengths(x), idx)
+
+    def max_tokens(self, num_patches: int) -> int:
+        return num_patches
+
+
+@dataclass
+class RandomSubset(Reducer):
+    """`budget` patches drawn uniformly without replacement, in raster order. The subset depends only on
+    the seed (the same for every image), so results do not depend on batch composition."""
+
+    name: ClassVar[str] = "random"
+    budget: int = 72
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.budget < 1:
+            raise PrumergeError(f"budget must be >= 1, got {self.budget}")
+
+    def reduce(self, signals: TowerSignals) -> ReducedTokens:
+        x = signals.features
+        n = x.shape[1]
+        gen = torch.Generator().manual_seed(self.seed)
+        idx = torch.randperm(n, generator=gen)[: min(self.budget, n)].sort().values.to(x.device)
+        idx = idx.expand(x.shape[0], -1)
+        tokens = x[:, idx[0]]
+        return ReducedTokens(tokens, _full_lengths(tokens), idx)
+
+    def max_tokens(self, num_patches: int) -> int:
+        return min(self.budget, num_patches)
+
+
+@dataclass
+class GridPool(Reducer):
+    """2-D average pooling of the patch grid to `side`×`side` tokens; a token's index is the patch at the
+    centre of its window."""
+
+    name: ClassVar[str] = "pool"
+    side: int = 12
+
+    def __post_init__(self) -> None:
+        if self.side < 1:
+            raise PrumergeError(f"side must be >= 1, got {self.side}")
+
+    def reduce(self, signals: TowerSignals) -> ReducedTokens:
+        x = signals.features
+        rows, cols = signals.grid
+        side_r, side_c = min(self.side, rows), min(self.side, cols)
+        image = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], rows, cols)
+        pooled = F.adaptive_avg_pool2d(image.float(), (side_r, side_c)).to(x.dtype)
+        tokens = pooled.flatten(2).transpose(1, 2)
+        r = torch.tensor([_window_centre(i, side_r, rows) for i in range(side_r)])
+        c = torch.tensor([_window_centre(i, side_c, cols) for i in range(side_c)])
+        idx = (r[:, None] * cols + c[None, :]).flatten().to(x.device).expand(x.shape[0], -1)
+        return ReducedTokens(tokens, _full_lengths(tokens), idx)
+
+    def max_tokens(self, num_patches: int) -> int:
+        side = math.isqrt(num_patches)
+        return min(self.side, side) ** 2
+
+
+def _window_centre(i: int, out: int, size: int) -> int:
+    """Centre of adaptive-pooling window i of `out` over `size` cells."""
+    start, end = (i * size) // out, -((-(i + 1) * size) // out)
+    return (start + end - 1) // 2
