@@ -5,4 +5,12 @@ from .encoder import ReducedVisionEncoder
 from .errors import PrumergeError
 from .reducers import EXTRA_INDEX, PAD_INDEX, ReducedTokens, build_reducer
 
-__all__ = ["EXTRA_INDEX", "PAD_INDEX", "PrumergeError", "ReducedTokens", "ReducedVisionEncoder", "build_reducer", "load"]
+__all__ = [
+    "EXTRA_INDEX",
+    "PAD_INDEX",
+    "PrumergeError",
+    "ReducedTokens",
+    "ReducedVisionEncoder",
+    "build_reducer",
+    "load",
+]

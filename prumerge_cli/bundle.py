@@ -53,7 +53,9 @@ def read_bundle(bundle_dir: str | Path) -> dict[str, Any]:
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise PrumergeError(f"{path} is not a prumerge bundle")
     if record.get("format_version") != FORMAT_VERSION:
-        raise PrumergeError(f"{path} has bundle format {record.get('format_version')}; this prumerge reads {FORMAT_VERSION}")
+        raise PrumergeError(
+            f"{path} has bundle format {record.get('format_version')}; this prumerge reads {FORMAT_VERSION}"
+        )
     return record
 
 

@@ -80,8 +80,9 @@ def test_clip_full_checkpoint_loads_its_vision_tower(clip_full_dir):
 
     model = load_model(clip_full_dir)
     full = CLIPModel.from_pretrained(clip_full_dir)
-    torch.testing.assert_close(model.vision.embeddings.patch_embedding.weight,
-                               full.vision_model.embeddings.patch_embedding.weight)
+    torch.testing.assert_close(
+        model.vision.embeddings.patch_embedding.weight, full.vision_model.embeddings.patch_embedding.weight
+    )
     assert model.feature_layer == -2 and model.projector is None
 
 
@@ -110,14 +111,15 @@ def test_llava_checkpoint_gives_tower_and_projector(llava_dir, image_paths):
         ref = full.model.get_image_features(pixel_values=px)
     ref = ref.pooler_output if hasattr(ref, "pooler_output") else ref
     none = ReducedVisionEncoder.from_pretrained(llava_dir, "none")(px, project=True)
-    torch.testing.assert_close(none.tokens, torch.stack(list(ref)) if isinstance(ref, (list, tuple)) else ref,
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        none.tokens, torch.stack(list(ref)) if isinstance(ref, (list, tuple)) else ref, atol=1e-5, rtol=1e-5
+    )
 
 
 def test_loading_errors_are_clean(tmp_path, clip_dir):
     with pytest.raises(PrumergeError, match="does not exist"):
         load_model(tmp_path / "missing")
-    with pytest.raises(PrumergeError, match="no config.json"):
+    with pytest.raises(PrumergeError, match=r"no config\.json"):
         load_model(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(PrumergeError, match="not valid JSON"):

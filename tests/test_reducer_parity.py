@@ -50,7 +50,9 @@ def test_batch_invariance(method):
     reducer = build_reducer(method)
     batched = reducer(signals)
     for b in range(5):
-        single = reducer(TowerSignals(*(t[b : b + 1] for t in (signals.features, signals.scores, signals.keys)), signals.grid))
+        single = reducer(
+            TowerSignals(*(t[b : b + 1] for t in (signals.features, signals.scores, signals.keys)), signals.grid)
+        )
         row = batched.row(b)
         assert torch.equal(row.indices, single.indices)
         torch.testing.assert_close(row.tokens, single.tokens, atol=1e-5, rtol=1e-5)

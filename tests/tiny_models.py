@@ -60,10 +60,19 @@ def save_siglip_vision(path: Path, seed: int = 0) -> Path:
 def save_llava(path: Path, seed: int = 0) -> Path:
     """A LlavaForConditionalGeneration with a tiny CLIP tower and a tiny Llama."""
     torch.manual_seed(seed)
-    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                       num_key_value_heads=2, vocab_size=128)
-    config = LlavaConfig(vision_config=CLIPVisionConfig(image_size=112, **VISION).to_dict(),
-                         text_config=text.to_dict(), image_token_index=127)
+    text = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=128,
+    )
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(image_size=112, **VISION).to_dict(),
+        text_config=text.to_dict(),
+        image_token_index=127,
+    )
     model = LlavaForConditionalGeneration(config)
     sharpen(model.model.vision_tower.encoder.layers)
     model.save_pretrained(path)

@@ -77,7 +77,9 @@ def load_model(model_dir: str | Path, dtype: str = "float32", attn_implementatio
         _load_state(projector, read_tensors(files, _projector_key), model_dir)
         projector = projector.to(DTYPES[dtype]).eval().requires_grad_(False)
     vision = vision.to(DTYPES[dtype]).eval().requires_grad_(False)
-    return LoadedModel(model_type, family, vision, projector, feature_layer, _processor(model_dir, family, vision_config), files)
+    return LoadedModel(
+        model_type, family, vision, projector, feature_layer, _processor(model_dir, family, vision_config), files
+    )
 
 
 def _vision_config(config: dict[str, Any]) -> tuple[Any, int, LlavaConfig | None]:

@@ -49,7 +49,9 @@ class VisionTower(nn.Module):
         """Whether token 0 is a [CLS] token."""
         return self.family == "clip"
 
-    def forward(self, pixel_values: torch.Tensor, with_scores: bool = True, score_dtype: ScoreDtype = "model") -> TowerSignals:
+    def forward(
+        self, pixel_values: torch.Tensor, with_scores: bool = True, score_dtype: ScoreDtype = "model"
+    ) -> TowerSignals:
         """Run the tower; `with_scores=False` stops at the feature layer."""
         v = self.vision
         h = v.embeddings(pixel_values.to(v.embeddings.patch_embedding.weight.dtype))

@@ -60,7 +60,7 @@ class RandomSubset(Reducer):
 
 @dataclass
 class GridPool(Reducer):
-    """2-D average pooling of the patch grid to `side`×`side` tokens; a token's index is the patch at the
+    """2-D average pooling of the patch grid to `side` x `side` tokens; a token's index is the patch at the
     centre of its window."""
 
     name: ClassVar[str] = "pool"

@@ -1,0 +1,41 @@
+"""The `prumerge` command line: compress, inspect (and more as they land)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+from rich.console import Console
+
+from ..errors import PrumergeError
+
+app = typer.Typer(
+    name="prumerge",
+    help="Reduce the visual tokens of LLaVA-style models, export the result, and benchmark it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _register() -> None:
+    from . import compress, inspect_images  # noqa: F401  (commands register themselves on `app`)
+
+
+def main() -> None:
+    """Entry point: run the app; report errors as one line with a non-zero exit code."""
+    _register()
+    try:
+        app()  # standalone: Typer reports usage errors itself and exits
+    except PrumergeError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+    except Exception as exc:
+        if os.environ.get("PRUMERGE_DEBUG"):
+            raise
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        err.print(f"[red]error:[/red] {type(exc).__name__}: {message} (PRUMERGE_DEBUG=1 shows the traceback)")
+        sys.exit(1)

@@ -1,0 +1,98 @@
+"""`prumerge inspect`: kept-token counts per image, as a table, JSON and PNG overlays."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from .. import atomic
+from ..bundle import is_bundle, load
+from ..encoder import ReducedVisionEncoder
+from ..models.images import collect_images, open_image
+from ..overlay import model_view, render_overlay, save_png
+from ..reducers import EXTRA_INDEX, REDUCERS
+from . import app
+from .options import PARAM_HELP, parse_params
+
+
+def build_encoder(target: Path, method: str | None, params: dict[str, Any]) -> ReducedVisionEncoder:
+    """An encoder from a bundle (optionally with another method) or from a model directory."""
+    if is_bundle(target):
+        overrides: dict[str, Any] = {"params": params}
+        if method:
+            overrides["method"] = method
+        return load(target, **overrides)
+    return ReducedVisionEncoder.from_pretrained(target, method or "prumerge", **params)
+
+
+@app.command("inspect")
+def inspect_images(
+    target: Annotated[Path, typer.Argument(help="A bundle or a model directory.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files or directories of them.")],
+    method: Annotated[str | None, typer.Option("--method", "-m", help=f"Override: {', '.join(REDUCERS)}.")] = None,
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help=PARAM_HELP)] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write per-image results as JSON.")] = None,
+    overlay: Annotated[Path | None, typer.Option(help="Directory for PNG overlays of kept/merged patches.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 8,
+) -> None:
+    """Show how many visual tokens each image keeps; optionally draw which patches were kept and merged."""
+    paths = collect_images(images)
+    encoder = build_encoder(target, method, parse_params(param))
+    rows: list[dict[str, Any]] = []
+    views = []
+    with Progress(transient=True) as progress:
+        task = progress.add_task("reducing", total=len(paths))
+        for start in range(0, len(paths), batch_size):
+            batch = [open_image(p) for p in paths[start : start + batch_size]]
+            out = encoder.encode_images(batch)
+            for i, (path, image) in enumerate(zip(paths[start : start + batch_size], batch, strict=True)):
+                row = out.row(i)
+                kept = [int(x) for x in row.indices[0] if x >= 0]
+                rows.append(
+                    {
+                        "image": str(path),
+                        "tokens": int(row.lengths[0]),
+                        "kept_patches": kept,
+                        "extra_token": bool((row.indices == EXTRA_INDEX).any()),
+                    }
+                )
+                if overlay is not None:
+                    side = encoder.tower.vision.config.image_size
+                    views.append(
+                        (path, render_overlay(model_view(image, encoder.processor, side), row, encoder.tower.grid))
+                    )
+            progress.advance(task, len(batch))
+    n = encoder.tower.num_patches
+    report = {
+        "target": str(target),
+        "method": encoder.reducer.name,
+        "params": encoder.reducer.params(),
+        "num_patches": n,
+        "images": rows,
+    }
+    for path, image in views:
+        save_png(image, overlay / f"{path.stem}.overlay.png")
+    if json_path is not None:
+        atomic.write_text(json_path, json.dumps(report, indent=2) + "\n")
+    print_table(report)
+
+
+def print_table(report: dict[str, Any]) -> None:
+    """The per-image table and the mean."""
+    n = report["num_patches"]
+    table = Table(title=f"{report['method']} on {report['target']}")
+    for col in ("image", "visual tokens", "patches kept", "of patches"):
+        table.add_column(col, justify="left" if col == "image" else "right")
+    for row in report["images"]:
+        kept = len(row["kept_patches"])
+        table.add_row(Path(row["image"]).name, str(row["tokens"]), str(kept), f"{100 * kept / n:.1f}%")
+    mean = sum(r["tokens"] for r in report["images"]) / len(report["images"])
+    table.add_section()
+    table.add_row("mean", f"{mean:.1f}", "", f"{100 * mean / n:.1f}%")
+    Console().print(table)

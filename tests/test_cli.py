@@ -1,0 +1,124 @@
+"""`prumerge compress` and `prumerge inspect`: outputs, bundles, overlays, clean errors."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from PIL import Image
+
+import prumerge_cli
+from prumerge_cli.models.images import open_image
+
+from .cli_helpers import run_cli, run_subprocess
+
+
+def assert_clean_error(result, fragment: str) -> None:
+    assert result.code == 2, result
+    lines = [line for line in result.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and fragment in lines[0], result.err
+    assert "Traceback" not in result.err
+
+
+def test_compress_writes_a_bundle_that_loads_back(capsys, clip_dir, image_paths, tmp_path):
+    bundle = tmp_path / "bundle"
+    res = run_cli(capsys, "compress", clip_dir, "--method", "prumerge+", "-p", "knn=16", "-o", bundle)
+    assert res.code == 0, res.err
+    record = json.loads((bundle / "reducer.json").read_text())
+    assert record["method"] == "prumerge+" and record["params"]["knn"] == 16
+    assert record["model"]["model_type"] == "clip_vision_model" and len(record["model"]["sha256"]) == 64
+    assert {"prumerge", "torch", "transformers"} <= set(record["versions"])
+    loaded = prumerge_cli.load(bundle)
+    direct = prumerge_cli.ReducedVisionEncoder.from_pretrained(clip_dir, "prumerge+", knn=16)
+    images = [open_image(p) for p in image_paths]
+    a, b = loaded.encode_images(images), direct.encode_images(images)
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.tokens, b.tokens)
+
+
+def test_existing_bundle_needs_force(capsys, clip_dir, tmp_path):
+    bundle = tmp_path / "bundle"
+    assert run_cli(capsys, "compress", clip_dir, "-o", bundle).code == 0
+    assert_clean_error(run_cli(capsys, "compress", clip_dir, "-m", "topk", "-o", bundle), "already exists")
+    assert json.loads((bundle / "reducer.json").read_text())["method"] == "prumerge"
+    assert run_cli(capsys, "compress", clip_dir, "-m", "topk", "-o", bundle, "--force").code == 0
+    assert json.loads((bundle / "reducer.json").read_text())["method"] == "topk"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_failed_compress_leaves_nothing(capsys, tmp_path, clip_dir):
+    out = tmp_path / "out" / "bundle"
+    assert_clean_error(run_cli(capsys, "compress", tmp_path / "missing", "-o", out), "does not exist")
+    assert_clean_error(run_cli(capsys, "compress", clip_dir, "-m", "magic", "-o", out), "unknown method")
+    assert_clean_error(run_cli(capsys, "compress", clip_dir, "-p", "knn=abc", "-o", out), "should be int")
+    assert_clean_error(run_cli(capsys, "compress", clip_dir, "-p", "knn", "-o", out), "KEY=VALUE")
+    assert not out.exists()
+
+
+def test_changed_weights_are_detected(capsys, tmp_path, clip_dir):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(clip_dir, model)
+    assert run_cli(capsys, "compress", model, "-o", tmp_path / "b").code == 0
+    data = bytearray((model / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (model / "model.safetensors").write_bytes(bytes(data))
+    res = run_cli(capsys, "inspect", tmp_path / "b", tmp_path)
+    assert res.code == 2
+
+
+def test_inspect_table_json_and_overlays(capsys, clip_dir, image_paths, tmp_path):
+    report, overlays = tmp_path / "r.json", tmp_path / "ov"
+    res = run_cli(
+        capsys,
+        "inspect",
+        clip_dir,
+        image_paths[0].parent,
+        "-m",
+        "prumerge",
+        "--json",
+        report,
+        "--overlay",
+        overlays,
+        "--batch-size",
+        "3",
+    )
+    assert res.code == 0, res.err
+    assert "mean" in res.out and image_paths[0].name in res.out
+    data = json.loads(report.read_text())
+    assert data["num_patches"] == 576 and len(data["images"]) == len(image_paths)
+    enc = prumerge_cli.ReducedVisionEncoder.from_pretrained(clip_dir, "prumerge")
+    for row in data["images"]:
+        out = enc.encode_images([open_image(row["image"])])
+        assert row["tokens"] == int(out.lengths[0]) and row["extra_token"]
+        assert row["kept_patches"] == out.indices[0, : row["tokens"] - 1].tolist()
+    pngs = sorted(overlays.glob("*.png"))
+    assert len(pngs) == len(image_paths)
+    assert Image.open(pngs[0]).size[0] >= 336
+
+
+def test_inspect_bundle_with_method_override(capsys, clip_dir, image_paths, tmp_path):
+    assert run_cli(capsys, "compress", clip_dir, "-o", tmp_path / "b").code == 0
+    res = run_cli(
+        capsys, "inspect", tmp_path / "b", image_paths[0], "-m", "pool", "-p", "side=6", "--json", tmp_path / "r.json"
+    )
+    assert res.code == 0, res.err
+    assert json.loads((tmp_path / "r.json").read_text())["images"][0]["tokens"] == 36
+
+
+def test_inspect_bad_image_is_a_clean_error(capsys, clip_dir, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 truncated")
+    report = tmp_path / "r.json"
+    assert_clean_error(run_cli(capsys, "inspect", clip_dir, bad, "--json", report), "cannot read image")
+    assert not report.exists()
+    assert_clean_error(run_cli(capsys, "inspect", clip_dir, tmp_path / "none.png"), "does not exist")
+
+
+def test_subprocess_help_and_exit_codes(clip_dir, tmp_path):
+    res = run_subprocess("--help")
+    assert res.code == 0 and "compress" in res.out and "inspect" in res.out
+    res = run_subprocess("compress", tmp_path / "nothing", "-o", tmp_path / "b")
+    assert_clean_error(res, "does not exist")
+    res = run_subprocess("compress", clip_dir, "--bogus-option")
+    assert res.code == 2 and "Traceback" not in res.err
