@@ -1,0 +1,34 @@
+# prumerge: set up, test, demo, benchmark. Everything installs into .venv from the package registries.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup test lint demo bench clean
+
+setup: $(STAMP)
+
+# torch is pinned to 2.13.0: on these machines that is the CPU build on disk; GPU users get the normal wheel.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[onnx,dev]"
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+demo: setup
+	$(BIN)/python -m prumerge_cli.demo
+
+bench: setup
+	$(BIN)/python -m benchmarks.reducer_speed
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
