@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[onnx,dev]"
+	$(BIN)/pip install -q -e ".[rtx]" || echo "tensorrt-rtx-cu12 is unavailable: the TensorRT-RTX build test will skip"
 	touch $(STAMP)
 
 test: setup

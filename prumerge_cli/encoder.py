@@ -15,6 +15,12 @@ from .models.tower import ScoreDtype, VisionTower
 from .reducers import ReducedTokens, Reducer, build_reducer
 
 
+def project_tokens(projector: nn.Module, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Apply the LLaVA projector and keep padding slots at zero."""
+    mask = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths[:, None]
+    return projector(tokens) * mask[..., None].to(tokens.dtype)
+
+
 class ReducedVisionEncoder(nn.Module):
     """Call on `pixel_values [B, 3, H, W]` to get `ReducedTokens` (projected if `project=True`)."""
 
@@ -61,8 +67,18 @@ class ReducedVisionEncoder(nn.Module):
         signals = self.tower(pixel_values, with_scores=self.reducer.needs_scores, score_dtype=self.score_dtype)
         out = self.reducer(signals)
         if project and self.projector is not None:
-            out.tokens = self.projector(out.tokens) * out.mask[..., None].to(out.tokens.dtype)
+            out.tokens = project_tokens(self.projector, out.tokens, out.lengths)
         return out
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square input in pixels."""
+        return self.tower.vision.config.image_size
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(rows, cols) of the patch grid."""
+        return self.tower.grid
 
     def encode_images(self, images: list[Image.Image], project: bool = False) -> ReducedTokens:
         """Preprocess PIL images with the checkpoint's processor, then reduce them."""

@@ -7,6 +7,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import PrumergeError
 
@@ -22,20 +23,29 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _register() -> None:
-    from . import compress, inspect_images  # noqa: F401  (commands register themselves on `app`)
+    from . import compress, export, inspect_images  # noqa: F401  (commands register themselves on `app`)
+
+
+def quiet_transformers() -> None:
+    """No per-file progress bars or info logs from transformers inside our own output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def main() -> None:
     """Entry point: run the app; report errors as one line with a non-zero exit code."""
     _register()
+    quiet_transformers()
     try:
         app()  # standalone: Typer reports usage errors itself and exits
     except PrumergeError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
         sys.exit(2)
     except Exception as exc:
         if os.environ.get("PRUMERGE_DEBUG"):
             raise
         message = str(exc).splitlines()[0] if str(exc) else ""
-        err.print(f"[red]error:[/red] {type(exc).__name__}: {message} (PRUMERGE_DEBUG=1 shows the traceback)")
+        err.print(f"[red]error:[/red] {type(exc).__name__}: {escape(message)} (PRUMERGE_DEBUG=1 shows the traceback)")
         sys.exit(1)

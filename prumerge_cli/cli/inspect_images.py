@@ -12,23 +12,13 @@ from rich.progress import Progress
 from rich.table import Table
 
 from .. import atomic
-from ..bundle import is_bundle, load
-from ..encoder import ReducedVisionEncoder
+from ..errors import PrumergeError
 from ..models.images import collect_images, open_image
 from ..overlay import model_view, render_overlay, save_png
 from ..reducers import EXTRA_INDEX, REDUCERS
+from ..targets import open_encoder
 from . import app
 from .options import PARAM_HELP, parse_params
-
-
-def build_encoder(target: Path, method: str | None, params: dict[str, Any]) -> ReducedVisionEncoder:
-    """An encoder from a bundle (optionally with another method) or from a model directory."""
-    if is_bundle(target):
-        overrides: dict[str, Any] = {"params": params}
-        if method:
-            overrides["method"] = method
-        return load(target, **overrides)
-    return ReducedVisionEncoder.from_pretrained(target, method or "prumerge", **params)
 
 
 @app.command("inspect")
@@ -40,10 +30,21 @@ def inspect_images(
     json_path: Annotated[Path | None, typer.Option("--json", help="Write per-image results as JSON.")] = None,
     overlay: Annotated[Path | None, typer.Option(help="Directory for PNG overlays of kept/merged patches.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 8,
+    backend: Annotated[str, typer.Option(help="torch (a bundle or model) or ort (an ONNX export).")] = "torch",
+    threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads (default: all cores).")] = None,
 ) -> None:
     """Show how many visual tokens each image keeps; optionally draw which patches were kept and merged."""
     paths = collect_images(images)
-    encoder = build_encoder(target, method, parse_params(param))
+    if backend == "ort":
+        if method or param:
+            raise PrumergeError("--method and --param do not apply to an ONNX export")
+        from ..runtime.ort import OrtEncoder
+
+        encoder = OrtEncoder(target, threads=threads)
+    elif backend == "torch":
+        encoder = open_encoder(target, method, parse_params(param))
+    else:
+        raise PrumergeError(f"unknown backend {backend!r}; choose torch or ort")
     rows: list[dict[str, Any]] = []
     views = []
     with Progress(transient=True) as progress:
@@ -63,12 +64,10 @@ def inspect_images(
                     }
                 )
                 if overlay is not None:
-                    side = encoder.tower.vision.config.image_size
-                    views.append(
-                        (path, render_overlay(model_view(image, encoder.processor, side), row, encoder.tower.grid))
-                    )
+                    view = model_view(image, encoder.processor, encoder.image_size)
+                    views.append((path, render_overlay(view, row, encoder.grid)))
             progress.advance(task, len(batch))
-    n = encoder.tower.num_patches
+    n = encoder.grid[0] * encoder.grid[1]
     report = {
         "target": str(target),
         "method": encoder.reducer.name,

@@ -64,6 +64,8 @@ class Reducer(abc.ABC):
 
     name: ClassVar[str]
     needs_scores: ClassVar[bool] = False
+    bound_rule: ClassVar[str]
+    """Why `max_tokens` bounds the output (recorded in export manifests)."""
 
     def __call__(self, signals: TowerSignals) -> ReducedTokens:
         """Reduce a batch."""
@@ -77,6 +79,10 @@ class Reducer(abc.ABC):
     @abc.abstractmethod
     def max_tokens(self, num_patches: int) -> int:
         """Proven upper bound on the output count for a tower with `num_patches` patches."""
+
+    def for_export(self, num_patches: int) -> Reducer:
+        """An equivalent reducer whose output shapes are static for `num_patches` (no host reads)."""
+        return self
 
     def params(self) -> dict[str, Any]:
         """The reducer's parameters, JSON-serialisable."""

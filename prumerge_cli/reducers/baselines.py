@@ -22,6 +22,7 @@ class NoReduction(Reducer):
     """Every patch, in raster order (the unreduced baseline)."""
 
     name: ClassVar[str] = "none"
+    bound_rule: ClassVar[str] = "every patch"
 
     def reduce(self, signals: TowerSignals) -> ReducedTokens:
         x = signals.features
@@ -38,6 +39,7 @@ class RandomSubset(Reducer):
     the seed (the same for every image), so results do not depend on batch composition."""
 
     name: ClassVar[str] = "random"
+    bound_rule: ClassVar[str] = "the budget"
     budget: int = 72
     seed: int = 0
 
@@ -64,6 +66,7 @@ class GridPool(Reducer):
     centre of its window."""
 
     name: ClassVar[str] = "pool"
+    bound_rule: ClassVar[str] = "side x side pooled tokens"
     side: int = 12
 
     def __post_init__(self) -> None:

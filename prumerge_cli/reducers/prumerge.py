@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -38,6 +39,10 @@ class PruMerge(_ScoreReducer):
     """Adaptive selection: keep the patches whose score is an IQR outlier (per sample), merge the rest."""
 
     name: ClassVar[str] = "prumerge"
+    bound_rule: ClassVar[str] = (
+        "outliers lie strictly above Q3, so at most N - 1 - floor(3(N - 1) / 4) patches (144 of 576, or cap), "
+        "plus the extra token"
+    )
     iqr_k: float = 1.5
     cap: int | None = None
     """Static bound on kept outliers (export mode: fixed shapes, no host read); None sizes from the batch."""
@@ -61,6 +66,9 @@ class PruMerge(_ScoreReducer):
         centre_idx, valid = order_centres(signals.scores, counts, cap, extra, raster=self.order == "raster")
         return (centre_idx, valid) if self.cap is not None else trim(centre_idx, valid)
 
+    def for_export(self, num_patches: int) -> PruMerge:
+        return dataclasses.replace(self, cap=self.kept_bound(num_patches))
+
     def outlier_counts(self, scores: torch.Tensor) -> torch.Tensor:
         """[B] int64 kept-outlier count per sample, clamped to `cap` if set."""
         counts = iqr_outlier_mask(scores, self.iqr_k).sum(-1)
@@ -83,6 +91,9 @@ class PruMergePlus(PruMerge):
     returned, with a warning."""
 
     name: ClassVar[str] = "prumerge+"
+    bound_rule: ClassVar[str] = (
+        "max over outlier counts k of k + ceil(grid_end / stride(k)), at most all N patches, plus the extra token"
+    )
     grid_div: int = 3
     grid_end: int | None = None
     """Grid stops before this patch index; None means N - 1 (575 for 576 patches), as the official code."""
@@ -119,6 +130,7 @@ class TopK(_ScoreReducer):
     """Fixed budget: the `budget` highest-scoring patches (default int(N·ratio)); merge on or off."""
 
     name: ClassVar[str] = "topk"
+    bound_rule: ClassVar[str] = "the budget, plus the extra token when merging"
     budget: int | None = None
     ratio: float = 0.125
 

@@ -5,12 +5,20 @@ from __future__ import annotations
 import torch
 
 
+def linear_quantile(sorted_rows: torch.Tensor, q: float) -> torch.Tensor:
+    """[B] quantile q of each ascending row, linear interpolation (as numpy's default and torch.quantile)."""
+    pos = q * (sorted_rows.shape[-1] - 1)
+    lo = int(pos)
+    hi = min(lo + 1, sorted_rows.shape[-1] - 1)
+    return sorted_rows[:, lo] + (pos - lo) * (sorted_rows[:, hi] - sorted_rows[:, lo])
+
+
 def iqr_outlier_mask(scores: torch.Tensor, iqr_k: float) -> torch.Tensor:
     """[B, N] bool: scores strictly above Q3 + iqr_k·IQR of their own row (linear quantiles, in fp32)."""
     a = scores.float()
-    q = torch.quantile(a, torch.tensor([0.25, 0.75], device=a.device), dim=-1)
-    fence = q[1] + iqr_k * (q[1] - q[0])
-    return a > fence[:, None]
+    ordered = torch.sort(a, dim=-1).values
+    q1, q3 = linear_quantile(ordered, 0.25), linear_quantile(ordered, 0.75)
+    return a > (q3 + iqr_k * (q3 - q1))[:, None]
 
 
 def max_outliers(num_patches: int) -> int:
@@ -19,8 +27,12 @@ def max_outliers(num_patches: int) -> int:
 
 
 def grid_stride(counts: torch.Tensor, num_patches: int, grid_div: int) -> torch.Tensor:
-    """PruMerge+ raster stride per row: (N // k) // grid_div, at least 1."""
-    return torch.clamp((num_patches // counts.clamp(min=1)) // grid_div, min=1)
+    """PruMerge+ raster stride per row: (N // k) // grid_div, at least 1.
+
+    Positive integers divide exactly as floor(float division) (IEEE division is correctly rounded), which
+    exports without the sign handling of integer floor-division that TensorRT rejects."""
+    per_outlier = torch.floor(num_patches / counts.clamp(min=1).float())
+    return torch.floor(per_outlier / grid_div).long().clamp(min=1)
 
 
 def grid_mask(counts: torch.Tensor, num_patches: int, grid_div: int, grid_end: int) -> torch.Tensor:
@@ -48,17 +60,15 @@ def order_centres(
     j = torch.arange(n, device=scores.device)
     top = torch.topk(scores, cap, dim=-1, sorted=True).indices
     rank = torch.arange(cap, device=scores.device).expand(batch, cap)
-    is_kept = rank < counts[:, None]
-    not_centre = 2 * n
-    key = torch.full((batch, n), not_centre, dtype=torch.long, device=scores.device)
-    key.scatter_(1, top, torch.where(is_kept, rank, not_centre))
-    kept_mask = key < not_centre
+    not_centre = (2 * n + j).expand(batch, n)  # unique keys, so the sort below needs no stability
+    key = not_centre.scatter(1, top, torch.where(rank < counts[:, None], rank, torch.gather(not_centre, 1, top)))
+    centre_mask = key < 2 * n
     if extra_mask is not None:
-        key = torch.where(extra_mask & ~kept_mask, n + j, key)
-    centre_mask = key < not_centre
+        key = torch.where(extra_mask & ~centre_mask, n + j, key)
+        centre_mask = key < 2 * n
     if raster:
         key = torch.where(centre_mask, j, not_centre)
     width = cap if extra_mask is None else n
-    centre_idx = torch.sort(key, dim=-1, stable=True).indices[:, :width]
+    centre_idx = torch.topk(key, width, dim=-1, largest=False, sorted=True).indices
     valid = torch.arange(width, device=scores.device) < centre_mask.sum(-1, keepdim=True)
     return centre_idx, valid

@@ -1,0 +1,22 @@
+"""What TensorRT export needs, checked up front so that a missing piece is one clear line."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from ..errors import PrumergeError
+
+INSTALL_HINT = (
+    'pip install "prumerge[trt]" with NVIDIA\'s package index as an extra index, on a machine with a CUDA GPU'
+)
+
+
+def require_tensorrt() -> None:
+    """Raise a clean error unless TensorRT and a CUDA GPU are available."""
+    if importlib.util.find_spec("tensorrt") is None:
+        raise PrumergeError(f"TensorRT is not installed: {INSTALL_HINT}")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise PrumergeError("TensorRT engines need a CUDA GPU and none is visible (torch.cuda.is_available() is False)")
+    raise PrumergeError("TensorRT engine building is not available in this version of prumerge yet")

@@ -1,0 +1,66 @@
+"""`prumerge export`: a bundle (or model) to an ONNX export directory, or to TensorRT engines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import PrumergeError
+from ..targets import open_encoder
+from . import app
+from .options import PARAM_HELP, parse_params
+
+
+@app.command()
+def export(
+    target: Annotated[Path, typer.Argument(help="A bundle or a model directory.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Export directory to write.")],
+    onnx: Annotated[bool, typer.Option("--onnx", help="Export to ONNX (run by ONNX Runtime).")] = False,
+    trt: Annotated[bool, typer.Option("--trt", help="Build TensorRT engines (needs TensorRT and a GPU).")] = False,
+    opset: Annotated[int, typer.Option(help="ONNX opset, 18..23.")] = 18,
+    dtype: Annotated[str, typer.Option(help="fp32 or fp16.")] = "fp32",
+    batch: Annotated[int | None, typer.Option(help="A fixed batch size (default: dynamic).")] = None,
+    max_batch: Annotated[int, typer.Option(help="Largest batch of a dynamic export.")] = 8,
+    with_projector: Annotated[bool, typer.Option(help="Append the LLaVA projector (outputs are LLM inputs).")] = False,
+    check: Annotated[bool, typer.Option(help="Check ONNX Runtime against PyTorch.")] = True,
+    method: Annotated[str | None, typer.Option("--method", "-m", help="Override the bundle's method.")] = None,
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help=PARAM_HELP)] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing export directory.")] = False,
+) -> None:
+    """Export the vision encoder + reducer (+ projector) with static shapes, and check it."""
+    if onnx == trt:
+        raise PrumergeError("choose one of --onnx or --trt")
+    if trt:
+        from ..exporters.trt_support import require_tensorrt
+
+        require_tensorrt()
+    from ..exporters.onnx_export import OnnxOptions, export_onnx
+
+    options = OnnxOptions(opset, dtype, batch, max_batch, with_projector, check)
+    console = Console()
+    encoder = open_encoder(target, method, parse_params(param))
+    with console.status(f"exporting {encoder.reducer.name} to ONNX (opset {opset}, {dtype})..."):
+        manifest = export_onnx(encoder, output, options, force=force)
+    print_manifest(console, output, manifest)
+
+
+def print_manifest(console: Console, output: Path, manifest: dict) -> None:
+    """Shapes, bound, parity and files of an export."""
+    table = Table(title=f"ONNX export {output}", show_header=False)
+    for spec in (*manifest["inputs"], *manifest["outputs"]):
+        table.add_row(spec["name"], f"{spec['dtype']} {spec['shape']}")
+    table.add_row("method", f"{manifest['method']} (Kmax {manifest['kmax']}: {manifest['kmax_rule']})")
+    parity = manifest["parity"]
+    if parity:
+        table.add_row("parity", f"{'passed' if parity['passed'] else 'FAILED'}: indices equal "
+                      f"{parity['indices_equal']}, tokens max abs {parity['tokens_max_abs']:.2e}")  # fmt: skip
+    else:
+        table.add_row("parity", "not checked (--no-check)")
+    for name, info in manifest["files"].items():
+        table.add_row(name, f"{info['bytes'] / 2**20:.1f} MiB")
+    table.add_row("export time", f"{manifest['export_seconds']:.1f} s")
+    console.print(table)

@@ -1,0 +1,49 @@
+"""The language side of a local LLaVA checkpoint: tokenizer, embeddings, decoder and LM head."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+from ..errors import PrumergeError
+from ..models.loading import DTYPES, read_config
+from .splice import LmBatch
+
+
+class LlavaLm:
+    """Next-token logits for spliced batches of a `LlavaForConditionalGeneration`."""
+
+    def __init__(self, model: LlavaForConditionalGeneration, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.embed = model.get_input_embeddings()
+        self.bos_id = tokenizer.bos_token_id
+        self.eos_id = tokenizer.eos_token_id
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, dtype: str = "float32") -> LlavaLm:
+        """Load a LLaVA checkpoint and its tokenizer, offline."""
+        if read_config(Path(model_dir)).get("model_type") != "llava":
+            raise PrumergeError(f"{model_dir} is not a LLaVA checkpoint")
+        model = LlavaForConditionalGeneration.from_pretrained(str(model_dir), dtype=DTYPES[dtype]).eval()
+        return cls(model, AutoTokenizer.from_pretrained(str(model_dir)))
+
+    def logits(self, batch: LmBatch) -> torch.Tensor:
+        """[B, T, V] logits over the whole spliced sequence."""
+        hidden = self.model.model.language_model(
+            inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        ).last_hidden_state
+        return self.model.lm_head(hidden)
+
+    def next_token_logits(self, batch: LmBatch) -> torch.Tensor:
+        """[B, V] logits of the token after each row's prompt."""
+        hidden = self.model.model.language_model(
+            inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        ).last_hidden_state
+        return self.model.lm_head(hidden[torch.arange(len(batch.last)), batch.last])
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids without specials."""
+        return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]

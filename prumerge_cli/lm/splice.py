@@ -1,0 +1,58 @@
+"""Hand reduced visual tokens to a LLaVA language model: per-sample `<s> image text` sequences,
+right-padded, with contiguous positions (as upstream LLaVA does for a variable number of image tokens)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..reducers import ReducedTokens
+
+IGNORE = -100
+
+
+@dataclass
+class LmBatch:
+    """Inputs for the LM: embeddings, mask, positions; `last[b]` is the last position of row b, and `labels`
+    (each target placed at the position that predicts it) is set when targets were given."""
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    last: torch.Tensor
+    labels: torch.Tensor | None
+
+
+def splice(
+    embed: nn.Embedding,
+    bos_id: int,
+    image: ReducedTokens,
+    texts: list[list[int]],
+    targets: list[list[bool]] | None = None,
+) -> LmBatch:
+    """Build the batch; `image.tokens` must already be in the LM's embedding space (projected).
+
+    `targets[b][j]` marks text token j of row b as a training target (e.g. the answer words and `</s>`).
+    """
+    device = image.tokens.device
+    rows, labels, lasts = [], [], []
+    for b, text in enumerate(texts):
+        ids = torch.tensor(text, dtype=torch.long, device=device)
+        n_img = int(image.lengths[b])
+        bos = embed(torch.tensor([bos_id], device=device))
+        rows.append(torch.cat([bos, image.tokens[b, :n_img].to(embed.weight.dtype), embed(ids)]))
+        lasts.append(len(rows[-1]) - 1)
+        label = torch.full((len(rows[-1]),), IGNORE, dtype=torch.long, device=device)
+        if targets is not None:
+            wanted = torch.tensor(targets[b], dtype=torch.bool, device=device)
+            label[n_img : n_img + len(text)] = torch.where(wanted, ids, IGNORE)
+        labels.append(label)
+    width = max(len(r) for r in rows)
+    lengths = torch.tensor([len(r) for r in rows], device=device)
+    mask = torch.arange(width, device=device)[None, :] < lengths[:, None]
+    embeds = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+    positions = torch.arange(width, device=device).expand(len(rows), -1) * mask
+    padded = torch.nn.utils.rnn.pad_sequence(labels, batch_first=True, padding_value=IGNORE)
+    return LmBatch(embeds, mask.long(), positions, torch.tensor(lasts, device=device), padded if targets else None)

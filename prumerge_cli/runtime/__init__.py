@@ -1,0 +1,16 @@
+"""Runtimes for exported encoders (imported lazily: each needs its optional extra)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def __getattr__(name: str) -> Any:
+    if name == "OrtEncoder":
+        from .ort import OrtEncoder
+
+        return OrtEncoder
+    raise AttributeError(name)
+
+
+__all__ = ["OrtEncoder"]

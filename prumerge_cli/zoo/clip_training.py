@@ -1,0 +1,101 @@
+"""Contrastive training of the embedded CLIP on the world's image-caption pairs, and its retrieval score."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from .world import IMAGE_SIZE, make_sample, split_seed
+
+MAX_WORDS = 32
+
+
+def clip_config(vocab_size: int) -> CLIPConfig:
+    """ViT with 14-pixel patches on 224x224 images (256 patches), 4 layers of width 128; a 2-layer text tower."""
+    vision = dict(image_size=IMAGE_SIZE, patch_size=14, hidden_size=128, intermediate_size=512,
+                  num_hidden_layers=4, num_attention_heads=4)  # fmt: skip
+    text = dict(vocab_size=vocab_size, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=MAX_WORDS, pad_token_id=0, bos_token_id=2,
+                eos_token_id=3)  # fmt: skip
+    return CLIPConfig(vision_config=vision, text_config=text, projection_dim=128)
+
+
+def image_processor() -> CLIPImageProcessorPil:
+    """The processor saved with the model (CLIP normalisation, 224 pixels)."""
+    side = {"shortest_edge": IMAGE_SIZE}
+    return CLIPImageProcessorPil(size=side, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+
+
+def caption_batch(tokenizer: PreTrainedTokenizerFast, captions: list[str]) -> dict[str, torch.Tensor]:
+    """Token ids `<s> words </s>` padded to the batch's longest."""
+    texts = [f"<s> {c} </s>" for c in captions]
+    return tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+
+
+def pair_batch(split: str, start: int, size: int, processor, tokenizer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Pixel values and caption ids of samples start..start+size of a split."""
+    samples = [make_sample(split_seed(split, i)) for i in range(start, start + size)]
+    pixels = processor(images=[s.image for s in samples], return_tensors="pt")["pixel_values"]
+    return pixels, caption_batch(tokenizer, [s.caption for s in samples])
+
+
+def train_clip(
+    tokenizer: PreTrainedTokenizerFast,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    log: Callable[[int, float], None] | None = None,
+) -> CLIPModel:
+    """Train from scratch with the symmetric InfoNCE loss; AdamW, warm-up then cosine decay."""
+    torch.manual_seed(seed)
+    model = CLIPModel(clip_config(len(tokenizer)))
+    processor = image_processor()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    model.train()
+    for step in range(steps):
+        pixels, text = pair_batch("train", step * batch_size, batch_size, processor, tokenizer)
+        out = model(pixel_values=pixels, **text)
+        labels = torch.arange(batch_size)
+        loss = (F.cross_entropy(out.logits_per_image, labels) + F.cross_entropy(out.logits_per_text, labels)) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if log is not None:
+            log(step, float(loss))
+    return model.eval()
+
+
+@torch.no_grad()
+def retrieval_top1(model: CLIPModel, tokenizer: PreTrainedTokenizerFast, split: str, count: int) -> float:
+    """Image-to-caption top-1 accuracy among the `count` captions of the split's first `count` samples."""
+    processor = image_processor()
+    pixels, text = pair_batch(split, 0, count, processor, tokenizer)
+    image = F.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+    texts = F.normalize(model.get_text_features(**text).pooler_output, dim=-1)
+    return float(((image @ texts.T).argmax(-1) == torch.arange(count)).float().mean())
+
+
+if __name__ == "__main__":
+    from .tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    t0 = time.time()
+    m = train_clip(tok, steps=int(Path("/tmp/steps").read_text()), batch_size=64, seed=0,
+                   log=lambda s, loss: print(s, round(loss, 3), round(time.time() - t0, 1), flush=True))  # fmt: skip
+    print("top1", retrieval_top1(m, tok, "val", 256))
+    m.save_pretrained("/tmp/clip_try")
+    tok.save_pretrained("/tmp/clip_try")
+    image_processor().save_pretrained("/tmp/clip_try")

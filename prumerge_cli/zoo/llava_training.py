@@ -1,0 +1,104 @@
+"""Training of the embedded LLaVA: the trained CLIP tower frozen, a 2-layer MLP projector and a small Llama
+trained on the world's questions with all visual tokens, as LLaVA-1.5's instruction tuning."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers import CLIPModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from ..lm.llava_lm import LlavaLm
+from ..lm.splice import IGNORE, splice
+from ..models.tower import VisionTower
+from ..reducers import ReducedTokens
+from .clip_training import image_processor
+from .tokenizer import IMAGE_TOKEN
+from .world import make_sample, split_seed
+
+
+def llava_config(clip: CLIPModel, tokenizer) -> LlavaConfig:
+    """LLaVA-1.5 layout: feature layer -2, CLS dropped, gelu MLP projector; a 4-layer Llama of width 256."""
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)  # fmt: skip
+    return LlavaConfig(vision_config=clip.config.vision_config.to_dict(), text_config=text.to_dict(),
+                       image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_layer=-2,
+                       vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                       image_seq_length=(clip.config.vision_config.image_size // 14) ** 2)  # fmt: skip
+
+
+def build_llava(clip: CLIPModel, tokenizer, seed: int) -> LlavaForConditionalGeneration:
+    """A fresh LLaVA whose vision tower is the trained CLIP's, frozen."""
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(llava_config(clip, tokenizer))
+    model.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
+    model.model.vision_tower.requires_grad_(False)
+    return model
+
+
+def conversation_batch(split: str, start: int, count: int, processor, tokenizer):
+    """Pixels of `count` samples and, per image, one conversation of all its QAs in a seeded random order:
+    `q1 a1 </s> q2 a2 </s> ...`, with answers and `</s>` as targets."""
+    samples = [make_sample(split_seed(split, i)) for i in range(start, start + count)]
+    pixels = processor(images=[s.image for s in samples], return_tensors="pt")["pixel_values"]
+    texts, targets = [], []
+    for i, sample in enumerate(samples):
+        qas = list(sample.qas)
+        random.Random(split_seed(split, start + i)).shuffle(qas)
+        text: list[int] = []
+        target: list[bool] = []
+        for qa in qas:
+            question = tokenizer(qa.question, add_special_tokens=False)["input_ids"]
+            answer = [*tokenizer(qa.answer, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+            text += question + answer
+            target += [False] * len(question) + [True] * len(answer)
+        texts.append(text)
+        targets.append(target)
+    return pixels, texts, targets
+
+
+def train_llava(
+    model: LlavaForConditionalGeneration,
+    tokenizer,
+    steps: int,
+    images_per_step: int,
+    seed: int,
+    log: Callable[[int, float], None] | None = None,
+) -> LlavaForConditionalGeneration:
+    """Train projector and LM on the conversations of `images_per_step` fresh images per step."""
+    torch.manual_seed(seed)
+    processor = image_processor()
+    tower = VisionTower(model.model.vision_tower, "clip", feature_layer=-2)
+    lm = LlavaLm(model, tokenizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    model.train()
+    for step in range(steps):
+        pixels, texts, targets = conversation_batch(
+            "train", step * images_per_step, images_per_step, processor, tokenizer
+        )
+        with torch.no_grad():
+            features = tower(pixels, with_scores=False).features
+        full = torch.full((len(features),), features.shape[1], dtype=torch.long)
+        patches = torch.arange(features.shape[1]).expand(len(features), -1)
+        image = ReducedTokens(model.model.multi_modal_projector(features), full, patches)
+        batch = splice(lm.embed, lm.bos_id, image, texts, targets)
+        logits = lm.logits(batch)
+        loss = F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if log is not None:
+            log(step, float(loss))
+    return model.eval()

@@ -1,0 +1,28 @@
+"""The world's word-level tokenizer, as a standard `PreTrainedTokenizerFast`."""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import WhitespaceSplit
+from transformers import PreTrainedTokenizerFast
+
+from .world import vocabulary
+
+SPECIALS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
+IMAGE_TOKEN = "<image>"
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Specials first (<pad>=0, <unk>=1, <s>=2, </s>=3, <image>=4), then the world's words."""
+    vocab = {word: i for i, word in enumerate((*SPECIALS, *vocabulary()))}
+    core = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=[IMAGE_TOKEN],
+    )

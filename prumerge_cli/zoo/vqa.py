@@ -1,0 +1,50 @@
+"""Held-out VQA accuracy of a LLaVA fed by any reducer: greedy first answer token, per question type."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from ..encoder import ReducedVisionEncoder
+from ..lm.llava_lm import LlavaLm
+from ..lm.splice import splice
+from ..reducers import ReducedTokens
+from .world import QUESTION_TYPES, make_sample, split_seed
+
+
+@dataclass
+class VqaScore:
+    """Accuracy per question type and overall, and the visual tokens the LLM saw."""
+
+    accuracy: dict[str, float]
+    tokens_mean: float
+    tokens_min: int
+    tokens_max: int
+    questions: int
+    per_image_tokens: list[int] = field(repr=False, default_factory=list)
+
+
+@torch.no_grad()
+def vqa_accuracy(
+    encoder: ReducedVisionEncoder, lm: LlavaLm, split: str = "test", images: int = 200, batch_images: int = 20
+) -> VqaScore:
+    """Ask every question type about the first `images` samples of `split`."""
+    correct: dict[str, list[bool]] = defaultdict(list)
+    tokens: list[int] = []
+    for start in range(0, images, batch_images):
+        samples = [make_sample(split_seed(split, i)) for i in range(start, min(images, start + batch_images))]
+        out = encoder.encode_images([s.image for s in samples], project=True)
+        tokens += out.lengths.tolist()
+        rows = torch.tensor([i for i, s in enumerate(samples) for _ in s.qas])
+        qas = [qa for s in samples for qa in s.qas]
+        image = ReducedTokens(out.tokens[rows], out.lengths[rows], out.indices[rows])
+        batch = splice(lm.embed, lm.bos_id, image, lm.encode([qa.question for qa in qas]))
+        predicted = lm.next_token_logits(batch).argmax(-1).tolist()
+        for qa, guess in zip(qas, predicted, strict=True):
+            correct[qa.kind].append(guess == lm.encode([qa.answer])[0][0])
+    accuracy = {kind: sum(correct[kind]) / len(correct[kind]) for kind in QUESTION_TYPES}
+    everything = [c for kind in QUESTION_TYPES for c in correct[kind]]
+    accuracy["overall"] = sum(everything) / len(everything)
+    return VqaScore(accuracy, sum(tokens) / len(tokens), min(tokens), max(tokens), len(everything), tokens)

@@ -1,0 +1,166 @@
+"""A procedural visual-QA world: coloured shapes on a 3x3 layout over a cluttered background, with a
+caption per image and questions that need spatial detail. Everything is a pure function of a seed."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 224
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (40, 70, 230),
+    "yellow": (240, 210, 20),
+    "purple": (150, 40, 190),
+    "orange": (250, 130, 0),
+}
+SHAPES = ("circle", "square", "triangle", "cross")
+SIZES = ("small", "large")
+POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+NUMBERS = ("zero", "one", "two", "three", "four")
+RELATIONS = ("left of", "right of", "above", "below")
+QUESTION_TYPES = ("color", "shape", "size", "count", "relation", "presence")
+
+
+@dataclass(frozen=True)
+class Thing:
+    """One object: colour, shape, size and grid cell (0..8, raster order)."""
+
+    colour: str
+    shape: str
+    size: str
+    cell: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+
+@dataclass(frozen=True)
+class QA:
+    """A question, its one-word answer and its type."""
+
+    question: str
+    answer: str
+    kind: str
+
+
+def sample_scene(rng: random.Random) -> list[Thing]:
+    """2-4 objects in distinct cells with distinct colour-shape pairs, in raster order."""
+    count = rng.randint(2, 4)
+    cells = sorted(rng.sample(range(9), count))
+    pairs = rng.sample([(c, s) for c in COLOURS for s in SHAPES], count)
+    return [Thing(c, s, rng.choice(SIZES), cell) for (c, s), cell in zip(pairs, cells, strict=True)]
+
+
+def render(scene: list[Thing], rng: random.Random) -> Image.Image:
+    """The scene over grey clutter (noise, lines, specks), objects jittered inside their cells."""
+    nrng = np.random.default_rng(rng.getrandbits(32))
+    base = rng.randint(70, 170)
+    pixels = base + nrng.normal(0, 18, (IMAGE_SIZE, IMAGE_SIZE, 1)) + nrng.normal(0, 6, (IMAGE_SIZE, IMAGE_SIZE, 3))
+    image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.randint(10, 25)):
+        tone = rng.randint(40, 210)
+        xy = [rng.randint(0, IMAGE_SIZE) for _ in range(4)]
+        if rng.random() < 0.6:
+            draw.line(xy, fill=(tone, tone, tone + rng.randint(-10, 10)), width=rng.randint(1, 3))
+        else:
+            x, y = xy[:2]
+            r = rng.randint(2, 6)
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=(tone, tone, tone))
+    cell = IMAGE_SIZE / 3
+    for thing in scene:
+        row, col = divmod(thing.cell, 3)
+        radius = rng.randint(20, 27) if thing.size == "large" else rng.randint(9, 13)
+        slack = int(cell / 2 - radius - 2)
+        cx = (col + 0.5) * cell + rng.randint(-slack, slack)
+        cy = (row + 0.5) * cell + rng.randint(-slack, slack)
+        _draw_shape(draw, thing.shape, cx, cy, radius, COLOURS[thing.colour])
+    return image
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple) -> None:
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle((cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r), fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=fill)
+    else:
+        w = r / 3
+        draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fill)
+        draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fill)
+
+
+def caption(scene: list[Thing]) -> str:
+    """'large red circle at top left and small blue cross at center'."""
+    return " and ".join(f"{t.size} {t.colour} {t.shape} at {POSITIONS[t.cell]}" for t in scene)
+
+
+def ask(scene: list[Thing], kind: str, rng: random.Random) -> QA:
+    """One question of type `kind` about the scene, with a balanced yes/no where it applies."""
+    thing = rng.choice(scene)
+    where = POSITIONS[thing.cell]
+    if kind == "color":
+        return QA(f"what color is the object at {where} ?", thing.colour, kind)
+    if kind == "shape":
+        return QA(f"what shape is the object at {where} ?", thing.shape, kind)
+    if kind == "size":
+        return QA(f"is the {thing.name} small or large ?", thing.size, kind)
+    if kind == "count":
+        return QA("how many objects are there ?", NUMBERS[len(scene)], kind)
+    if kind == "presence":
+        if rng.random() < 0.5:
+            return QA(f"is there a {thing.name} ?", "yes", kind)
+        present = {t.name for t in scene}
+        absent = [f"{c} {s}" for c in COLOURS for s in SHAPES if f"{c} {s}" not in present]
+        return QA(f"is there a {rng.choice(absent)} ?", "no", kind)
+    if kind == "relation":
+        a, b = rng.sample(scene, 2)
+        (ra, ca), (rb, cb) = divmod(a.cell, 3), divmod(b.cell, 3)
+        usable = [r for r, ok in zip(RELATIONS, (ca != cb, ca != cb, ra != rb, ra != rb), strict=True) if ok]
+        relation = rng.choice(usable)
+        truth = {"left of": ca < cb, "right of": ca > cb, "above": ra < rb, "below": ra > rb}[relation]
+        return QA(f"is the {a.name} {relation} the {b.name} ?", "yes" if truth else "no", kind)
+    raise ValueError(f"unknown question type {kind!r}")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """An image with its caption and one question per type."""
+
+    image: Image.Image
+    caption: str
+    qas: tuple[QA, ...]
+
+
+def make_sample(seed: int) -> Sample:
+    """The sample a seed determines."""
+    rng = random.Random(seed)
+    scene = sample_scene(rng)
+    image = render(scene, rng)
+    return Sample(image, caption(scene), tuple(ask(scene, kind, rng) for kind in QUESTION_TYPES))
+
+
+SPLITS = {"train": 0, "val": 10_000_000, "test": 20_000_000}
+"""Seed offsets: the splits never share a seed."""
+
+
+def split_seed(split: str, index: int) -> int:
+    """Seed of sample `index` of a split."""
+    return SPLITS[split] + index
+
+
+def vocabulary() -> list[str]:
+    """Every word a caption, question or answer can use."""
+    words: set[str] = {"?", "and", "at", "what", "color", "is", "the", "object", "shape", "small", "or", "large"}
+    words |= {"how", "many", "objects", "are", "there", "a", *COLOURS, *SHAPES, *SIZES, *NUMBERS, "yes", "no"}
+    for phrase in (*POSITIONS, *RELATIONS):
+        words.update(phrase.split())
+    return sorted(words)
