@@ -26,7 +26,7 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 demo: setup
-	$(BIN)/python -m prumerge_cli.demo
+	$(BIN)/prumerge demo
 
 bench: setup
 	$(BIN)/python -m benchmarks.reducer_speed

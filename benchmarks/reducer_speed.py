@@ -11,12 +11,11 @@ import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from prumerge_cli import atomic
+from prumerge_cli.bench.timing import interleaved
 from prumerge_cli.models.tower import VisionTower
 from prumerge_cli.reducers import build_reducer
 from tests.official_reference import reference_reduce
 from tests.test_reducer_parity import synthetic_signals
-
-from .timing import interleaved, median_ms
 
 VIT_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
 VIT_L_336.update(image_size=336, patch_size=14)
@@ -31,7 +30,7 @@ def reducer_vs_loop(iters: int) -> dict[str, float]:
         reducer = build_reducer(method)
         fns = {"ours": partial(reducer, signals), "loop": partial(reference_reduce, x, a, k, plus)}
         times = interleaved(fns, iters)
-        ours, loop = median_ms(times["ours"]), median_ms(times["loop"])
+        ours, loop = 1000 * times["ours"].p50, 1000 * times["loop"].p50
         tokens = int(reducer(signals).lengths[0])
         print(f"{method:10s} tokens={tokens:4d}  ours {ours:8.2f} ms  loop {loop:8.2f} ms  speed-up x{loop / ours:.1f}")
         out[f"{method}_ours_ms"], out[f"{method}_loop_ms"] = ours, loop
@@ -56,7 +55,7 @@ def tower_plus_reducer(batches: list[int], iters: int) -> dict[str, float]:
 
         with torch.no_grad():
             times = interleaved({"plain": plain, "ours": reduced}, iters)
-        p, o = median_ms(times["plain"]), median_ms(times["ours"])
+        p, o = 1000 * times["plain"].p50, 1000 * times["ours"].p50
         print(f"batch {batch}: plain tower {p:9.1f} ms  tower+prumerge {o:9.1f} ms  ratio {o / p:.3f}")
         out[f"b{batch}_plain_ms"], out[f"b{batch}_ours_ms"] = p, o
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -50,11 +51,10 @@ class RandomSubset(Reducer):
     def reduce(self, signals: TowerSignals) -> ReducedTokens:
         x = signals.features
         n = x.shape[1]
-        gen = torch.Generator().manual_seed(self.seed)
-        idx = torch.randperm(n, generator=gen)[: min(self.budget, n)].sort().values.to(x.device)
-        idx = idx.expand(x.shape[0], -1)
-        tokens = x[:, idx[0]]
-        return ReducedTokens(tokens, _full_lengths(tokens), idx)
+        chosen = sorted(random.Random(self.seed).sample(range(n), min(self.budget, n)))
+        idx = torch.tensor(chosen, device=x.device)  # a constant: exports as one, never as an RNG op
+        tokens = x[:, idx]
+        return ReducedTokens(tokens, _full_lengths(tokens), idx.expand(x.shape[0], -1))
 
     def max_tokens(self, num_patches: int) -> int:
         return min(self.budget, num_patches)

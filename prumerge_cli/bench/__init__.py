@@ -1,0 +1,1 @@
+"""Benchmarks: timing, memory, tokens, fidelity and the LLM cost model."""

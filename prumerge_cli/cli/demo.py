@@ -1,0 +1,35 @@
+"""`prumerge demo`: the main job on the embedded default model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from .. import atomic
+from ..zoo import LLAVA_DIR
+from . import app
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where bundles and ONNX exports go (replaced).")] = Path(
+        "demo-out"
+    ),
+    images: Annotated[int, typer.Option(min=1, help="Held-out images to score (6 questions each).")] = 200,
+    batch: Annotated[int, typer.Option(min=1, help="Batch size of the latency measurements.")] = 8,
+    iters: Annotated[int, typer.Option(min=1, help="Measured timing rounds.")] = 10,
+    model: Annotated[
+        Path, typer.Option(help="A LLaVA checkpoint of the world (default: the embedded one).")
+    ] = LLAVA_DIR,
+) -> None:
+    """Compress the embedded LLaVA with every method, export each to ONNX, and compare them in one table."""
+    from ..demo import print_rows, run_demo
+
+    console = Console()
+    rows = run_demo(model, out, images, batch, iters, console)
+    print_rows(rows, images, batch, console)
+    atomic.write_text(out / "demo.json", json.dumps(rows, indent=2) + "\n")

@@ -1,0 +1,128 @@
+"""`prumerge demo`: every method on the embedded LLaVA, compressed, exported to ONNX, scored by held-out
+accuracy and timed against the unreduced baseline in one interleaved run."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from . import atomic
+from .bench.timing import Latency, interleaved
+from .encoder import ReducedVisionEncoder
+from .errors import PrumergeError
+from .exporters.onnx_export import OnnxOptions, export_onnx
+from .lm.llava_lm import LlavaLm
+from .lm.splice import splice
+from .runtime.ort import OrtEncoder
+from .zoo.vqa import VqaScore, vqa_accuracy
+from .zoo.world import make_sample, split_seed
+
+
+@dataclass
+class Variant:
+    """One method on the embedded model, with its bundle, export and scores."""
+
+    method: str
+    params: dict[str, Any]
+    encoder: ReducedVisionEncoder
+    ort: OrtEncoder
+    score: VqaScore
+
+
+def fixed_budget_params(prumerge_tokens: float) -> dict[str, dict[str, Any]]:
+    """Baselines at PruMerge's mean budget (its kept patches, without the extra token)."""
+    budget = max(1, round(prumerge_tokens - 1))
+    return {
+        "prumerge+": {},
+        "topk": {"budget": budget},
+        "random": {"budget": budget},
+        "pool": {"side": max(1, round(math.sqrt(budget)))},
+    }
+
+
+def run_demo(
+    model: Path, out: Path, images: int, timing_batch: int, iters: int, console: Console
+) -> list[dict[str, Any]]:
+    """Build every variant of `model` under `out`, then time them together; returns the table's rows."""
+    if not (model / "config.json").is_file():
+        raise PrumergeError(f"no model at {model}; the embedded one is trained by `make zoo`")
+    lm = LlavaLm.from_pretrained(model)
+    variants: list[Variant] = []
+    with atomic.atomic_dir(out, force=True) as tmp, Progress(console=console, transient=True) as bar:
+        task = bar.add_task("compress, export, score", total=6)
+
+        def add(method: str, params: dict[str, Any]) -> Variant:
+            bar.update(task, description=f"{method}: compress, export --onnx, score")
+            encoder = ReducedVisionEncoder.from_pretrained(model, method, **params)
+            encoder.save(tmp / "bundles" / method)
+            export_onnx(encoder, tmp / "onnx" / method, OnnxOptions(with_projector=True, max_batch=timing_batch))
+            variant = Variant(method, params, encoder, None, vqa_accuracy(encoder, lm, images=images))  # type: ignore[arg-type]
+            variants.append(variant)
+            bar.advance(task)
+            return variant
+
+        add("none", {})
+        prumerge = add("prumerge", {})
+        for method, params in fixed_budget_params(prumerge.score.tokens_mean).items():
+            add(method, params)
+    for v in variants:
+        v.ort = OrtEncoder(out / "onnx" / v.method, threads=torch.get_num_threads())
+    console.print(f"bundles in {out}/bundles, ONNX exports in {out}/onnx; timing {iters} rounds...")
+    return table_rows(variants, time_variants(variants, lm, timing_batch, iters))
+
+
+def time_variants(variants: list[Variant], lm: LlavaLm, batch: int, iters: int) -> dict[str, Latency]:
+    """Encoder latency on torch and ONNX Runtime, and LLM prefill latency, all interleaved."""
+    samples = [make_sample(split_seed("test", i)) for i in range(batch)]
+    pixels = variants[0].encoder.processor(images=[s.image for s in samples], return_tensors="pt")["pixel_values"]
+    question = lm.encode([samples[0].qas[0].question])[0]
+    fns = {}
+    for v in variants:
+        reduced = v.encoder(pixels, project=True)
+        prefill = splice(lm.embed, lm.bos_id, reduced, [question] * batch)
+        fns[f"{v.method}/torch"] = lambda v=v: v.encoder(pixels, project=True)
+        fns[f"{v.method}/ort"] = lambda v=v: v.ort(pixels)
+        fns[f"{v.method}/prefill"] = lambda b=prefill: lm.next_token_logits(b)
+    with torch.no_grad():
+        return interleaved(fns, iters=iters, warmup=2)
+
+
+def table_rows(variants: list[Variant], times: dict[str, Latency]) -> list[dict[str, Any]]:
+    """One row per method, with ratios to the unreduced baseline."""
+    base = variants[0]
+    rows = []
+    for v in variants:
+        row = {"method": v.method, "params": v.params, "tokens": v.score.tokens_mean,
+               "accuracy": v.score.accuracy["overall"], "per_type": v.score.accuracy}  # fmt: skip
+        for kind in ("torch", "ort", "prefill"):
+            row[f"{kind}_ms"] = 1000 * times[f"{v.method}/{kind}"].p50
+            row[f"{kind}_ratio"] = times[f"{v.method}/{kind}"].p50 / times[f"{base.method}/{kind}"].p50
+        row["tokens_ratio"] = v.score.tokens_mean / base.score.tokens_mean
+        rows.append(row)
+    return rows
+
+
+def print_rows(rows: list[dict[str, Any]], images: int, batch: int, console: Console) -> None:
+    """The demo's table."""
+    table = Table(title=f"Embedded LLaVA: {images} held-out images x 6 questions; latency p50 at batch {batch}")
+    for col in ("method", "visual tokens", "accuracy %", "encoder torch ms", "encoder ORT ms", "LLM prefill ms"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for r in rows:
+        label = r["method"] + "".join(f" {k}={v}" for k, v in r["params"].items())
+        table.add_row(
+            label, f"{r['tokens']:.1f} (x{r['tokens_ratio']:.2f})", f"{100 * r['accuracy']:.1f}",
+            f"{r['torch_ms']:.1f} (x{r['torch_ratio']:.2f})", f"{r['ort_ms']:.1f} (x{r['ort_ratio']:.2f})",
+            f"{r['prefill_ms']:.1f} (x{r['prefill_ratio']:.2f})",
+        )  # fmt: skip
+    console.print(table)
+    console.print(
+        "(x...) = ratio to the unreduced baseline measured in the same run; accuracy is the greedy first answer "
+        "token (training-free: the LLM was trained with all visual tokens)."
+    )
