@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test lint demo bench zoo clean
 
 setup: $(STAMP)
 
@@ -28,8 +28,14 @@ lint: setup
 demo: setup
 	$(BIN)/prumerge demo
 
+# Reducer vs the official loop, tower + reducer vs the plain tower, then the reference `prumerge bench`.
 bench: setup
 	$(BIN)/python -m benchmarks.reducer_speed
+	$(BIN)/python -m benchmarks.reference
+
+# Retrain the embedded CLIP and LLaVA from scratch (about an hour on 2 cores).
+zoo: setup
+	$(BIN)/python -m prumerge_cli.zoo.build
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -19,6 +19,8 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from prumerge_cli.zoo.tokenizer import build_tokenizer
+
 VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, patch_size=14)
 
 
@@ -76,6 +78,7 @@ def save_llava(path: Path, seed: int = 0) -> Path:
     model = LlavaForConditionalGeneration(config)
     sharpen(model.model.vision_tower.encoder.layers)
     model.save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
     return path
 
 

@@ -47,3 +47,22 @@ class LlavaLm:
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids without specials."""
         return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    def greedy(self, batch: LmBatch, max_new_tokens: int) -> list[list[int]]:
+        """Greedy continuations (ids, up to and excluding `</s>`) of every row, with a KV cache."""
+        decoder = self.model.model.language_model
+        out = decoder(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                      position_ids=batch.position_ids, use_cache=True)  # fmt: skip
+        rows = torch.arange(len(batch.last))
+        token = self.model.lm_head(out.last_hidden_state[rows, batch.last]).argmax(-1)
+        cache, mask, position = out.past_key_values, batch.attention_mask, batch.last
+        steps = [token]
+        for _ in range(max_new_tokens - 1):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            position = position + 1
+            out = decoder(inputs_embeds=self.embed(token)[:, None], attention_mask=mask,
+                          position_ids=position[:, None], past_key_values=cache, use_cache=True)  # fmt: skip
+            token = self.model.lm_head(out.last_hidden_state[:, -1]).argmax(-1)
+            steps.append(token)
+        ids = torch.stack(steps, dim=1).tolist()
+        return [row[: row.index(self.eos_id)] if self.eos_id in row else row for row in ids]

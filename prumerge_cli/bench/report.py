@@ -1,0 +1,108 @@
+"""Present a bench report: rich tables, JSON (schema `prumerge-bench` v1) and PNG plots."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .. import atomic
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    """The report, atomically."""
+    atomic.write_text(path, json.dumps(report, indent=2) + "\n")
+
+
+def print_tables(report: dict[str, Any], console: Console) -> None:
+    """Encoder table per batch size, then the LLM table."""
+    for batch in report["settings"]["batch_sizes"]:
+        table = Table(title=f"Encoder (tower + reducer + projector), batch {batch}: ratio = variant / baseline")
+        for col in ("variant", "backend", "tokens mean [min-max]", "p50 ms", "p90 ms", "img/s", "+MiB", "fidelity"):
+            table.add_column(col, justify="left" if col in ("variant", "backend", "fidelity") else "right")
+        for row in report["encoder"]:
+            b = row["by_batch"][str(batch)]
+            t, r = row["tokens"], b["ratios"]
+            table.add_row(
+                row["variant"], row["backend"], f"{t['mean']:.1f} [{t['min']}-{t['max']}] x{t['ratio']:.2f}",
+                f"{b['latency_ms']['p50']:.1f} x{r['latency']:.2f}", f"{b['latency_ms']['p90']:.1f}",
+                f"{b['images_per_s']:.1f}", f"{b['memory']['increase_mib']:.0f}", fidelity_text(row["fidelity"]),
+            )  # fmt: skip
+        console.print(table)
+    if report["llm"]:
+        table = Table(title=f"LLM ({report['llm'][0]['llm']}): prefill and one decode step with each variant's tokens")
+        for col in ("variant", "batch", "seq tokens", "prefill ms", "ideal", "decode ms", "KV MiB", "answers"):
+            table.add_column(col, justify="left" if col in ("variant", "answers") else "right")
+        for row in report["llm"]:
+            r = row["ratios"]
+            ideal = row.get("cost_model", {}).get("ideal_prefill_ratio")
+            table.add_row(
+                row["variant"], str(row["batch"]), str(row["sequence_tokens"]),
+                f"{row['prefill_ms']['p50']:.1f} x{r['prefill']:.2f}", "-" if ideal is None else f"x{ideal:.2f}",
+                f"{row['decode_step_ms']['p50']:.1f} x{r['decode_step']:.2f}",
+                f"{row['kv_cache_bytes'] / 2**20:.2f} x{r['kv_cache']:.2f}", fidelity_text(row.get("fidelity", {})),
+            )  # fmt: skip
+        console.print(table)
+
+
+def fidelity_text(fidelity: dict[str, Any]) -> str:
+    """The fidelity figures a row has, short."""
+    parts = []
+    if "vqa_accuracy" in fidelity:
+        parts.append(f"acc {100 * fidelity['vqa_accuracy']:.1f}%")
+    if "next_token_kl" in fidelity:
+        parts.append(f"KL {fidelity['next_token_kl']:.3f}, same answer {100 * fidelity['greedy_agreement']:.0f}%")
+    if "mean_embedding_cosine" in fidelity:
+        parts.append(f"cos {fidelity['mean_embedding_cosine']:.3f}")
+    return ", ".join(parts) or "-"
+
+
+def write_plot(report: dict[str, Any], path: Path) -> None:
+    """Latency (largest batch) and fidelity against visual tokens kept, one point per variant and backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batch = str(max(report["settings"]["batch_sizes"]))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for backend, marker in (("torch", "o"), ("ort", "s"), ("trt", "^")):
+        rows = [r for r in report["encoder"] if r["backend"] == backend]
+        if not rows:
+            continue
+        x = [r["tokens"]["mean"] for r in rows]
+        left.scatter(
+            x, [r["by_batch"][batch]["latency_ms"]["p50"] for r in rows], marker=marker, label=f"encoder {backend}"
+        )
+        for r, xi in zip(rows, x, strict=True):
+            left.annotate(r["variant"], (xi, r["by_batch"][batch]["latency_ms"]["p50"]), fontsize=7)
+    llm = [r for r in report["llm"] if str(r["batch"]) == batch]
+    if llm:
+        tokens = {r["variant"]: r["tokens"]["mean"] for r in report["encoder"]}
+        left.scatter([tokens[r["variant"]] for r in llm], [r["prefill_ms"]["p50"] for r in llm], marker="x",
+                     label="LLM prefill")  # fmt: skip
+    left.set(xlabel="visual tokens kept (mean)", ylabel=f"p50 latency at batch {batch} (ms)", title="Latency",
+             yscale="log")  # fmt: skip
+    left.legend(fontsize=8)
+    key, label = fidelity_axis(report)
+    rows = [r for r in report["encoder"] if r["backend"] == "torch"] or report["encoder"]
+    right.scatter([r["tokens"]["mean"] for r in rows], [r["fidelity"].get(key, float("nan")) for r in rows])
+    for r in rows:
+        right.annotate(r["variant"], (r["tokens"]["mean"], r["fidelity"].get(key, float("nan"))), fontsize=7)
+    right.set(xlabel="visual tokens kept (mean)", ylabel=label, title="Fidelity")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic.write_bytes(path, buf.getvalue())
+
+
+def fidelity_axis(report: dict[str, Any]) -> tuple[str, str]:
+    """Accuracy when the run measured it, else embedding cosine."""
+    if any("vqa_accuracy" in r["fidelity"] for r in report["encoder"]):
+        return "vqa_accuracy", "held-out VQA accuracy"
+    return "mean_embedding_cosine", "cosine of mean LLM-input embedding vs baseline"

@@ -1,0 +1,269 @@
+"""`prumerge bench`: every variant of one model against its unreduced baseline, in one interleaved run."""
+
+from __future__ import annotations
+
+import platform
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..reducers import ReducedTokens
+from ..versions import package_versions
+from . import cost_model
+from .llm_timing import PrefillCase, prefill_and_decode, random_llm, synthetic_case
+from .memory import peak_memory
+from .timing import Latency, interleaved
+from .variants import Variant, build_variants
+
+SCHEMA = "prumerge-bench"
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class BenchSettings:
+    """How to measure."""
+
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    backends: list[str] = field(default_factory=lambda: ["torch"])
+    methods: list[str] = field(default_factory=lambda: ["prumerge"])
+    warmup: int = 2
+    iters: int = 10
+    threads: int | None = None
+    llm: Path | None = None
+    llm_shape: str | None = None
+    prompts: list[str] = field(default_factory=lambda: ["Describe the image."])
+    max_new_tokens: int = 8
+    vqa_images: int = 100
+
+
+def run_bench(
+    targets: list[Path], pixels: torch.Tensor, image_source: str, settings: BenchSettings, tick: Callable[[str], None]
+) -> dict[str, Any]:
+    """Measure and return the report (schema `prumerge-bench` v1)."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    with tempfile.TemporaryDirectory(prefix="prumerge-bench-") as workdir:
+        tick("preparing variants")
+        baseline, variants = build_variants(
+            targets, settings.methods, settings.backends, max(settings.batch_sizes), Path(workdir), settings.threads
+        )
+        with torch.no_grad():
+            outputs = {id(v): run_all(v, pixels, max(settings.batch_sizes)) for v in variants}
+            rows = [encoder_row(v, outputs, variants) for v in variants]
+            for batch in settings.batch_sizes:
+                tick(f"timing encoders at batch {batch}")
+                time_encoders(rows, variants, cycle(pixels, batch), batch, settings)
+            llm_rows = llm_section(variants, outputs, pixels, settings, tick)
+            accuracy = embedded_accuracy(baseline.model_dir, variants, settings, tick)
+    for row in rows:
+        row["fidelity"].update(accuracy.get(row["variant"], {}))
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "versions": package_versions("onnx", "onnxruntime", "onnxscript"),
+        "settings": {
+            "targets": [str(t) for t in targets],
+            "model": str(baseline.model_dir),
+            "images": image_source,
+            "image_count": len(pixels),
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(settings).items()},
+        },
+        "encoder": rows,
+        "llm": llm_rows,
+        "cost_model": {
+            "formulas": cost_model.__doc__,
+            "text_tokens": cost_model.LLAVA_TEXT_TOKENS,
+            "reference_llava_1_5_7b": cost_model.compare_with_published(),
+        },
+    }
+
+
+def machine() -> dict[str, Any]:
+    """Where the run happened."""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": torch.get_num_threads(), "gpu": gpu}  # fmt: skip
+
+
+def cycle(pixels: torch.Tensor, batch: int) -> torch.Tensor:
+    """`batch` images, repeating the given ones if there are fewer."""
+    return pixels[torch.arange(batch) % len(pixels)]
+
+
+def run_all(variant: Variant, pixels: torch.Tensor, chunk: int) -> ReducedTokens:
+    """The variant's output on every image, padded to one width."""
+    parts = [variant.run(pixels[i : i + chunk]) for i in range(0, len(pixels), chunk)]
+    width = max(p.tokens.shape[1] for p in parts)
+    pad = lambda t, v: F.pad(t, (0, 0, 0, width - t.shape[1]) if t.dim() == 3 else (0, width - t.shape[1]), value=v)  # noqa: E731
+    return ReducedTokens(torch.cat([pad(p.tokens, 0.0) for p in parts]), torch.cat([p.lengths for p in parts]),
+                         torch.cat([pad(p.indices, -2) for p in parts]))  # fmt: skip
+
+
+def mean_embedding(out: ReducedTokens) -> torch.Tensor:
+    """[B, C] mean of each image's valid tokens."""
+    mask = out.mask[..., None].to(torch.float32)
+    return (out.tokens.float() * mask).sum(1) / mask.sum(1)
+
+
+def baseline_of(variant: Variant, variants: list[Variant]) -> Variant:
+    """The unreduced baseline on the same backend."""
+    return next(v for v in variants if v.baseline and v.backend == variant.backend)
+
+
+def encoder_row(variant: Variant, outputs: dict[int, ReducedTokens], variants: list[Variant]) -> dict[str, Any]:
+    """Tokens kept and embedding fidelity of one variant over all images."""
+    out, base = outputs[id(variant)], outputs[id(baseline_of(variant, variants))]
+    lengths = out.lengths.float()
+    cosine = F.cosine_similarity(mean_embedding(out), mean_embedding(base), dim=-1)
+    return {
+        "variant": variant.label, "method": variant.method, "params": variant.params, "backend": variant.backend,
+        "baseline": variant.baseline,
+        "tokens": {"mean": float(lengths.mean()), "min": int(lengths.min()), "max": int(lengths.max()),
+                   "ratio": float(lengths.mean() / base.lengths.float().mean())},
+        "fidelity": {"mean_embedding_cosine": float(cosine.mean())},
+        "by_batch": {},
+    }  # fmt: skip
+
+
+def time_encoders(
+    rows: list[dict], variants: list[Variant], pixels: torch.Tensor, batch: int, s: BenchSettings
+) -> None:
+    """Interleaved latency, throughput and peak memory of every variant at one batch size."""
+    fns = {str(i): (lambda v=v: v.run(pixels)) for i, v in enumerate(variants)}
+    times = interleaved(fns, iters=s.iters, warmup=s.warmup)
+    memory = {str(i): peak_memory(fn) for i, fn in fns.items()}
+    for i, (row, variant) in enumerate(zip(rows, variants, strict=True)):
+        base = str(variants.index(baseline_of(variant, variants)))
+        lat, base_lat = times[str(i)], times[base]
+        row["by_batch"][str(batch)] = {
+            "latency_ms": {"p50": 1000 * lat.p50, "p90": 1000 * lat.p90},
+            "images_per_s": batch / lat.p50,
+            "memory": memory[str(i)],
+            "ratios": {"latency": lat.p50 / base_lat.p50, "throughput": base_lat.p50 / lat.p50,
+                       "memory": memory[str(i)]["increase_mib"] / max(memory[base]["increase_mib"], 1e-9)},
+        }  # fmt: skip
+
+
+def llm_section(
+    variants: list[Variant], outputs: dict[int, ReducedTokens], pixels: torch.Tensor, s: BenchSettings, tick
+) -> list[dict[str, Any]]:
+    """Prefill latency, KV bytes and decode-step latency with each variant's visual tokens."""
+    if s.llm is None and s.llm_shape is None:
+        return []
+    torch_variants = [v for v in variants if v.backend == "torch"] or variants
+    if s.llm is not None:
+        from ..lm.llava_lm import LlavaLm
+
+        lm = LlavaLm.from_pretrained(s.llm)
+        decoder, shape_name, shape = lm.model.model.language_model, str(s.llm), None
+    else:
+        lm = None
+        shape_name, shape = cost_model.shape_named(s.llm_shape)
+        decoder = random_llm(shape)
+    rows = []
+    for batch in s.batch_sizes:
+        tick(f"timing the LLM at batch {batch}")
+        dtype = next(decoder.parameters()).dtype
+        cases = {id(v): llm_case(v, outputs, pixels, batch, lm, shape, dtype, s) for v in torch_variants}
+        fns, sizes = {}, {}
+        for v in torch_variants:
+            prefill, decode, sizes[id(v)] = prefill_and_decode(decoder, cases[id(v)])
+            fns[f"{id(v)}/prefill"], fns[f"{id(v)}/decode"] = prefill, decode
+        times = interleaved(fns, iters=s.iters, warmup=s.warmup)
+        base = baseline_of(torch_variants[0], torch_variants)
+        for v in torch_variants:
+            rows.append(llm_row(v, base, batch, cases, times, sizes, shape_name, shape))
+    if lm is not None:
+        fidelity = answer_fidelity(lm, torch_variants, outputs, s)
+        for row in rows:
+            row["fidelity"] = fidelity[row["variant"]]
+    return rows
+
+
+def llm_case(variant, outputs, pixels, batch, lm, shape, dtype, s: BenchSettings) -> PrefillCase:
+    """The LLM input for `batch` images of a variant: spliced real tokens, or random ones of the same count."""
+    out = outputs[id(variant)]
+    rows = torch.arange(batch) % len(pixels)
+    if lm is not None:
+        from ..lm.splice import splice
+
+        reduced = ReducedTokens(out.tokens[rows], out.lengths[rows], out.indices[rows])
+        b = splice(lm.embed, lm.bos_id, reduced, lm.encode([s.prompts[0]]) * batch)
+        return PrefillCase(b.inputs_embeds, b.attention_mask, b.position_ids)
+    visual = round(float(out.lengths[rows].float().mean()))
+    return synthetic_case(shape.hidden, batch, visual, cost_model.LLAVA_TEXT_TOKENS, dtype)
+
+
+def llm_row(v, base, batch, cases, times, sizes, shape_name, shape) -> dict[str, Any]:
+    """One variant's LLM figures, with ratios to the baseline and, for named shapes, the cost model's ideal."""
+    prefill, decode = times[f"{id(v)}/prefill"], times[f"{id(v)}/decode"]
+    base_prefill, base_decode = times[f"{id(base)}/prefill"], times[f"{id(base)}/decode"]
+    length = int(cases[id(v)].attention_mask.sum(1).float().mean())
+    row = {
+        "variant": v.label, "llm": shape_name, "batch": batch, "sequence_tokens": length,
+        "prefill_ms": _ms(prefill), "decode_step_ms": _ms(decode), "kv_cache_bytes": sizes[id(v)],
+        "ratios": {"prefill": prefill.p50 / base_prefill.p50, "decode_step": decode.p50 / base_decode.p50,
+                   "kv_cache": sizes[id(v)] / sizes[id(base)]},
+    }  # fmt: skip
+    if shape is not None:
+        base_length = int(cases[id(base)].attention_mask.sum(1).float().mean())
+        ideal = cost_model.prefill_flops(shape, length) / cost_model.prefill_flops(shape, base_length)
+        full = cost_model.SHAPES[shape_name]
+        row["cost_model"] = {"ideal_prefill_ratio": ideal, "full_shape": cost_model.costs(full, length, 0)}
+    return row
+
+
+def _ms(latency: Latency) -> dict[str, float]:
+    return {"p50": 1000 * latency.p50, "p90": 1000 * latency.p90}
+
+
+def answer_fidelity(lm, variants: list[Variant], outputs: dict[int, ReducedTokens], s: BenchSettings) -> dict:
+    """KL(baseline || variant) of the next-token distribution and agreement of greedy answers."""
+    from ..lm.splice import splice
+
+    base = baseline_of(variants[0], variants)
+    prompts = lm.encode(s.prompts)
+    result: dict[str, dict[str, float]] = {}
+    answers: dict[int, list[list[int]]] = {}
+    logprobs: dict[int, torch.Tensor] = {}
+    for v in variants:
+        out = outputs[id(v)]
+        images = torch.arange(len(out.lengths)).repeat_interleave(len(prompts))
+        reduced = ReducedTokens(out.tokens[images], out.lengths[images], out.indices[images])
+        batch = splice(lm.embed, lm.bos_id, reduced, prompts * len(out.lengths))
+        logprobs[id(v)] = lm.next_token_logits(batch).float().log_softmax(-1)
+        answers[id(v)] = lm.greedy(batch, s.max_new_tokens)
+    for v in variants:
+        kl = F.kl_div(logprobs[id(v)], logprobs[id(base)], log_target=True, reduction="none").sum(-1)
+        same = [a == b for a, b in zip(answers[id(v)], answers[id(base)], strict=True)]
+        result[v.label] = {"next_token_kl": float(kl.mean()), "greedy_agreement": sum(same) / len(same)}
+    return result
+
+
+def embedded_accuracy(model_dir: Path, variants: list[Variant], s: BenchSettings, tick) -> dict[str, dict]:
+    """Held-out VQA accuracy when the model is the embedded LLaVA (torch variants)."""
+    from ..zoo import LLAVA_DIR
+
+    if model_dir.resolve() != LLAVA_DIR.resolve() or s.vqa_images < 1:
+        return {}
+    from ..encoder import ReducedVisionEncoder
+    from ..lm.llava_lm import LlavaLm
+    from ..zoo.vqa import vqa_accuracy
+
+    tick("held-out accuracy of the embedded model")
+    lm = LlavaLm.from_pretrained(model_dir)
+    scores = {}
+    for v in variants:
+        if v.backend == "torch" and v.label not in scores:
+            encoder = ReducedVisionEncoder.from_pretrained(model_dir, v.method, **v.params)
+            score = vqa_accuracy(encoder, lm, images=s.vqa_images)
+            scores[v.label] = {"vqa_accuracy": score.accuracy["overall"], "vqa_by_type": score.accuracy}
+    return scores

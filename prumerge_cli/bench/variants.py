@@ -1,0 +1,100 @@
+"""Turn bench targets (model directories, bundles, ONNX exports) into runnable variants of one model,
+always including that model's unreduced baseline on every backend."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..bundle import is_bundle, read_bundle
+from ..encoder import ReducedVisionEncoder
+from ..errors import PrumergeError
+from ..exporters.onnx_export import OnnxOptions, export_onnx
+from ..reducers import ReducedTokens
+from ..runtime.ort import OrtEncoder, is_onnx_export, read_manifest
+
+BACKENDS = ("torch", "ort", "trt")
+
+
+@dataclass
+class Variant:
+    """One method on one backend; `run` maps pixel values to LLM-ready (projected, if possible) tokens."""
+
+    method: str
+    params: dict[str, Any]
+    backend: str
+    run: Callable[[torch.Tensor], ReducedTokens]
+    baseline: bool = False
+    label: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        extra = "".join(f" {k}={v}" for k, v in self.params.items() if k in ("budget", "side"))
+        self.label = f"{self.method}{extra}"
+
+
+@dataclass
+class Spec:
+    """What a target asks for: the model, the method and its parameters."""
+
+    model_dir: Path
+    method: str
+    params: dict[str, Any]
+
+
+def target_specs(target: Path, methods: list[str]) -> list[Spec]:
+    """A bundle or export names one method; a model directory takes `methods`."""
+    if is_bundle(target):
+        record = read_bundle(target)
+        return [Spec(Path(record["model"]["path"]), record["method"], record["params"])]
+    if is_onnx_export(target):
+        manifest = read_manifest(target)
+        return [Spec(Path(manifest["source"]["model"]), manifest["method"], manifest["params"])]
+    if (target / "config.json").is_file():
+        return [Spec(target.resolve(), m, {}) for m in methods]
+    raise PrumergeError(f"{target} is not a model directory, a bundle or an ONNX export")
+
+
+def build_variants(
+    targets: list[Path], methods: list[str], backends: list[str], max_batch: int, workdir: Path, threads: int | None
+) -> tuple[ReducedVisionEncoder, list[Variant]]:
+    """The baseline and every target's variant on every backend; ONNX exports are made in `workdir`."""
+    unknown = sorted(set(backends) - set(BACKENDS))
+    if unknown:
+        raise PrumergeError(f"unknown backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}")
+    if "trt" in backends:
+        from ..exporters.trt_support import require_tensorrt
+
+        require_tensorrt()
+    specs = [s for t in targets for s in target_specs(Path(t), methods)]
+    models = {s.model_dir.resolve() for s in specs}
+    if len(models) != 1:
+        raise PrumergeError(f"bench compares variants of one model; the targets use {len(models)}")
+    model_dir = models.pop()
+    specs = [Spec(model_dir, "none", {}), *(s for s in specs if s.method != "none")]
+    variants = []
+    baseline_encoder = None
+    for i, spec in enumerate(specs):
+        encoder = ReducedVisionEncoder.from_pretrained(spec.model_dir, spec.method, **spec.params)
+        baseline_encoder = baseline_encoder or encoder
+        for backend in backends:
+            if backend == "torch":
+                run = _torch_runner(encoder)
+            else:
+                out = workdir / f"{i}-{spec.method}"
+                options = OnnxOptions(max_batch=max_batch, with_projector=encoder.projector is not None, check=False)
+                export_onnx(encoder, out, options)
+                run = OrtEncoder(out, threads=threads)
+            variants.append(Variant(spec.method, encoder.reducer.params(), backend, run, baseline=i == 0))
+    assert baseline_encoder is not None
+    return baseline_encoder, variants
+
+
+def _torch_runner(encoder: ReducedVisionEncoder) -> Callable[[torch.Tensor], ReducedTokens]:
+    def run(pixels: torch.Tensor) -> ReducedTokens:
+        return encoder(pixels, project=True)
+
+    return run

@@ -1,0 +1,95 @@
+"""`prumerge bench`: latency, throughput, memory, tokens kept and fidelity, baseline and reduced side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import Progress
+
+from ..errors import PrumergeError
+from . import app
+
+
+def parse_list(text: str, kind=str) -> list:
+    """'1,8' -> [1, 8]."""
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise PrumergeError(f"cannot read {text!r} as a comma-separated list") from None
+
+
+@app.command()
+def bench(
+    targets: Annotated[list[Path], typer.Argument(help="Model directories, bundles or ONNX exports (one model).")],
+    images: Annotated[Path | None, typer.Option(help="A directory of images to measure on.")] = None,
+    synthetic: Annotated[int, typer.Option(help="Use N held-out images of the procedural world instead.")] = 8,
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8",
+    backends: Annotated[str, typer.Option(help="Comma-separated: torch, ort, trt.")] = "torch",
+    methods: Annotated[str, typer.Option(help="Methods to run on model-directory targets.")] = "prumerge",
+    warmup: Annotated[int, typer.Option(min=0, help="Discarded rounds.")] = 2,
+    iters: Annotated[int, typer.Option(min=1, help="Measured rounds.")] = 10,
+    threads: Annotated[int | None, typer.Option(help="torch and ONNX Runtime threads (default: all).")] = None,
+    llm: Annotated[
+        Path | None, typer.Option(help="A LLaVA checkpoint: LLM prefill/decode and answer fidelity.")
+    ] = None,
+    llm_shape: Annotated[
+        str | None, typer.Option(help="A named LLM shape with random weights, e.g. vicuna-7b:layers=2.")
+    ] = None,
+    prompts: Annotated[Path | None, typer.Option(help="Prompts for --llm fidelity, one per line.")] = None,
+    vqa_images: Annotated[int, typer.Option(help="Held-out images for the embedded model's accuracy.")] = 100,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG plot of latency and fidelity against tokens.")] = None,
+) -> None:
+    """Measure every variant of one model next to its unreduced baseline, interleaved, on each backend."""
+    from ..bench.report import print_tables, write_json, write_plot
+    from ..bench.runner import BenchSettings, run_bench
+
+    if llm is not None and llm_shape is not None:
+        raise PrumergeError("use either --llm or --llm-shape")
+    settings = BenchSettings(
+        batch_sizes=parse_list(batch_sizes, int), backends=parse_list(backends), methods=parse_list(methods),
+        warmup=warmup, iters=iters, threads=threads, llm=llm, llm_shape=llm_shape, vqa_images=vqa_images,
+    )  # fmt: skip
+    if not settings.batch_sizes or min(settings.batch_sizes) < 1:
+        raise PrumergeError("batch sizes must be positive integers")
+    if prompts is not None:
+        settings.prompts = [p for p in _read_lines(prompts) if p.strip()] or settings.prompts
+    pixels, source = load_pixels(targets[0], images, synthetic)
+    console = Console()
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("bench", total=None)
+        report = run_bench(targets, pixels, source, settings, lambda msg: progress.update(task, description=msg))
+    print_tables(report, console)
+    if json_path is not None:
+        write_json(report, json_path)
+    if plot is not None:
+        write_plot(report, plot)
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PrumergeError(f"cannot read prompts {path}: {exc}") from None
+
+
+def load_pixels(target: Path, images: Path | None, synthetic: int) -> tuple[torch.Tensor, str]:
+    """Preprocessed images from a directory, or held-out world images, with the target's processor."""
+    from ..bench.variants import target_specs
+    from ..models.images import collect_images, open_image, preprocess
+    from ..models.loading import load_model
+
+    processor = load_model(target_specs(target, ["none"])[0].model_dir).processor
+    if images is not None:
+        paths = collect_images([images])
+        return preprocess(processor, [open_image(p) for p in paths]), f"{len(paths)} images from {images}"
+    if synthetic < 1:
+        raise PrumergeError("--synthetic needs at least 1 image")
+    from ..zoo.world import make_sample, split_seed
+
+    samples = [make_sample(split_seed("test", i)).image for i in range(synthetic)]
+    return preprocess(processor, samples), f"{synthetic} held-out procedural-world images"
