@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import CLIPModel
 
 from .. import atomic
 from ..encoder import ReducedVisionEncoder
@@ -56,21 +57,26 @@ def save_model(model, tokenizer, target: Path) -> None:
         model.to(torch.float32)
 
 
-def build(recipe: Recipe, out: Path, console: Console) -> None:
-    """Train, save to `out/clip` and `out/llava`, evaluate, and write `out/MODEL_CARD.md`."""
+def build(recipe: Recipe, out: Path, console: Console, clip_from: tuple[Path, float] | None = None) -> None:
+    """Train, save to `out/clip` and `out/llava`, evaluate, and write `out/MODEL_CARD.md`.
+
+    `clip_from` = (directory, minutes) reuses a CLIP trained earlier by this recipe (fp32 checkpoint)."""
     clip_dir, llava_dir = out / CLIP_DIR.name, out / LLAVA_DIR.name
     torch.set_num_threads(recipe.threads)
     torch.use_deterministic_algorithms(True)
     tokenizer = build_tokenizer()
-    with progress_bar() as bar:
-        task = bar.add_task("CLIP (contrastive)", total=recipe.clip_steps, loss=float("nan"))
-        start = time.perf_counter()
-        clip = train_clip(tokenizer, recipe.clip_steps, recipe.clip_batch, recipe.seed,
-                          log=lambda step, loss: bar.update(task, completed=step + 1, loss=loss))  # fmt: skip
-        clip_minutes = (time.perf_counter() - start) / 60
+    if clip_from is not None:
+        clip, clip_minutes = CLIPModel.from_pretrained(str(clip_from[0]), dtype=torch.float32).eval(), clip_from[1]
+    else:
+        with progress_bar() as bar:
+            task = bar.add_task("CLIP (contrastive)", total=recipe.clip_steps, loss=float("nan"))
+            start = time.perf_counter()
+            clip = train_clip(tokenizer, recipe.clip_steps, recipe.clip_batch, recipe.seed,
+                              log=lambda step, loss: bar.update(task, completed=step + 1, loss=loss))  # fmt: skip
+            clip_minutes = (time.perf_counter() - start) / 60
     retrieval = retrieval_top1(clip, tokenizer, "test", recipe.retrieval_images)
     console.print(f"CLIP: {clip_minutes:.1f} min, held-out image->caption top-1 {retrieval:.3f}")
-    save_model(clip, tokenizer, clip_dir)
+    save_model(clip, tokenizer, clip_dir)  # leaves `clip` rounded to fp16, exactly the saved tower
 
     llava = build_llava(clip, tokenizer, recipe.seed)
     with progress_bar() as bar:
@@ -159,9 +165,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="A few steps only (checks the pipeline).")
     parser.add_argument("--out", type=Path, default=CLIP_DIR.parent, help="Where clip/, llava/ and the card go.")
+    parser.add_argument("--clip", type=Path, help="Reuse a CLIP trained by this recipe (fp32) instead of training.")
+    parser.add_argument("--clip-minutes", type=float, default=float("nan"), help="Its measured training time.")
     args = parser.parse_args()
     recipe = Recipe(clip_steps=4, llava_steps=4, retrieval_images=16, vqa_images=10) if args.quick else Recipe()
-    build(recipe, args.out, Console())
+    build(recipe, args.out, Console(), None if args.clip is None else (args.clip, args.clip_minutes))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,65 @@
+"""The procedural world and the LLM hand-off (splice) against HF's own LLaVA forward."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import LlavaForConditionalGeneration
+
+from prumerge_cli import ReducedVisionEncoder
+from prumerge_cli.lm.llava_lm import LlavaLm
+from prumerge_cli.lm.splice import IGNORE, splice
+from prumerge_cli.reducers import ReducedTokens
+from prumerge_cli.zoo.tokenizer import build_tokenizer
+from prumerge_cli.zoo.world import QUESTION_TYPES, make_sample, split_seed, vocabulary
+
+
+def test_samples_are_deterministic_and_splits_disjoint():
+    a, b = make_sample(split_seed("test", 3)), make_sample(split_seed("test", 3))
+    assert a.caption == b.caption and a.qas == b.qas
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert len({split_seed(s, 0) for s in ("train", "val", "test")}) == 3
+
+
+def test_every_question_type_is_asked_and_tokenizable():
+    tok = build_tokenizer()
+    unk = tok.unk_token_id
+    answers = {kind: [] for kind in QUESTION_TYPES}
+    for i in range(200):
+        sample = make_sample(split_seed("train", i))
+        assert [qa.kind for qa in sample.qas] == list(QUESTION_TYPES)
+        for qa in sample.qas:
+            ids = tok(f"{qa.question} {qa.answer} {sample.caption}", add_special_tokens=False)["input_ids"]
+            assert unk not in ids
+            answers[qa.kind].append(qa.answer)
+    for kind in ("presence", "relation"):
+        yes = answers[kind].count("yes") / len(answers[kind])
+        assert 0.35 < yes < 0.65, (kind, yes)
+    assert set(answers["count"]) == {"two", "three", "four"}
+    assert len(vocabulary()) == len(set(vocabulary()))
+
+
+def test_splice_equals_hf_llava_forward(llava_dir, image_paths):
+    """With all visual tokens, our spliced LM input gives the logits of HF's own LLaVA forward."""
+    lm = LlavaLm.from_pretrained(llava_dir)
+    encoder = ReducedVisionEncoder.from_pretrained(llava_dir, "none")
+    hf = LlavaForConditionalGeneration.from_pretrained(llava_dir).eval()
+    pixels = encoder.processor(images=[__import__("PIL.Image").Image.open(image_paths[0]).convert("RGB")],
+                               return_tensors="pt")["pixel_values"]  # fmt: skip
+    question = lm.encode(["what color is the object at center ?"])[0]
+    image_id = hf.config.image_token_index
+    ids = torch.tensor([[lm.bos_id, *[image_id] * 64, *question]])
+    with torch.no_grad():
+        want = hf(input_ids=ids, pixel_values=pixels).logits[0, -1]
+        got = lm.next_token_logits(splice(lm.embed, lm.bos_id, encoder(pixels, project=True), [question]))[0]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_splice_pads_right_with_contiguous_positions_and_targets():
+    embed = torch.nn.Embedding(10, 4)
+    image = ReducedTokens(torch.ones(2, 3, 4), torch.tensor([3, 1]), torch.zeros(2, 3, dtype=torch.long))
+    batch = splice(embed, 1, image, [[5, 6], [7]], targets=[[False, True], [True]])
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 2, 0, 0, 0]]
+    assert batch.last.tolist() == [5, 2]
+    assert batch.labels.tolist() == [[IGNORE] * 4 + [6, IGNORE], [IGNORE, 7] + [IGNORE] * 4]

@@ -1,0 +1,61 @@
+"""The committed embedded models: they load through the user path, are trained, and drive the demo."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from prumerge_cli import ReducedVisionEncoder
+from prumerge_cli.lm.llava_lm import LlavaLm
+from prumerge_cli.zoo import CLIP_DIR, LLAVA_DIR, MODEL_CARD
+from prumerge_cli.zoo.clip_training import retrieval_top1
+from prumerge_cli.zoo.tokenizer import build_tokenizer
+from prumerge_cli.zoo.vqa import vqa_accuracy
+
+from .cli_helpers import run_cli
+
+
+def test_zoo_is_small_and_documented():
+    files = [f for d in (CLIP_DIR, LLAVA_DIR) for f in d.iterdir()]
+    assert {"model.safetensors", "config.json", "tokenizer.json", "preprocessor_config.json"} <= {f.name for f in files}
+    assert sum(f.stat().st_size for f in files) < 30 * 2**20
+    card = MODEL_CARD.read_text()
+    assert "| overall |" in card and "make zoo" in card
+
+
+def test_clip_retrieves_captions():
+    from transformers import CLIPModel
+
+    clip = CLIPModel.from_pretrained(str(CLIP_DIR)).float().eval()
+    assert retrieval_top1(clip, build_tokenizer(), "test", 64) >= 0.7
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return LlavaLm.from_pretrained(LLAVA_DIR)
+
+
+def test_llava_answers_held_out_questions(lm):
+    score = vqa_accuracy(ReducedVisionEncoder.from_pretrained(LLAVA_DIR, "none"), lm, images=25)
+    assert score.tokens_mean == 256
+    assert score.accuracy["overall"] >= 0.85, score.accuracy
+
+
+def test_prumerge_on_the_embedded_model_keeps_few_tokens(lm):
+    score = vqa_accuracy(ReducedVisionEncoder.from_pretrained(LLAVA_DIR, "prumerge"), lm, images=25)
+    assert score.tokens_max <= 65 and score.tokens_mean < 256 / 3
+    assert score.accuracy["overall"] > 0.3
+
+
+def test_demo_runs_every_method(capsys, tmp_path):
+    res = run_cli(capsys, "demo", "-o", tmp_path / "demo", "--images", "6", "--iters", "1", "--batch", "2")
+    assert res.code == 0, res.err
+    rows = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert [r["method"] for r in rows] == ["none", "prumerge", "prumerge+", "topk", "random", "pool"]
+    assert rows[0]["tokens_ratio"] == 1.0 and rows[0]["torch_ratio"] == 1.0
+    budget = rows[3]["params"]["budget"]
+    assert budget == max(1, round(rows[1]["tokens"] - 1)) and rows[4]["params"]["budget"] == budget
+    assert (tmp_path / "demo" / "onnx" / "prumerge" / "model.onnx").is_file()
+    assert (tmp_path / "demo" / "bundles" / "pool" / "reducer.json").is_file()
+    assert "accuracy" in res.out
