@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from . import tiny_models
+# Plugin kernels are tested on the CPU with Triton's interpreter, which must be chosen before anything
+# imports triton (torch does, at import). PRUMERGE_TRITON_GPU=1 leaves compiled GPU kernels in place.
+if not os.environ.get("PRUMERGE_TRITON_GPU"):
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+from . import tiny_models  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -86,6 +86,19 @@ def test_clip_full_checkpoint_loads_its_vision_tower(clip_full_dir):
     assert model.feature_layer == -2 and model.projector is None
 
 
+def test_siglip_full_checkpoint_loads_its_vision_tower(tmp_path):
+    from transformers import SiglipModel
+
+    from .tiny_models import save_siglip_full
+
+    path = save_siglip_full(tmp_path / "siglip_full")
+    model = load_model(path)
+    full = SiglipModel.from_pretrained(path)
+    torch.testing.assert_close(model.vision.embeddings.patch_embedding.weight,
+                               full.vision_model.embeddings.patch_embedding.weight)  # fmt: skip
+    assert model.family == "siglip" and model.feature_layer == -1
+
+
 def test_siglip_scores_are_mean_received_attention(siglip_dir, image_paths):
     enc = ReducedVisionEncoder.from_pretrained(siglip_dir, "prumerge", attn_implementation="eager")
     px = pixels(enc, image_paths[:2])

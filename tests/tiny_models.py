@@ -59,6 +59,16 @@ def save_siglip_vision(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def save_siglip_full(path: Path, seed: int = 0) -> Path:
+    """A full SiglipModel (vision and text towers)."""
+    from transformers import SiglipConfig, SiglipModel
+
+    torch.manual_seed(seed)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=99)
+    SiglipModel(SiglipConfig(vision_config=dict(image_size=112, **VISION), text_config=text)).save_pretrained(path)
+    return path
+
+
 def save_llava(path: Path, seed: int = 0) -> Path:
     """A LlavaForConditionalGeneration with a tiny CLIP tower and a tiny Llama."""
     torch.manual_seed(seed)

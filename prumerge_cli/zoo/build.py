@@ -30,9 +30,9 @@ from .world import QUESTION_TYPES, vocabulary
 class Recipe:
     """Steps, batch sizes, seed and threads of a zoo build."""
 
-    clip_steps: int = 1200
+    clip_steps: int = 2400
     clip_batch: int = 64
-    llava_steps: int = 900
+    llava_steps: int = 1200
     llava_images: int = 16
     seed: int = 0
     threads: int = 2

@@ -74,7 +74,7 @@ def train_clip(
         opt.step()
         sched.step()
         if log is not None:
-            log(step, float(loss))
+            log(step, loss.item())
     return model.eval()
 
 

@@ -100,5 +100,5 @@ def train_llava(
         opt.step()
         sched.step()
         if log is not None:
-            log(step, float(loss))
+            log(step, loss.item())
     return model.eval()

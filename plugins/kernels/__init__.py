@@ -1,0 +1,1 @@
+"""Triton kernels of the TensorRT plugins, with their PyTorch references."""

@@ -1,0 +1,48 @@
+"""Plugin kernels under the Triton interpreter (conftest sets TRITON_INTERPRET=1 before triton is imported)
+against their PyTorch references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="triton is not installed")
+
+from prumerge_cli.plugins.kernels.sparse_kv_attention import (
+    sparse_kv_attention,
+    sparse_kv_attention_reference,
+)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "tq", "tk", "dim", "causal", "with_keep"),
+    [
+        (2, 2, 1, 37, 16, True, True),  # decode step, ragged lengths, dropped entries
+        (4, 2, 1, 20, 32, True, False),  # decode, GQA, lengths only
+        (2, 1, 9, 9, 16, True, True),  # prefill, causal, keep mask
+        (2, 2, 5, 40, 24, False, True),  # non-causal queries over a sparse cache, odd head dim
+    ],
+)
+def test_sparse_kv_attention_matches_reference(dtype, heads, kv_heads, tq, tk, dim, causal, with_keep):
+    gen = torch.Generator().manual_seed(tq * 100 + tk)
+    batch = 3
+    q = torch.randn(batch, heads, tq, dim, generator=gen).to(dtype)
+    k = torch.randn(batch, kv_heads, tk, dim, generator=gen).to(dtype)
+    v = torch.randn(batch, kv_heads, tk, dim, generator=gen).to(dtype)
+    lengths = torch.tensor([tk, max(tq, tk - 7), max(tq, tk // 2)])
+    keep = (torch.rand(batch, tk, generator=gen) > 0.3) if with_keep else None
+    if keep is not None:
+        keep[torch.arange(batch), lengths - 1] = True  # the newest token always sees itself
+    got = sparse_kv_attention(q, k, v, lengths, keep, causal)
+    want = sparse_kv_attention_reference(q, k, v, lengths, keep, causal)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+def test_a_query_that_sees_nothing_gets_zeros():
+    q, k, v = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 8, 16), torch.randn(1, 1, 8, 16)
+    keep = torch.zeros(1, 8, dtype=torch.bool)
+    out = sparse_kv_attention(q, k, v, torch.tensor([8]), keep, causal=True)
+    assert torch.equal(out, torch.zeros_like(out))
+    assert torch.equal(sparse_kv_attention_reference(q, k, v, torch.tensor([8]), keep), torch.zeros_like(out))
