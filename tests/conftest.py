@@ -9,9 +9,9 @@ import os
 if not os.environ.get("PRUMERGE_TRITON_GPU"):
     os.environ["TRITON_INTERPRET"] = "1"
 
-import pytest  # noqa: E402
+import pytest
 
-from . import tiny_models  # noqa: E402
+from . import tiny_models
 
 
 @pytest.fixture(scope="session")

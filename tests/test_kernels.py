@@ -6,8 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-triton = pytest.importorskip("triton", reason="triton is not installed")
-
 from prumerge_cli.plugins.kernels.sparse_kv_attention import (
     sparse_kv_attention,
     sparse_kv_attention_reference,
@@ -46,3 +44,40 @@ def test_a_query_that_sees_nothing_gets_zeros():
     out = sparse_kv_attention(q, k, v, torch.tensor([8]), keep, causal=True)
     assert torch.equal(out, torch.zeros_like(out))
     assert torch.equal(sparse_kv_attention_reference(q, k, v, torch.tensor([8]), keep), torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("method", ["prumerge", "prumerge+"])
+@pytest.mark.parametrize(
+    ("n", "c", "dtype"), [(64, 32, torch.float32), (100, 24, torch.float32), (64, 32, torch.float16)]
+)
+def test_adaptive_token_select_matches_the_reducer(method, n, c, dtype):
+    from prumerge_cli.plugins.kernels.token_select import adaptive_token_select
+    from prumerge_cli.reducers import build_reducer
+
+    from .test_reducer_parity import synthetic_signals
+
+    signals = synthetic_signals(batch=3, n=n, c=c, seed=n + c)
+    reducer = build_reducer(method).for_export(n)
+    want = reducer.reduce(signals)
+    half = [t.to(dtype) for t in (signals.features, signals.scores, signals.keys)]
+    tokens, lengths, indices = adaptive_token_select(*half, plus=method == "prumerge+")
+    assert torch.equal(lengths, want.lengths)
+    if dtype == torch.float32:
+        assert torch.equal(indices, want.indices)
+        torch.testing.assert_close(tokens, want.tokens, atol=1e-5, rtol=1e-5)
+    else:  # fp16 inputs: same kept sets; tokens within half-precision error
+        for b in range(3):
+            k = int(lengths[b])
+            assert set(indices[b, :k].tolist()) == set(want.indices[b, :k].tolist())
+
+
+def test_adaptive_token_select_without_outliers_keeps_the_extra_token():
+    from prumerge_cli.plugins.kernels.token_select import adaptive_token_select
+
+    n, c = 64, 16
+    feats = torch.randn(2, n, c)
+    tokens, lengths, indices = adaptive_token_select(
+        feats, torch.full((2, n), 1.0 / n), torch.randn(2, n, c), plus=True
+    )
+    assert lengths.tolist() == [1, 1] and indices[:, 0].tolist() == [-1, -1]
+    torch.testing.assert_close(tokens[:, 0], feats.sum(1) / n)

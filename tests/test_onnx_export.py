@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
-from prumerge_cli.exporters.onnx_export import OnnxOptions, export_onnx
 
 import prumerge_cli
+from prumerge_cli.exporters.onnx_export import OnnxOptions, export_onnx
 from prumerge_cli.models.images import open_image
 from prumerge_cli.runtime import OrtEncoder
 

@@ -35,7 +35,7 @@ def sparse_kv_attention_reference(
     scale: float | None = None,
 ) -> torch.Tensor:
     """q [B, H, Tq, D], k and v [B, Hkv, Tk, D] -> [B, H, Tq, D], computed in fp32, returned in q's dtype."""
-    b, h, tq, d = q.shape
+    _, h, tq, d = q.shape
     groups = h // k.shape[1]
     kf = k.float().repeat_interleave(groups, dim=1)
     vf = v.float().repeat_interleave(groups, dim=1)
