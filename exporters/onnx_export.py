@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 import warnings
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
@@ -50,23 +52,34 @@ def quiet_exporter() -> Iterator[None]:
 class ExportModule(nn.Module):
     """pixel_values [B, 3, H, W] -> tokens [B, Kmax, C], lengths [B], indices [B, Kmax]; no host reads."""
 
-    def __init__(self, encoder: ReducedVisionEncoder, with_projector: bool, score_dtype: ScoreDtype):
+    def __init__(
+        self, encoder: ReducedVisionEncoder, with_projector: bool, score_dtype: ScoreDtype, plugins: bool = False
+    ):
         super().__init__()
         self.tower = encoder.tower
         self.reducer = encoder.reducer.for_export(encoder.tower.num_patches)
         self.projector = encoder.projector if with_projector else None
         self.score_dtype: ScoreDtype = score_dtype
+        self.plugins = plugins
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         signals = self.tower(pixel_values, with_scores=self.reducer.needs_scores, score_dtype=self.score_dtype)
         if self.score_dtype == "float32":
             scores, keys = (None if t is None else t.float() for t in (signals.scores, signals.keys))
             signals = TowerSignals(signals.features.float(), scores, keys, signals.grid)
-        out = self.reducer.reduce(signals)
-        tokens = out.tokens.to(pixel_values.dtype)
+        if self.plugins:
+            p = self.reducer
+            tokens, lengths, indices = torch.ops.prumerge.adaptive_token_select(
+                signals.features, signals.scores, signals.keys, int(p.name == "prumerge+"), p.iqr_k, p.knn,
+                getattr(p, "grid_div", 3),
+            )  # fmt: skip
+        else:
+            out = self.reducer.reduce(signals)
+            tokens, lengths, indices = out.tokens, out.lengths, out.indices
+        tokens = tokens.to(pixel_values.dtype)
         if self.projector is not None:
-            tokens = project_tokens(self.projector, tokens, out.lengths)
-        return tokens, out.lengths, out.indices
+            tokens = project_tokens(self.projector, tokens, lengths)
+        return tokens, lengths, indices
 
 
 @dataclass(frozen=True)
@@ -79,6 +92,7 @@ class OnnxOptions:
     max_batch: int = 8
     with_projector: bool = False
     check: bool = True
+    plugins: bool = False
 
     def validate(self, encoder: ReducedVisionEncoder) -> None:
         """Clean errors for options this exporter cannot honour."""
@@ -90,6 +104,13 @@ class OnnxOptions:
             raise PrumergeError("batch sizes must be >= 1")
         if self.with_projector and encoder.projector is None:
             raise PrumergeError("--with-projector needs a LLaVA checkpoint; this model has no projector")
+        if self.plugins:
+            r = encoder.reducer
+            plain = (
+                getattr(r, "merge", False) and getattr(r, "order", "") == "official" and getattr(r, "cap", 0) is None
+            )
+            if r.name not in ("prumerge", "prumerge+") or not plain or getattr(r, "grid_end", None) is not None:
+                raise PrumergeError("--plugins covers prumerge and prumerge+ with merge on, official order and no cap")
 
 
 def sample_pixels(batch: int, side: int, dtype: torch.dtype) -> torch.Tensor:
@@ -111,7 +132,12 @@ def export_onnx(
     # hundreds of small terms drift): half-precision exports run the tower in fp16 but score, select and
     # merge in fp32, which costs little and makes results reproducible across runtimes.
     score_dtype: ScoreDtype = "float32" if options.dtype == "fp16" else encoder.score_dtype
-    module = ExportModule(encoder, options.with_projector, score_dtype).to(dtype).eval()
+    module = ExportModule(encoder, options.with_projector, score_dtype, options.plugins).to(dtype).eval()
+    table = None
+    if options.plugins:
+        from ..plugins.onnx_ops import translation_table
+
+        table = translation_table()
     side = encoder.image_size
     sample = sample_pixels(options.batch or SAMPLE_BATCH, side, dtype)
     dynamic = None
@@ -124,19 +150,24 @@ def export_onnx(
                 program = torch.onnx.export(
                     module, (sample,), dynamo=True, opset_version=options.opset, input_names=["pixel_values"],
                     output_names=list(OUTPUTS), dynamic_shapes=dynamic, verbose=False,
+                    custom_translation_table=table,
                 )  # fmt: skip
         except Exception as exc:
+            if os.environ.get("PRUMERGE_DEBUG"):
+                raise
             raise PrumergeError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
         program.save(str(tmp / "model.onnx"))
         export_seconds = time.perf_counter() - start
         encoder.processor.save_pretrained(tmp)
-        parity = check_parity(module, tmp / "model.onnx", sample, options.dtype) if options.check else None
+        if options.plugins:
+            onnx.checker.check_model(str(tmp / "model.onnx"))
+        parity = check_parity(module, tmp / "model.onnx", sample, options) if options.check else None
         manifest = build_manifest(encoder, module, options, tmp, export_seconds, parity)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
-def check_parity(module: ExportModule, model_path: Path, sample: torch.Tensor, dtype: str) -> dict[str, Any]:
+def check_parity(module: ExportModule, model_path: Path, sample: torch.Tensor, options: OnnxOptions) -> dict[str, Any]:
     """ONNX Runtime (CPU) against PyTorch on the sample.
 
     fp32: lengths and indices equal, tokens within 1e-4 max abs (times the largest token magnitude where
@@ -147,7 +178,8 @@ def check_parity(module: ExportModule, model_path: Path, sample: torch.Tensor, d
     """
     from ..runtime.ort import create_session
 
-    session = create_session(model_path, threads=None)
+    dtype = options.dtype
+    session = create_session(model_path, threads=None, plugins=options.plugins)
     got = session.run(list(OUTPUTS), {"pixel_values": sample.numpy()})
     with torch.no_grad():
         want = [t.numpy() for t in module(sample)]
@@ -177,6 +209,16 @@ def check_parity(module: ExportModule, model_path: Path, sample: torch.Tensor, d
     if not report["passed"]:
         raise PrumergeError(f"ONNX Runtime disagrees with PyTorch: {json.dumps(report)} (--no-check skips this)")
     return report
+
+
+def plugin_records() -> list[dict[str, str]]:
+    """How a reader (or TensorRT's ONNX parser) recognises the custom nodes of a plugin graph."""
+    from ..plugins.onnx_ops import DOMAIN, OP_TYPE, VERSION
+
+    return [{
+        "op_type": OP_TYPE, "domain": DOMAIN, "plugin_namespace": DOMAIN, "plugin_version": VERSION,
+        "tensorrt_plugin": f"{DOMAIN}::{OP_TYPE}", "onnxruntime": "onnxruntime-extensions Python op (reference)",
+    }]  # fmt: skip
 
 
 def build_manifest(
@@ -226,7 +268,7 @@ def build_manifest(
         "grid": list(encoder.grid),
         "image_size": encoder.image_size,
         "with_projector": module.projector is not None,
-        "plugins": [],
+        "plugins": plugin_records() if options.plugins else [],
         "source": {"model": str(encoder.model_dir), "model_type": encoder.model.model_type},
         "export_seconds": round(export_seconds, 2),
         "parity": parity,

@@ -27,6 +27,9 @@ def export(
     max_batch: Annotated[int, typer.Option(help="Largest batch of a dynamic export.")] = 8,
     with_projector: Annotated[bool, typer.Option(help="Append the LLaVA projector (outputs are LLM inputs).")] = False,
     check: Annotated[bool, typer.Option(help="Check ONNX Runtime against PyTorch.")] = True,
+    plugins: Annotated[
+        bool, typer.Option(help="Emit selection + merge as one prumerge::AdaptiveTokenSelect plugin node.")
+    ] = False,
     method: Annotated[str | None, typer.Option("--method", "-m", help="Override the bundle's method.")] = None,
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help=PARAM_HELP)] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing export directory.")] = False,
@@ -40,7 +43,7 @@ def export(
         require_tensorrt()
     from ..exporters.onnx_export import OnnxOptions, export_onnx
 
-    options = OnnxOptions(opset, dtype, batch, max_batch, with_projector, check)
+    options = OnnxOptions(opset, dtype, batch, max_batch, with_projector, check, plugins)
     console = Console()
     encoder = open_encoder(target, method, parse_params(param))
     with console.status(f"exporting {encoder.reducer.name} to ONNX (opset {opset}, {dtype})..."):
@@ -60,6 +63,9 @@ def print_manifest(console: Console, output: Path, manifest: dict) -> None:
                       f"{parity['indices_equal']}, tokens max abs {parity['tokens_max_abs']:.2e}")  # fmt: skip
     else:
         table.add_row("parity", "not checked (--no-check)")
+    for plugin in manifest["plugins"]:
+        table.add_row("plugin node", f"{plugin['domain']}::{plugin['op_type']} v{plugin['plugin_version']} "
+                      f"(TensorRT plugin {plugin['tensorrt_plugin']})")  # fmt: skip
     for name, info in manifest["files"].items():
         table.add_row(name, f"{info['bytes'] / 2**20:.1f} MiB")
     table.add_row("export time", f"{manifest['export_seconds']:.1f} s")

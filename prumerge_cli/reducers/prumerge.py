@@ -12,7 +12,7 @@ import torch
 from ..errors import PrumergeError
 from .assemble import assemble, trim
 from .base import ReducedTokens, Reducer, TowerSignals
-from .selection import grid_mask, grid_stride, iqr_outlier_mask, max_outliers, order_centres
+from .selection import grid_mask, iqr_outlier_mask, max_outliers, order_centres
 
 Order = Literal["official", "raster"]
 
@@ -117,11 +117,9 @@ class PruMergePlus(PruMerge):
         return n - 1 if self.grid_end is None else self.grid_end
 
     def max_tokens(self, num_patches: int) -> int:
-        top = self.kept_bound(num_patches)
-        counts = torch.arange(1, top + 1)
-        stride = grid_stride(counts, num_patches, self.grid_div)
         end = self._grid_end(num_patches)
-        bound = int((counts + (end + stride - 1) // stride).max()) if top else 0
+        strides = ((k, max(1, (num_patches // k) // self.grid_div)) for k in range(1, self.kept_bound(num_patches) + 1))
+        bound = max((k + -(-end // stride) for k, stride in strides), default=0)
         return min(bound, num_patches) + int(self.merge)
 
 

@@ -17,8 +17,10 @@ from ..reducers import ReducedTokens, Reducer, build_reducer
 MANIFEST = "manifest.json"
 
 
-def create_session(model_path: Path, threads: int | None, providers: list[Any] | None = None):
-    """An ONNX Runtime session with fixed threading (sequential execution, all graph optimisations)."""
+def create_session(model_path: Path, threads: int | None, providers: list[Any] | None = None, plugins: bool = False):
+    """An ONNX Runtime session with fixed threading (sequential execution, all graph optimisations).
+
+    `plugins`: the graph has prumerge plugin nodes, run by onnxruntime-extensions with the reference."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -29,6 +31,13 @@ def create_session(model_path: Path, threads: int | None, providers: list[Any] |
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    if plugins:
+        try:
+            from ..plugins.onnx_ops import ort_model_with_pyops, register_ort_pyop
+        except ImportError:
+            raise PrumergeError('plugin graphs need onnxruntime-extensions: pip install "prumerge[dev]"') from None
+        options.register_custom_ops_library(register_ort_pyop())
+        model_path = ort_model_with_pyops(model_path)
     try:
         return ort.InferenceSession(str(model_path), options, providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for unreadable or invalid models
@@ -60,7 +69,8 @@ class OrtEncoder:
     def __init__(self, out_dir: str | Path, threads: int | None = None, providers: list[Any] | None = None):
         self.out_dir = Path(out_dir)
         self.manifest = read_manifest(self.out_dir)
-        self.session = create_session(self.out_dir / "model.onnx", threads, providers)
+        plugins = bool(self.manifest.get("plugins"))
+        self.session = create_session(self.out_dir / "model.onnx", threads, providers, plugins)
         from transformers import AutoImageProcessor
 
         self.processor = AutoImageProcessor.from_pretrained(str(self.out_dir), backend="pil")

@@ -1,0 +1,51 @@
+"""`export --onnx --plugins`: selection + merge as one custom node, run by ONNX Runtime through
+onnxruntime-extensions, equal to the plugin-free graph."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+
+import prumerge_cli
+from prumerge_cli.exporters.onnx_export import OnnxOptions, export_onnx
+from prumerge_cli.models.images import open_image
+from prumerge_cli.runtime import OrtEncoder
+
+from .cli_helpers import run_cli
+from .test_cli import assert_clean_error
+
+
+@pytest.mark.parametrize("method", ["prumerge", "prumerge+"])
+def test_plugin_graph_equals_plugin_free_graph(clip_dir, image_paths, tmp_path, method):
+    encoder = prumerge_cli.ReducedVisionEncoder.from_pretrained(clip_dir, method)
+    manifest = export_onnx(encoder, tmp_path / "plug", OnnxOptions(plugins=True))
+    export_onnx(encoder, tmp_path / "plain", OnnxOptions())
+    model = onnx.load(str(tmp_path / "plug" / "model.onnx"))
+    onnx.checker.check_model(model)
+    custom = [n for n in model.graph.node if n.domain == "prumerge"]
+    assert [n.op_type for n in custom] == ["AdaptiveTokenSelect"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in custom[0].attribute}
+    assert attrs["plugin_namespace"] == b"prumerge" and attrs["plugin_version"] == b"1"
+    assert attrs["plus"] == int(method == "prumerge+")
+    assert manifest["plugins"][0]["tensorrt_plugin"] == "prumerge::AdaptiveTokenSelect"
+    assert manifest["parity"]["passed"]
+    images = [open_image(p) for p in image_paths[:3]]
+    plug, plain = (
+        OrtEncoder(tmp_path / "plug").encode_images(images),
+        OrtEncoder(tmp_path / "plain").encode_images(images),
+    )
+    assert torch.equal(plug.indices, plain.indices) and torch.equal(plug.lengths, plain.lengths)
+    torch.testing.assert_close(plug.tokens, plain.tokens, atol=1e-5, rtol=1e-5)
+
+
+def test_plugins_cli_and_unsupported_methods(capsys, clip_dir, tmp_path):
+    res = run_cli(capsys, "export", clip_dir, "--onnx", "--plugins", "-o", tmp_path / "p")
+    assert res.code == 0, res.err
+    assert "AdaptiveTokenSelect" in res.out
+    assert json.loads((tmp_path / "p" / "manifest.json").read_text())["plugins"][0]["domain"] == "prumerge"
+    out = tmp_path / "q"
+    assert_clean_error(run_cli(capsys, "export", clip_dir, "-m", "topk", "--onnx", "--plugins", "-o", out), "--plugins")
+    assert not out.exists()
