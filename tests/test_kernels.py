@@ -81,3 +81,12 @@ def test_adaptive_token_select_without_outliers_keeps_the_extra_token():
     )
     assert lengths.tolist() == [1, 1] and indices[:, 0].tolist() == [-1, -1]
     torch.testing.assert_close(tokens[:, 0], feats.sum(1) / n)
+
+
+@pytest.mark.parametrize("n", [16, 64, 100, 256, 576])
+def test_plugin_shape_functions_agree_with_the_reducers(n):
+    from prumerge_cli.plugins.shapes import select_kmax
+    from prumerge_cli.reducers import build_reducer
+
+    assert select_kmax(n, plus=False) == build_reducer("prumerge").max_tokens(n)
+    assert select_kmax(n, plus=True) == build_reducer("prumerge+").max_tokens(n)

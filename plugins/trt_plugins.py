@@ -1,0 +1,92 @@
+"""TensorRT plugins (Python plugin API, `tensorrt.plugin`), namespace `prumerge`:
+
+- `prumerge::AdaptiveTokenSelect`: features, scores, keys [B, N, C] / [B, N] -> tokens [B, Kmax, C], lengths [B],
+  indices [B, Kmax]; the padded variant, which the plugin graph of `prumerge export --onnx --plugins` maps to.
+- `prumerge::AdaptiveTokenSelectCount`: one image, a data-dependent output count declared through a size
+  tensor (upper bound Kmax): tokens [K, C], indices [K] and K.
+- `prumerge::SparseKVAttention`: q [B, H, Tq, D], k and v [B, Hkv, Tk, D], kv_lengths [B] (int32), keep
+  [B, Tk] (int8) -> [B, H, Tq, D].
+
+The JIT implementations launch the Triton kernels of `plugins/kernels` on TensorRT's stream. TensorRT is an
+optional extra: `register_plugins()` imports it and registers the definitions; nothing here runs on import.
+"""
+
+# No `from __future__ import annotations` here: tensorrt.plugin reads the annotations of the decorated
+# functions to tell input tensors (trtp.TensorDesc) from attributes.
+from .shapes import select_kmax, select_opt
+
+_REGISTERED = False
+
+
+def register_plugins() -> None:
+    """Register the plugin definitions with TensorRT's registry (once). Needs `tensorrt` >= 10.6."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    import tensorrt as trt
+    import tensorrt.plugin as trtp
+    import torch
+
+    from .kernels.sparse_kv_attention import sparse_kv_attention
+    from .kernels.token_select import adaptive_token_select
+
+    def as_torch(t: trtp.Tensor) -> torch.Tensor:
+        return torch.as_tensor(t, device="cuda")
+
+    Desc = trtp.TensorDesc
+    Three = tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]
+
+    @trtp.register("prumerge::AdaptiveTokenSelect")
+    def select_desc(features: Desc, scores: Desc, keys: Desc, plus: int, iqr_k: float, knn: int,
+                    grid_div: int) -> Three:  # fmt: skip
+        batch, n, width = features.shape_expr[0], features.shape_expr[1], features.shape_expr[2]
+        kmax = select_kmax(n, bool(plus))
+        return (trtp.from_shape_expr((batch, kmax, width), dtype=features.dtype),
+                trtp.from_shape_expr((batch,), dtype=trt.int64),
+                trtp.from_shape_expr((batch, kmax), dtype=trt.int64))  # fmt: skip
+
+    @trtp.impl("prumerge::AdaptiveTokenSelect")
+    def select_impl(features, scores, keys, plus, iqr_k, knn, grid_div, outputs, stream) -> None:
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+            tokens, lengths, indices = adaptive_token_select(
+                as_torch(features), as_torch(scores), as_torch(keys), bool(plus), iqr_k, knn, grid_div
+            )
+            for out, value in zip(outputs, (tokens, lengths, indices), strict=True):
+                as_torch(out).copy_(value)
+
+    @trtp.register("prumerge::AdaptiveTokenSelectCount")
+    def count_desc(features: Desc, scores: Desc, keys: Desc, plus: int, iqr_k: float, knn: int,
+                   grid_div: int) -> Three:  # fmt: skip
+        n, width = features.shape_expr[1], features.shape_expr[2]
+        count = trtp.size_tensor(select_opt(n), select_kmax(n, bool(plus)))
+        return (trtp.from_shape_expr((count.expr(), width), dtype=features.dtype),
+                trtp.from_shape_expr((count.expr(),), dtype=trt.int64), count)  # fmt: skip
+
+    @trtp.impl("prumerge::AdaptiveTokenSelectCount")
+    def count_impl(features, scores, keys, plus, iqr_k, knn, grid_div, outputs, stream) -> None:
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+            tokens, lengths, indices = adaptive_token_select(
+                as_torch(features), as_torch(scores), as_torch(keys), bool(plus), iqr_k, knn, grid_div
+            )
+            k = int(lengths[0])
+            width = tokens.shape[-1]
+            as_torch(outputs[0].aliased((k, width))).copy_(tokens[0, :k])
+            as_torch(outputs[1].aliased((k,))).copy_(indices[0, :k])
+            as_torch(outputs[2]).fill_(k)
+
+    @trtp.register("prumerge::SparseKVAttention")
+    def attention_desc(q: Desc, k: Desc, v: Desc, kv_lengths: Desc, keep: Desc, causal: int) -> Desc:
+        return q.like()
+
+    @trtp.impl("prumerge::SparseKVAttention")
+    def attention_impl(q, k, v, kv_lengths, keep, causal, outputs, stream) -> None:
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+            out = sparse_kv_attention(as_torch(q), as_torch(k), as_torch(v), as_torch(kv_lengths),
+                                      as_torch(keep).bool(), bool(causal))  # fmt: skip
+            as_torch(outputs[0]).copy_(out)
+
+    @trtp.autotune("prumerge::SparseKVAttention")
+    def attention_tune(q, k, v, kv_lengths, keep, causal, outputs) -> list[trtp.AutoTuneCombination]:
+        return [trtp.AutoTuneCombination("FP32|FP16, FP32|FP16, FP32|FP16, INT32, INT8, FP32|FP16")]
+
+    _REGISTERED = True
