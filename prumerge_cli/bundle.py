@@ -9,6 +9,7 @@ from typing import Any
 from . import atomic
 from .encoder import ReducedVisionEncoder
 from .errors import PrumergeError
+from .jsonfiles import read_json_object
 from .models.weights import hash_files
 from .versions import package_versions
 
@@ -44,18 +45,12 @@ def is_bundle(path: str | Path) -> bool:
 def read_bundle(bundle_dir: str | Path) -> dict[str, Any]:
     """The bundle's record, validated."""
     path = Path(bundle_dir) / BUNDLE_FILE
-    if not path.is_file():
-        raise PrumergeError(f"{bundle_dir} is not a bundle (no {BUNDLE_FILE})")
-    try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PrumergeError(f"{path} is corrupt: {exc}") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
+    record = read_json_object(path, f"{bundle_dir} is not a bundle (no {BUNDLE_FILE})")
+    if record.get("format") != FORMAT:
         raise PrumergeError(f"{path} is not a prumerge bundle")
     if record.get("format_version") != FORMAT_VERSION:
-        raise PrumergeError(
-            f"{path} has bundle format {record.get('format_version')}; this prumerge reads {FORMAT_VERSION}"
-        )
+        version = record.get("format_version")
+        raise PrumergeError(f"{path} has bundle format {version}; this prumerge reads {FORMAT_VERSION}")
     return record
 
 

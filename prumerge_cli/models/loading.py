@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +13,7 @@ from transformers.models.llava.configuration_llava import LlavaConfig
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from ..errors import PrumergeError
+from ..jsonfiles import read_json_object
 from .weights import read_tensors, weight_files
 
 Family = Literal["clip", "siglip"]
@@ -38,16 +38,9 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     """The checkpoint's config.json, with clean errors for a missing directory or file."""
     if not model_dir.is_dir():
         raise PrumergeError(f"model directory {model_dir} does not exist")
-    path = model_dir / "config.json"
-    if not path.is_file():
-        raise PrumergeError(f"{model_dir} has no config.json; it is not a Hugging Face checkpoint")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PrumergeError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise PrumergeError(f"{path} is not a JSON object")
-    return config
+    return read_json_object(
+        model_dir / "config.json", f"{model_dir} has no config.json; it is not a Hugging Face checkpoint"
+    )
 
 
 def load_model(model_dir: str | Path, dtype: str = "float32", attn_implementation: str = "sdpa") -> LoadedModel:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import torch
 from PIL import Image
 
 from ..errors import PrumergeError
+from ..jsonfiles import read_json_object
 from ..models.images import preprocess
 from ..reducers import ReducedTokens, Reducer, build_reducer
 
@@ -46,15 +46,9 @@ def create_session(model_path: Path, threads: int | None, providers: list[Any] |
 
 def read_manifest(out_dir: str | Path) -> dict[str, Any]:
     """The export's manifest, validated."""
-    path = Path(out_dir) / MANIFEST
-    if not path.is_file():
-        raise PrumergeError(f"{out_dir} is not an ONNX export (no {MANIFEST})")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PrumergeError(f"{path} is corrupt: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != "prumerge-onnx":
-        raise PrumergeError(f"{path} is not a prumerge ONNX manifest")
+    manifest = read_json_object(Path(out_dir) / MANIFEST, f"{out_dir} is not an ONNX export (no {MANIFEST})")
+    if manifest.get("format") != "prumerge-onnx":
+        raise PrumergeError(f"{Path(out_dir) / MANIFEST} is not a prumerge ONNX manifest")
     return manifest
 
 
