@@ -25,8 +25,10 @@ def build_engine(
     image_size: int,
     profile: BatchProfile,
     timing_cache: bytes | None = None,
+    flags: tuple[str, ...] = (),
 ) -> tuple[bytes, bytes]:
-    """Parse `onnx_path` and build it; returns (serialized engine, timing cache)."""
+    """Parse `onnx_path` and build it with builder `flags` (e.g. "FP16" on TensorRT 10); returns
+    (serialized engine, timing cache)."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)
@@ -35,6 +37,8 @@ def build_engine(
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise PrumergeError(f"TensorRT cannot parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
+    for flag in flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
     cache = config.create_timing_cache(timing_cache or b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
     shapes = [(b, 3, image_size, image_size) for b in (profile.min, profile.opt, profile.max)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from types import ModuleType
 
 from ..errors import PrumergeError
 
@@ -11,12 +12,14 @@ INSTALL_HINT = (
 )
 
 
-def require_tensorrt() -> None:
-    """Raise a clean error unless TensorRT and a CUDA GPU are available."""
+def require_tensorrt() -> ModuleType:
+    """The `tensorrt` module, or a clean error naming what is missing (TensorRT, or a CUDA GPU)."""
     if importlib.util.find_spec("tensorrt") is None:
         raise PrumergeError(f"TensorRT is not installed: {INSTALL_HINT}")
     import torch
 
     if not torch.cuda.is_available():
         raise PrumergeError("TensorRT engines need a CUDA GPU and none is visible (torch.cuda.is_available() is False)")
-    raise PrumergeError("TensorRT engine building is not available in this version of prumerge yet")
+    import tensorrt
+
+    return tensorrt

@@ -83,6 +83,14 @@ def build_variants(
         for backend in backends:
             if backend == "torch":
                 run = _torch_runner(encoder)
+            elif backend == "trt":
+                from ..exporters.trt_build import BatchProfile
+                from ..exporters.trt_export import TrtOptions, export_trt
+                from ..runtime.trt import TrtEncoder
+
+                out = workdir / f"{i}-{spec.method}-trt"
+                export_trt(encoder, out, TrtOptions(profile=BatchProfile(1, max_batch, max_batch)))
+                run = TrtEncoder(out)
             else:
                 out = workdir / f"{i}-{spec.method}"
                 options = OnnxOptions(max_batch=max_batch, with_projector=encoder.projector is not None, check=False)

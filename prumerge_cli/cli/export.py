@@ -28,8 +28,15 @@ def export(
     with_projector: Annotated[bool, typer.Option(help="Append the LLaVA projector (outputs are LLM inputs).")] = False,
     check: Annotated[bool, typer.Option(help="Check ONNX Runtime against PyTorch.")] = True,
     plugins: Annotated[
-        bool, typer.Option(help="Emit selection + merge as one prumerge::AdaptiveTokenSelect plugin node.")
+        bool, typer.Option(help="Selection + merge as one prumerge::AdaptiveTokenSelect plugin node.")
     ] = False,
+    plugin_impl: Annotated[
+        str, typer.Option(help="TensorRT plugin implementation with --plugins: jit or aot.")
+    ] = "jit",
+    precision: Annotated[str, typer.Option(help="TensorRT precision: fp32, fp16 or bf16.")] = "fp16",
+    min_batch: Annotated[int, typer.Option(help="TensorRT profile: smallest batch.")] = 1,
+    opt_batch: Annotated[int, typer.Option(help="TensorRT profile: batch to optimise for.")] = 1,
+    timing_cache: Annotated[Path | None, typer.Option(help="TensorRT timing cache to read and update.")] = None,
     method: Annotated[str | None, typer.Option("--method", "-m", help="Override the bundle's method.")] = None,
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help=PARAM_HELP)] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing export directory.")] = False,
@@ -37,14 +44,25 @@ def export(
     """Export the vision encoder + reducer (+ projector) with static shapes, and check it."""
     if onnx == trt:
         raise PrumergeError("choose one of --onnx or --trt")
+    console = Console()
     if trt:
+        from ..exporters.trt_build import BatchProfile
+        from ..exporters.trt_export import TrtOptions, export_trt
         from ..exporters.trt_support import require_tensorrt
 
         require_tensorrt()
+        profile = BatchProfile(min_batch, opt_batch, max_batch)
+        trt_options = TrtOptions(precision, profile, timing_cache, plugin_impl if plugins else "none")
+        encoder = open_encoder(target, method, parse_params(param))
+        with console.status(f"building a TensorRT engine ({precision}, plugins {trt_options.plugins})..."):
+            manifest = export_trt(encoder, output, trt_options, force=force)
+        console.print(
+            f"wrote {output}/model.plan for {manifest['gpu']['name']} (TensorRT {manifest['versions']['tensorrt']})"
+        )
+        return
     from ..exporters.onnx_export import OnnxOptions, export_onnx
 
     options = OnnxOptions(opset, dtype, batch, max_batch, with_projector, check, plugins)
-    console = Console()
     encoder = open_encoder(target, method, parse_params(param))
     with console.status(f"exporting {encoder.reducer.name} to ONNX (opset {opset}, {dtype})..."):
         manifest = export_onnx(encoder, output, options, force=force)

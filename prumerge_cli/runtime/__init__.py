@@ -10,7 +10,11 @@ def __getattr__(name: str) -> Any:
         from .ort import OrtEncoder
 
         return OrtEncoder
+    if name == "TrtEncoder":
+        from .trt import TrtEncoder
+
+        return TrtEncoder
     raise AttributeError(name)
 
 
-__all__ = ["OrtEncoder"]
+__all__ = ["OrtEncoder", "TrtEncoder"]
