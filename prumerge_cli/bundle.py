@@ -54,18 +54,23 @@ def read_bundle(bundle_dir: str | Path) -> dict[str, Any]:
     return record
 
 
-def load(bundle_dir: str | Path, verify: bool = True, **overrides: Any) -> ReducedVisionEncoder:
-    """Rebuild the encoder a bundle describes; `verify` checks the model's weights are unchanged.
+def load(
+    bundle_dir: str | Path,
+    method: str | None = None,
+    params: dict[str, Any] | None = None,
+    verify: bool = True,
+    **options: Any,
+) -> ReducedVisionEncoder:
+    """Rebuild the encoder a bundle describes; `verify` checks that the model's weights are unchanged.
 
-    `overrides` replace recorded settings (`method`, `dtype`, `attn_implementation`, reducer params...).
+    `method` replaces the recorded reducer; `params` update the recorded parameters (or, with another method,
+    replace them); `options` replace encoder settings (`dtype`, `attn_implementation`, `score_layer`, ...).
     """
     record = read_bundle(bundle_dir)
-    model = record["model"]
-    method = overrides.pop("method", record["method"])
-    params = {**(record["params"] if method == record["method"] else {}), **overrides.pop("params", {})}
-    options = {k: record[k] for k in ("dtype", "score_layer", "score_dtype")}
-    options.update(overrides)
-    encoder = ReducedVisionEncoder.from_pretrained(model["path"], method, **options, **params)
-    if verify and hash_files(encoder.model.weight_files) != model["sha256"]:
-        raise PrumergeError(f"the weights in {model['path']} changed since bundle {bundle_dir} was written")
+    method = method or record["method"]
+    merged = {**(record["params"] if method == record["method"] else {}), **(params or {})}
+    settings = {**{k: record[k] for k in ("dtype", "score_layer", "score_dtype")}, **options}
+    encoder = ReducedVisionEncoder.from_pretrained(record["model"]["path"], method, **settings, **merged)
+    if verify and hash_files(encoder.model.weight_files) != record["model"]["sha256"]:
+        raise PrumergeError(f"the weights in {record['model']['path']} changed since bundle {bundle_dir} was written")
     return encoder

@@ -13,10 +13,6 @@ def open_encoder(
     target: str | Path, method: str | None = None, params: dict[str, Any] | None = None
 ) -> ReducedVisionEncoder:
     """An encoder from a bundle (optionally with another method or parameters) or from a model directory."""
-    params = params or {}
     if is_bundle(target):
-        overrides: dict[str, Any] = {"params": params}
-        if method:
-            overrides["method"] = method
-        return load(target, **overrides)
-    return ReducedVisionEncoder.from_pretrained(target, method or "prumerge", **params)
+        return load(target, method, params)
+    return ReducedVisionEncoder.from_pretrained(target, method or "prumerge", **(params or {}))
