@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..reducers import ReducedTokens
+from ..reducers import PAD_INDEX, ReducedTokens
 from ..versions import package_versions
 from . import cost_model
 from .llm_timing import PrefillCase, prefill_and_decode, random_llm, synthetic_case
@@ -102,9 +102,9 @@ def run_all(variant: Variant, pixels: torch.Tensor, chunk: int) -> ReducedTokens
     """The variant's output on every image, padded to one width."""
     parts = [variant.run(pixels[i : i + chunk]) for i in range(0, len(pixels), chunk)]
     width = max(p.tokens.shape[1] for p in parts)
-    pad = lambda t, v: F.pad(t, (0, 0, 0, width - t.shape[1]) if t.dim() == 3 else (0, width - t.shape[1]), value=v)  # noqa: E731
-    return ReducedTokens(torch.cat([pad(p.tokens, 0.0) for p in parts]), torch.cat([p.lengths for p in parts]),
-                         torch.cat([pad(p.indices, -2) for p in parts]))  # fmt: skip
+    tokens = torch.cat([F.pad(p.tokens, (0, 0, 0, width - p.tokens.shape[1])) for p in parts])
+    indices = torch.cat([F.pad(p.indices, (0, width - p.indices.shape[1]), value=PAD_INDEX) for p in parts])
+    return ReducedTokens(tokens, torch.cat([p.lengths for p in parts]), indices)
 
 
 def mean_embedding(out: ReducedTokens) -> torch.Tensor:
