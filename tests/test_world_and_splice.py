@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
+from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
 from prumerge_cli import ReducedVisionEncoder
@@ -12,6 +15,8 @@ from prumerge_cli.lm.splice import IGNORE, splice
 from prumerge_cli.reducers import ReducedTokens
 from prumerge_cli.zoo.tokenizer import build_tokenizer
 from prumerge_cli.zoo.world import QUESTION_TYPES, make_sample, split_seed, vocabulary
+
+from .cli_helpers import run_cli
 
 
 def test_samples_are_deterministic_and_splits_disjoint():
@@ -44,8 +49,8 @@ def test_splice_equals_hf_llava_forward(llava_dir, image_paths):
     lm = LlavaLm.from_pretrained(llava_dir)
     encoder = ReducedVisionEncoder.from_pretrained(llava_dir, "none")
     hf = LlavaForConditionalGeneration.from_pretrained(llava_dir).eval()
-    pixels = encoder.processor(images=[__import__("PIL.Image").Image.open(image_paths[0]).convert("RGB")],
-                               return_tensors="pt")["pixel_values"]  # fmt: skip
+    image = Image.open(image_paths[0]).convert("RGB")
+    pixels = encoder.processor(images=[image], return_tensors="pt")["pixel_values"]
     question = lm.encode(["what color is the object at center ?"])[0]
     image_id = hf.config.image_token_index
     ids = torch.tensor([[lm.bos_id, *[image_id] * 64, *question]])
@@ -63,3 +68,17 @@ def test_splice_pads_right_with_contiguous_positions_and_targets():
     assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 2, 0, 0, 0]]
     assert batch.last.tolist() == [5, 2]
     assert batch.labels.tolist() == [[IGNORE] * 4 + [6, IGNORE], [IGNORE, 7] + [IGNORE] * 4]
+
+
+def test_world_writes_llava_conversation_json(capsys, tmp_path):
+    res = run_cli(capsys, "world", "-o", tmp_path / "data", "--split", "val", "--count", "3")
+    assert res.code == 0, res.err
+    records = json.loads((tmp_path / "data" / "data.json").read_text())
+    assert len(records) == 3 and records[0]["id"] == "val-0000000"
+    turns = records[0]["conversations"]
+    assert turns[0]["from"] == "human" and turns[0]["value"].startswith("<image>\n") and turns[1]["from"] == "gpt"
+    assert len(turns) == 2 * len(QUESTION_TYPES)
+    sample = make_sample(split_seed("val", 0))
+    assert turns[1]["value"] == sample.qas[0].answer
+    written = Image.open(tmp_path / "data" / "images" / "val-0000000.png")
+    assert np.array_equal(np.asarray(written), np.asarray(sample.image))

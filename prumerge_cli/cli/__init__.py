@@ -23,7 +23,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _register() -> None:
-    from . import bench, compress, demo, export, inspect_images  # noqa: F401  (commands register themselves on `app`)
+    from . import bench, compress, demo, export, inspect_images, world  # noqa: F401  (commands register themselves on `app`)
 
 
 def quiet_transformers() -> None:

@@ -1,0 +1,30 @@
+"""`prumerge world`: write the procedural world as LLaVA conversation JSON with image files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from ..errors import PrumergeError
+from . import app
+
+
+@app.command()
+def world(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for data.json and images/.")],
+    split: Annotated[str, typer.Option(help="train, val or test (disjoint seed ranges).")] = "train",
+    count: Annotated[int, typer.Option(min=1, help="Number of images.")] = 1000,
+    force: Annotated[bool, typer.Option(help="Replace an existing directory.")] = False,
+) -> None:
+    """Write samples of the embedded model's world in LLaVA's conversation format."""
+    from ..zoo.llava_json import write_llava_json
+    from ..zoo.world import SPLITS
+
+    if split not in SPLITS:
+        raise PrumergeError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+    with Console().status(f"rendering {count} {split} images..."):
+        path = write_llava_json(output, split, count, force=force)
+    Console().print(f"wrote {path} and {count} images in {output / 'images'}")
