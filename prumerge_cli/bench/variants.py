@@ -14,7 +14,8 @@ from ..bundle import is_bundle, read_bundle
 from ..encoder import ReducedVisionEncoder
 from ..errors import PrumergeError
 from ..exporters.onnx_export import OnnxOptions, export_onnx
-from ..reducers import ReducedTokens
+from ..models.loading import load_model
+from ..reducers import ReducedTokens, build_reducer
 from ..runtime.ort import OrtEncoder, is_onnx_export, read_manifest
 
 BACKENDS = ("torch", "ort", "trt")
@@ -75,10 +76,11 @@ def build_variants(
         raise PrumergeError(f"bench compares variants of one model; the targets use {len(models)}")
     model_dir = models.pop()
     specs = [Spec(model_dir, "none", {}), *(s for s in specs if s.method != "none")]
+    model = load_model(model_dir)  # one copy of the weights, shared by every variant
     variants = []
     baseline_encoder = None
     for i, spec in enumerate(specs):
-        encoder = ReducedVisionEncoder.from_pretrained(spec.model_dir, spec.method, **spec.params)
+        encoder = ReducedVisionEncoder(model, build_reducer(spec.method, **spec.params), model_dir)
         baseline_encoder = baseline_encoder or encoder
         for backend in backends:
             if backend == "torch":
