@@ -33,7 +33,7 @@ class Variant:
     label: str = field(init=False)
 
     def __post_init__(self) -> None:
-        extra = "".join(f" {k}={v}" for k, v in self.params.items() if k in ("budget", "side"))
+        extra = "".join(f" {k}={v}" for k, v in self.params.items() if k in ("budget", "side") and v is not None)
         self.label = f"{self.method}{extra}"
 
 
