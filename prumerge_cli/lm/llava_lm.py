@@ -30,19 +30,19 @@ class LlavaLm:
         model = LlavaForConditionalGeneration.from_pretrained(str(model_dir), dtype=DTYPES[dtype]).eval()
         return cls(model, AutoTokenizer.from_pretrained(str(model_dir)))
 
-    def logits(self, batch: LmBatch) -> torch.Tensor:
-        """[B, T, V] logits over the whole spliced sequence."""
-        hidden = self.model.model.language_model(
+    def hidden(self, batch: LmBatch) -> torch.Tensor:
+        """[B, T, H] last hidden states of the decoder over the spliced sequence."""
+        return self.model.model.language_model(
             inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids
         ).last_hidden_state
-        return self.model.lm_head(hidden)
+
+    def logits(self, batch: LmBatch) -> torch.Tensor:
+        """[B, T, V] logits over the whole spliced sequence."""
+        return self.model.lm_head(self.hidden(batch))
 
     def next_token_logits(self, batch: LmBatch) -> torch.Tensor:
         """[B, V] logits of the token after each row's prompt."""
-        hidden = self.model.model.language_model(
-            inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids
-        ).last_hidden_state
-        return self.model.lm_head(hidden[torch.arange(len(batch.last)), batch.last])
+        return self.model.lm_head(self.hidden(batch)[torch.arange(len(batch.last)), batch.last])
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids without specials."""
