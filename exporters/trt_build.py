@@ -22,13 +22,14 @@ class BatchProfile:
 def build_engine(
     trt: ModuleType,
     onnx_path: Path,
-    image_size: int,
-    profile: BatchProfile,
+    image_size: int | None,
+    profile: BatchProfile | None,
     timing_cache: bytes | None = None,
     flags: tuple[str, ...] = (),
 ) -> tuple[bytes, bytes]:
     """Parse `onnx_path` and build it with builder `flags` (e.g. "FP16" on TensorRT 10); returns
-    (serialized engine, timing cache)."""
+    (serialized engine, timing cache). `profile` sets the batch range of the `pixel_values` input of an encoder;
+    None builds a graph with static shapes (the decode step)."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)
@@ -41,10 +42,11 @@ def build_engine(
         config.set_flag(getattr(trt.BuilderFlag, flag))
     cache = config.create_timing_cache(timing_cache or b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
-    shapes = [(b, 3, image_size, image_size) for b in (profile.min, profile.opt, profile.max)]
-    optimisation = builder.create_optimization_profile()
-    optimisation.set_shape(network.get_input(0).name, *shapes)
-    config.add_optimization_profile(optimisation)
+    if profile is not None:
+        shapes = [(b, 3, image_size, image_size) for b in (profile.min, profile.opt, profile.max)]
+        optimisation = builder.create_optimization_profile()
+        optimisation.set_shape(network.get_input(0).name, *shapes)
+        config.add_optimization_profile(optimisation)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise PrumergeError(f"TensorRT could not build an engine from {onnx_path} (see the log above)")

@@ -41,7 +41,8 @@ def export_trt(
     if options.plugins not in PLUGIN_MODES:
         raise PrumergeError(f"--plugins takes {', '.join(PLUGIN_MODES)}")
     if options.plugins == "aot":
-        raise PrumergeError("ahead-of-time plugin implementations are not available yet; use --plugins jit or none")
+        raise PrumergeError("AdaptiveTokenSelect has no ahead-of-time implementation (it runs three kernels; an AOT "
+                            "plugin launches one): use --plugin-impl jit, or no --plugins")  # fmt: skip
     trt = require_tensorrt()
     strongly_typed = not hasattr(trt.BuilderFlag, "FP16")
     onnx_dtype, flags = "fp32", ()
@@ -86,3 +87,34 @@ def trt_manifest(trt, options: TrtOptions, onnx_manifest: dict[str, Any], strong
         "plugins": [{**plugin, "implementation": options.plugins} for plugin in onnx_manifest["plugins"]],
         "onnx": onnx_manifest,
     }  # fmt: skip
+
+
+def export_decode_trt(dynamic, image, out_dir: Path, options, precision: str, timing_cache: Path | None,
+                      force: bool, source: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """Build the sparse-KV decode step (static shapes) into `out_dir/{model.plan, timing.cache, manifest.json,
+    onnx/}`; plugins as `options` asks (none, JIT or AOT SparseKVAttention)."""
+    from .decode_export import export_decode_step
+
+    if precision not in PRECISIONS:
+        raise PrumergeError(f"unsupported precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    trt = require_tensorrt()
+    strongly_typed = not hasattr(trt.BuilderFlag, "FP16")
+    flags = () if strongly_typed or precision == "fp32" else (precision.upper(),)
+    if options.plugins:
+        from ..plugins.trt_plugins import register_plugins
+
+        register_plugins()
+    cache = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else None
+    with atomic.atomic_dir(out_dir, force=force) as tmp:
+        onnx_manifest = export_decode_step(dynamic, image, tmp / "onnx", options, source=source)
+        plan, timing = build_engine(trt, tmp / "onnx" / "model.onnx", None, None, cache, flags)
+        (tmp / "model.plan").write_bytes(plan)
+        (tmp / "timing.cache").write_bytes(timing)
+        kind = "aot" if options.aot else "jit" if options.plugins else "none"
+        manifest = trt_manifest(trt, TrtOptions(precision, BatchProfile(options.batch, options.batch, options.batch),
+                                                timing_cache, kind), onnx_manifest, strongly_typed)  # fmt: skip
+        manifest["profile"] = "static shapes: see onnx.inputs"
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    if timing_cache is not None:
+        atomic.write_bytes(timing_cache, timing)
+    return manifest

@@ -7,7 +7,9 @@
 - `prumerge::SparseKVAttention`: q [B, H, Tq, D], k and v [B, Hkv, Tk, D], kv_lengths [B] (int32), keep
   [B, Tk] (int8) -> [B, H, Tq, D].
 
-The JIT implementations launch the Triton kernels of `plugins/kernels` on TensorRT's stream. TensorRT is an
+The JIT implementations launch the Triton kernels of `plugins/kernels` on TensorRT's stream; SparseKVAttention
+also has an AOT implementation (the same kernel compiled to PTX by `plugins/kernels/aot.py`), so its engines run
+without Python. AdaptiveTokenSelect has none: it runs three kernels and an AOT plugin launches one. TensorRT is an
 optional extra: `register_plugins()` imports it and registers the definitions; nothing here runs on import.
 """
 
@@ -84,6 +86,30 @@ def register_plugins() -> None:
             out = sparse_kv_attention(as_torch(q), as_torch(k), as_torch(v), as_torch(kv_lengths),
                                       as_torch(keep).bool(), bool(causal))  # fmt: skip
             as_torch(outputs[0]).copy_(out)
+
+    Aot = tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs]
+
+    @trtp.aot_impl("prumerge::SparseKVAttention")
+    def attention_aot(q: Desc, k: Desc, v: Desc, kv_lengths: Desc, keep: Desc, causal: int, outputs: tuple[Desc],
+                      tactic: int) -> Aot:  # fmt: skip
+        from .kernels.aot import compile_sparse_kv_attention
+
+        head_dim = q.shape_expr[3]
+        if not head_dim.is_constant:
+            raise ValueError("the AOT SparseKVAttention needs a static head size")
+        dtype = "fp16" if q.dtype == trt.float16 else "fp32"
+        capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else (8, 0)
+        kernel = compile_sparse_kv_attention(dtype, head_dim.constant_value, bool(causal), capability)
+        batch, heads, tq = q.shape_expr[0], q.shape_expr[1], q.shape_expr[2]
+        launch = trtp.KernelLaunchParams()
+        launch.grid_x = batch * heads
+        launch.grid_y = trtp.cdiv(tq, kernel.block_m)
+        launch.block_x = kernel.num_warps * 32
+        launch.shared_mem = kernel.shared_bytes
+        scalars = trtp.SymIntExprs(5)  # H, GROUPS, TQ, TK, D: the kernel's scalar parameters, in order
+        for i, value in enumerate((heads, heads // k.shape_expr[1], tq, k.shape_expr[2], head_dim)):
+            scalars[i] = trtp.SymInt32(value)
+        return kernel.name, kernel.ptx, launch, scalars
 
     @trtp.autotune("prumerge::SparseKVAttention")
     def attention_tune(q, k, v, kv_lengths, keep, causal, outputs) -> list[trtp.AutoTuneCombination]:

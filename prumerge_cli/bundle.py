@@ -67,6 +67,9 @@ def load(
     replace them); `options` replace encoder settings (`dtype`, `attn_implementation`, `score_layer`, ...).
     """
     record = read_bundle(bundle_dir)
+    if record["method"] == "dynamic":
+        raise PrumergeError(f"{bundle_dir} holds learned predictors, which act inside the LLM: `prumerge export` "
+                            "writes its decode step and `prumerge bench` measures it")  # fmt: skip
     method = method or record["method"]
     merged = {**(record["params"] if method == record["method"] else {}), **(params or {})}
     settings = {**{k: record[k] for k in ("dtype", "score_layer", "score_dtype")}, **options}

@@ -35,5 +35,11 @@ def llava_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def llava_deep_dir(tmp_path_factory):
+    """Four decoder layers (the predictors sit at layer 2) and grouped-query attention."""
+    return tiny_models.save_llava(tmp_path_factory.mktemp("models") / "llava_deep", layers=4, kv_heads=1)
+
+
+@pytest.fixture(scope="session")
 def image_paths(tmp_path_factory):
     return tiny_models.save_images(tmp_path_factory.mktemp("images"), count=4)

@@ -90,3 +90,34 @@ def test_plugin_shape_functions_agree_with_the_reducers(n):
 
     assert select_kmax(n, plus=False) == build_reducer("prumerge").max_tokens(n)
     assert select_kmax(n, plus=True) == build_reducer("prumerge+").max_tokens(n)
+
+
+AOT_PROBE = """
+import json, sys
+from prumerge_cli.plugins.kernels.aot import compile_sparse_kv_attention
+out = {}
+for dtype, causal in (("fp32", True), ("fp16", False)):
+    k = compile_sparse_kv_attention(dtype, 24, causal)
+    params = [l for l in k.ptx.splitlines() if ".param" in l and "ld.param" not in l]
+    loaded = sorted({int(l.split("_param_")[1].split("]")[0]) for l in k.ptx.splitlines() if "ld.param" in l})
+    out[dtype] = {"name": k.name, "entry": f".entry {k.name}" in k.ptx, "params": len(params), "loaded": loaded,
+                  "warps": k.num_warps, "target": ".target sm_80" in k.ptx}
+json.dump(out, sys.stdout)
+"""
+
+
+def test_sparse_kv_attention_compiles_ahead_of_time_to_ptx():
+    """The AOT plugin's PTX: built without a GPU (Triton targets sm_80), in a process without the interpreter.
+    TensorRT passes inputs, the five scalars and the output (11 parameters); the two trailing parameters Triton
+    adds for scratch memory must never be read."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", AOT_PROBE], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for kernel in json.loads(proc.stdout).values():
+        assert kernel["entry"] and kernel["target"] and kernel["warps"] >= 1
+        assert kernel["params"] >= 11 and max(kernel["loaded"]) == 10 and set(kernel["loaded"]) == set(range(11))

@@ -44,6 +44,22 @@ def test_every_question_type_is_asked_and_tokenizable():
     assert len(vocabulary()) == len(set(vocabulary()))
 
 
+def test_training_conversation_and_near_miss():
+    tok = build_tokenizer()
+    for i in range(50):
+        sample = make_sample(split_seed("train", i))
+        objects = sample.caption.count(" at ")
+        kinds = [qa.kind for qa in sample.lesson]
+        assert kinds[-1] == "describe" and sample.lesson[-1].answer == sample.caption
+        assert kinds.count("color") == kinds.count("shape") == kinds.count("size") == objects
+        assert kinds.count("relation") == 3 and kinds.count("presence") == 4 and kinds.count("count") == 1
+        true, near = set(sample.caption.split(" and ")), set(sample.near_miss.split(" and "))
+        assert len(true - near) == len(near - true) == 1  # one object changed (one of its attributes)
+        text = " ".join(f"{qa.question} {qa.answer}" for qa in sample.lesson) + " " + sample.near_miss
+        assert tok.unk_token_id not in tok(text, add_special_tokens=False)["input_ids"]
+    assert tok("Describe the image.", add_special_tokens=False)["input_ids"] == tok("describe the image .")["input_ids"]
+
+
 def test_splice_equals_hf_llava_forward(llava_dir, image_paths):
     """With all visual tokens, our spliced LM input gives the logits of HF's own LLaVA forward."""
     lm = LlavaLm.from_pretrained(llava_dir)
@@ -77,8 +93,8 @@ def test_world_writes_llava_conversation_json(capsys, tmp_path):
     assert len(records) == 3 and records[0]["id"] == "val-0000000"
     turns = records[0]["conversations"]
     assert turns[0]["from"] == "human" and turns[0]["value"].startswith("<image>\n") and turns[1]["from"] == "gpt"
-    assert len(turns) == 2 * len(QUESTION_TYPES)
     sample = make_sample(split_seed("val", 0))
-    assert turns[1]["value"] == sample.qas[0].answer
+    assert len(turns) == 2 * len(sample.lesson) and turns[1]["value"] == sample.lesson[0].answer
+    assert turns[-2]["value"] == "describe the image ." and turns[-1]["value"] == sample.caption
     written = Image.open(tmp_path / "data" / "images" / "val-0000000.png")
     assert np.array_equal(np.asarray(written), np.asarray(sample.image))

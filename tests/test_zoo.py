@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from transformers import AutoTokenizer
 
 from prumerge_cli import ReducedVisionEncoder
 from prumerge_cli.lm.llava_lm import LlavaLm
 from prumerge_cli.zoo import CLIP_DIR, LLAVA_DIR, MODEL_CARD
 from prumerge_cli.zoo.clip_training import retrieval_top1
-from prumerge_cli.zoo.tokenizer import build_tokenizer
 from prumerge_cli.zoo.vqa import vqa_accuracy
 
 from .cli_helpers import run_cli
@@ -28,7 +28,7 @@ def test_clip_retrieves_captions():
     from transformers import CLIPModel
 
     clip = CLIPModel.from_pretrained(str(CLIP_DIR)).float().eval()
-    assert retrieval_top1(clip, build_tokenizer(), "test", 64) >= 0.7
+    assert retrieval_top1(clip, AutoTokenizer.from_pretrained(str(CLIP_DIR)), "test", 64) >= 0.7
 
 
 @pytest.fixture(scope="module")

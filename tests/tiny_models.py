@@ -69,15 +69,15 @@ def save_siglip_full(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def save_llava(path: Path, seed: int = 0) -> Path:
-    """A LlavaForConditionalGeneration with a tiny CLIP tower and a tiny Llama."""
+def save_llava(path: Path, seed: int = 0, layers: int = 1, kv_heads: int = 2) -> Path:
+    """A LlavaForConditionalGeneration with a tiny CLIP tower and a tiny Llama (`kv_heads` < 2 for GQA)."""
     torch.manual_seed(seed)
     text = LlamaConfig(
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=1,
+        num_hidden_layers=layers,
         num_attention_heads=2,
-        num_key_value_heads=2,
+        num_key_value_heads=kv_heads,
         vocab_size=128,
     )
     config = LlavaConfig(

@@ -47,35 +47,41 @@ def sparse_kv_attention_reference(
 
 
 @triton.jit
-def _sparse_kv_attention_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, len_ptr, keep_ptr,
-    H, GROUPS, TQ, TK, D, scale,
-    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, so_b, so_h, so_t, skeep_b,
+def sparse_kv_attention_kernel(
+    q_ptr, k_ptr, v_ptr, len_ptr, keep_ptr,
+    H, GROUPS, TQ, TK, D,
+    out_ptr,
     HAS_KEEP: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
+    """Contiguous q [B, H, TQ, D], k/v [B, H // GROUPS, TK, D], lengths [B] int32, keep [B, TK] int8, out like q.
+    Parameters are ordered inputs, scalars, output: the launch convention of TensorRT's AOT plugins."""
     bh = tl.program_id(0)
     b = bh // H
     head = bh % H
     kv_head = head // GROUPS
+    kv_heads = H // GROUPS
+    scale = 1.0 / tl.sqrt(D.to(tl.float32))
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     length = tl.load(len_ptr + b)
-    q = tl.load(q_ptr + b * sq_b + head * sq_h + rows[:, None] * sq_t + dims[None, :],
+    q_base = (b * H + head).to(tl.int64) * TQ * D
+    q = tl.load(q_ptr + q_base + rows[:, None] * D + dims[None, :],
                 mask=(rows[:, None] < TQ) & (dims[None, :] < D), other=0.0).to(tl.float32)  # fmt: skip
     best = tl.full([BLOCK_M], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     last = length - TQ + rows
+    kv_base = (b * kv_heads + kv_head).to(tl.int64) * TK * D
     for start in range(0, TK, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        base = b * sk_b + kv_head * sk_h + cols[:, None] * sk_t + dims[None, :]
+        offsets = kv_base + cols[:, None] * D + dims[None, :]
         in_range = (cols[:, None] < TK) & (dims[None, :] < D)
-        k = tl.load(k_ptr + base, mask=in_range, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + base, mask=in_range, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + offsets, mask=in_range, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offsets, mask=in_range, other=0.0).to(tl.float32)
         visible = (cols < length)[None, :] & (rows < TQ)[:, None]
         if HAS_KEEP:
-            kept = tl.load(keep_ptr + b * skeep_b + cols, mask=cols < TK, other=0)
+            kept = tl.load(keep_ptr + b * TK + cols, mask=cols < TK, other=0)
             visible = visible & (kept != 0)[None, :]
         if CAUSAL:
             visible = visible & (cols[None, :] <= last[:, None])
@@ -88,8 +94,17 @@ def _sparse_kv_attention_kernel(
         acc = acc * rescale[:, None] + tl.dot(p, v)
         best = new_best
     out = acc / tl.where(total > 0, total, 1.0)[:, None]
-    tl.store(out_ptr + b * so_b + head * so_h + rows[:, None] * so_t + dims[None, :],
+    tl.store(out_ptr + q_base + rows[:, None] * D + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < TQ) & (dims[None, :] < D))  # fmt: skip
+
+
+BLOCK_M = 16
+BLOCK_N = 16
+
+
+def block_d(head_dim: int) -> int:
+    """The head-dimension tile: a power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(head_dim))
 
 
 def sparse_kv_attention(
@@ -103,18 +118,15 @@ def sparse_kv_attention(
 ) -> torch.Tensor:
     """The Triton kernel; same contract as `sparse_kv_attention_reference`."""
     b, h, tq, d = q.shape
+    if scale is not None:  # the kernel scales by 1/sqrt(D); fold any other scale into q
+        q = q * (scale * d**0.5)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q)
     lengths = kv_lengths.to(torch.int32).contiguous()
     keep_i8 = keep.to(torch.int8).contiguous() if keep is not None else lengths
-    block_m = 16
-    grid = (b * h, triton.cdiv(tq, block_m))
-    _sparse_kv_attention_kernel[grid](
-        q, k, v, out, lengths, keep_i8, h, h // k.shape[1], tq, k.shape[2], d,
-        scale if scale is not None else d**-0.5,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), keep_i8.stride(0) if keep is not None else 0,
-        HAS_KEEP=keep is not None, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=16,
-        BLOCK_D=max(16, triton.next_power_of_2(d)),
+    grid = (b * h, triton.cdiv(tq, BLOCK_M))
+    sparse_kv_attention_kernel[grid](
+        q, k, v, lengths, keep_i8, h, h // k.shape[1], tq, k.shape[2], d, out,
+        HAS_KEEP=keep is not None, CAUSAL=causal, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d(d),
     )  # fmt: skip
     return out

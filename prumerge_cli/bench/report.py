@@ -47,6 +47,28 @@ def print_tables(report: dict[str, Any], console: Console) -> None:
                 f"{row['kv_cache_bytes'] / 2**20:.2f} x{r['kv_cache']:.2f}", fidelity_text(row.get("fidelity", {})),
             )  # fmt: skip
         console.print(table)
+    for section in report.get("dynamic", []):
+        print_dynamic(section, console)
+
+
+def print_dynamic(section: dict[str, Any], console: Console) -> None:
+    """A predictor bundle against the same model keeping every token: ratio = dynamic / dense."""
+    table = Table(title=f"Dynamic-LLaVA {section['bundle']} vs the same model keeping every token")
+    for col in ("batch", "image tokens", "output kept", "prefill ms", "decode step ms", "KV MiB", "fidelity"):
+        table.add_column(col, justify="left" if col == "fidelity" else "right")
+    for row in section["rows"]:
+        fid = row["fidelity"]
+        text = f"KL {fid['next_token_kl']:.3f}, same answer {100 * fid['greedy_agreement']:.0f}%"
+        if "vqa_accuracy_dynamic" in fid:
+            text += f", acc {100 * fid['vqa_accuracy_dynamic']:.1f}% (dense {100 * fid['vqa_accuracy_dense']:.1f}%)"
+        p, d, kv = row["prefill_ms"], row["decode_step_ms"], row["kv_cache_bytes"]
+        table.add_row(
+            str(row["batch"]), f"{row['image_tokens']['dynamic']:.0f} of {row['image_tokens']['dense']:.0f}",
+            f"{100 * row['output_tokens_kept']:.0f}% of {row['new_tokens'] - 1}",
+            f"{p['dynamic']:.1f} x{p['ratio']:.2f}", f"{d['dynamic']:.2f} x{d['ratio']:.2f}",
+            f"{kv['dynamic'] / 2**20:.2f} x{kv['ratio']:.2f}", text,
+        )  # fmt: skip
+    console.print(table)
 
 
 def fidelity_text(fidelity: dict[str, Any]) -> str:

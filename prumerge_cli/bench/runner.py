@@ -13,9 +13,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..bundle import is_bundle, read_bundle
+from ..dynamic.bundle import is_dynamic
 from ..reducers import PAD_INDEX, ReducedTokens
 from ..versions import package_versions
 from . import cost_model
+from .dynamic_bench import dynamic_rows
 from .llm_timing import PrefillCase, prefill_and_decode, random_llm, synthetic_case
 from .memory import peak_memory
 from .timing import Latency, interleaved
@@ -39,6 +42,7 @@ class BenchSettings:
     llm_shape: str | None = None
     prompts: list[str] = field(default_factory=lambda: ["Describe the image."])
     max_new_tokens: int = 8
+    dynamic_tokens: int = 48
     vqa_images: int = 100
 
 
@@ -48,10 +52,14 @@ def run_bench(
     """Measure and return the report (schema `prumerge-bench` v1)."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    dynamic = [t for t in targets if is_bundle(t) and is_dynamic(Path(t))]
+    others, methods = [t for t in targets if t not in dynamic], settings.methods
+    if not others:  # only predictor bundles: the encoder table shows their model's baseline
+        others, methods = [Path(read_bundle(dynamic[0])["model"]["path"])], ["none"]
     with tempfile.TemporaryDirectory(prefix="prumerge-bench-") as workdir:
         tick("preparing variants")
         baseline, variants = build_variants(
-            targets, settings.methods, settings.backends, max(settings.batch_sizes), Path(workdir), settings.threads
+            others, methods, settings.backends, max(settings.batch_sizes), Path(workdir), settings.threads
         )
         with torch.no_grad():
             outputs = {id(v): run_all(v, pixels, max(settings.batch_sizes)) for v in variants}
@@ -61,6 +69,7 @@ def run_bench(
                 time_encoders(rows, variants, cycle(pixels, batch), batch, settings)
             llm_rows = llm_section(variants, outputs, pixels, settings, tick)
             accuracy = embedded_accuracy(baseline.model_dir, variants, settings, tick)
+        dynamic_section = [{"bundle": str(t), "rows": dynamic_rows(Path(t), pixels, settings, tick)} for t in dynamic]
     for row in rows:
         row["fidelity"].update(accuracy.get(row["variant"], {}))
     return {
@@ -78,6 +87,7 @@ def run_bench(
         },
         "encoder": rows,
         "llm": llm_rows,
+        "dynamic": dynamic_section,
         "cost_model": {
             "formulas": cost_model.__doc__,
             "text_tokens": cost_model.LLAVA_TEXT_TOKENS,

@@ -24,7 +24,10 @@ def parse_list(text: str, kind=str) -> list:
 
 @app.command()
 def bench(
-    targets: Annotated[list[Path], typer.Argument(help="Model directories, bundles or ONNX exports (one model).")],
+    targets: Annotated[
+        list[Path],
+        typer.Argument(help="Model directories, bundles (incl. predictor bundles) or ONNX exports (one model)."),
+    ],
     images: Annotated[Path | None, typer.Option(help="A directory of images to measure on.")] = None,
     synthetic: Annotated[int, typer.Option(help="Use N held-out images of the procedural world instead.")] = 8,
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8",
@@ -41,6 +44,9 @@ def bench(
     ] = None,
     prompts: Annotated[Path | None, typer.Option(help="Prompts for --llm fidelity, one per line.")] = None,
     vqa_images: Annotated[int, typer.Option(help="Held-out images for the embedded model's accuracy.")] = 100,
+    new_tokens: Annotated[
+        int, typer.Option(min=2, help="Tokens generated before the timed decode step (predictor bundles).")
+    ] = 48,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG plot of latency and fidelity against tokens.")] = None,
 ) -> None:
@@ -53,6 +59,7 @@ def bench(
     settings = BenchSettings(
         batch_sizes=parse_list(batch_sizes, int), backends=parse_list(backends), methods=parse_list(methods),
         warmup=warmup, iters=iters, threads=threads, llm=llm, llm_shape=llm_shape, vqa_images=vqa_images,
+        dynamic_tokens=new_tokens,
     )  # fmt: skip
     if not settings.batch_sizes or min(settings.batch_sizes) < 1:
         raise PrumergeError("batch sizes must be positive integers")

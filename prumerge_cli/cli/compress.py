@@ -10,24 +10,71 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..dynamic.compress import DynamicJob, run_dynamic
+from ..dynamic.config import SparseConfig
+from ..dynamic.training import TrainOptions
 from ..encoder import ReducedVisionEncoder
 from ..reducers import REDUCERS
 from . import app
 from .options import PARAM_HELP, parse_params
 
 
+def DYN(**kwargs: object) -> typer.models.OptionInfo:
+    """An option of the Dynamic-LLaVA help panel."""
+    return typer.Option(rich_help_panel="Dynamic-LLaVA (--method dynamic)", **kwargs)
+
+
 @app.command()
 def compress(
     model_dir: Annotated[Path, typer.Argument(help="Local checkpoint directory: CLIP, SigLIP or LLaVA.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Bundle directory to write.")],
-    method: Annotated[str, typer.Option("--method", "-m", help=f"Reducer: {', '.join(REDUCERS)}.")] = "prumerge",
+    method: Annotated[
+        str, typer.Option("--method", "-m", help=f"Reducer: {', '.join(REDUCERS)}, or dynamic.")
+    ] = "prumerge",
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help=PARAM_HELP)] = None,
     dtype: Annotated[str, typer.Option(help="Tower dtype: float32, float16 or bfloat16.")] = "float32",
     score_layer: Annotated[int | None, typer.Option(help="Encoder layer whose q/k give scores and keys.")] = None,
     score_dtype: Annotated[str, typer.Option(help="'model' (official) or 'float32' scores.")] = "model",
     force: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
+    data: Annotated[Path | None, DYN(help="LLaVA conversation JSON to train on.")] = None,
+    images: Annotated[Path | None, DYN(help="Directory the records' image paths are relative to.")] = None,
+    vision_keep: Annotated[float, DYN(help="Image-token keep rate (training target and prefill top-k).")] = 0.2,
+    output_keep: Annotated[float, DYN(help="Output-token keep rate targeted in training.")] = 0.5,
+    output_min_len: Annotated[int, DYN(help="LEN^OT: shorter final answers are never sparsified.")] = 50,
+    vision_source: Annotated[str, DYN(help="Image tokens: 'predictor', or 'prumerge' / 'prumerge+'.")] = "predictor",
+    sparse_layer: Annotated[int, DYN(help="Decoder layer whose input feeds the predictors.")] = 2,
+    predictor_width: Annotated[int, DYN(help="Vision predictor width (d_model).")] = 512,
+    predictor_heads: Annotated[int, DYN(help="Vision predictor attention heads.")] = 8,
+    predictor_blocks: Annotated[int, DYN(help="Vision predictor transformer blocks.")] = 2,
+    steps: Annotated[int, DYN(help="Optimisation steps.")] = 300,
+    batch_size: Annotated[int, DYN(help="Conversations per step (per process under torchrun).")] = 8,
+    lr: Annotated[float, DYN(help="Predictor learning rate.")] = 2e-4,
+    llm_lr: Annotated[float, DYN(help="Projector / LM learning rate when they are trained.")] = 5e-6,
+    train_projector: Annotated[bool, DYN(help="Train the projector too.")] = False,
+    train_llm: Annotated[bool, DYN(help="Train the LM too.")] = False,
+    distill_kl: Annotated[float, DYN(help="Weight of KL to the full-token model's next-token distribution.")] = 0.0,
+    distill_prumerge: Annotated[float, DYN(help="Weight of BCE to PruMerge's kept patches.")] = 0.0,
+    save_every: Annotated[int, DYN(help="Checkpoint every N steps.")] = 50,
+    resume: Annotated[bool, DYN(help="Continue from the last checkpoint of this output.")] = False,
+    seed: Annotated[int, DYN(help="Seed of initialisation, data order and Gumbel noise.")] = 0,
 ) -> None:
-    """Configure a reducer on a model, check it runs, and write a bundle (reducer.json)."""
+    """Configure a reducer on a model, check it runs, and write a bundle (reducer.json).
+
+    With [bold]--method dynamic[/bold], train Dynamic-LLaVA predictors on a LLaVA checkpoint instead
+    (`torchrun --nproc-per-node N $(which prumerge) compress ...` trains data-parallel)."""
+    if method == "dynamic":
+        if data is None or images is None:
+            raise typer.BadParameter("--method dynamic needs --data and --images", param_hint="--data")
+        config = SparseConfig(sparse_layer=sparse_layer, d_model=predictor_width, nhead=predictor_heads,
+                              dim_feedforward=4 * predictor_width, num_layers=predictor_blocks,
+                              vision_keep_rate=vision_keep, output_keep_rate=output_keep,
+                              output_len_for_training=output_min_len)  # fmt: skip
+        options = TrainOptions(steps=steps, batch_size=batch_size, lr=lr, llm_lr=llm_lr,
+                               train_projector=train_projector, train_llm=train_llm, distill_kl=distill_kl,
+                               distill_prumerge=distill_prumerge, save_every=save_every, seed=seed)  # fmt: skip
+        job = DynamicJob(model_dir, data, images, output, config, options, vision_source, resume, force)
+        train_dynamic(job)
+        return
     if score_dtype not in ("model", "float32"):
         raise typer.BadParameter("must be 'model' or 'float32'", param_hint="--score-dtype")
     console = Console()
@@ -46,3 +93,16 @@ def compress(
     n = encoder.tower.num_patches
     table.add_row("visual tokens", f"at most {encoder.reducer.max_tokens(n)} of {n} patches")
     console.print(table)
+
+
+def train_dynamic(job: DynamicJob) -> None:
+    """Run the training job; Ctrl-C leaves the last checkpoint and says how to resume."""
+    console = Console()
+    try:
+        history = run_dynamic(job, console)
+    except KeyboardInterrupt:
+        Console(stderr=True).print(f"interrupted; checkpoints are in {job.checkpoint_dir}: rerun with --resume")
+        raise typer.Exit(130) from None
+    last = history[-1]
+    console.print(f"bundle {job.output}: {len(history)} steps, loss {last.loss:.3f} (ce {last.ce:.3f}), "
+                  f"keep ratios image {last.image_keep:.2f} output {last.output_keep:.2f}")  # fmt: skip

@@ -9,10 +9,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..bundle import is_bundle
+from ..dynamic.bundle import is_dynamic
 from ..errors import PrumergeError
+from ..exporters.decode_export import DecodeOptions
 from ..targets import open_encoder
 from . import app
 from .options import PARAM_HELP, parse_params
+
+
+def DECODE(**kwargs: object) -> typer.models.OptionInfo:
+    """An option of the decode-step help panel."""
+    return typer.Option(rich_help_panel="Decode step (predictor bundles)", **kwargs)
 
 
 @app.command()
@@ -40,11 +48,20 @@ def export(
     method: Annotated[str | None, typer.Option("--method", "-m", help="Override the bundle's method.")] = None,
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help=PARAM_HELP)] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing export directory.")] = False,
+    prompt_tokens: Annotated[int, DECODE(help="Prompt length (image included) the KV buffers hold.")] = 320,
+    new_tokens: Annotated[int, DECODE(help="Generated tokens the KV buffers leave room for.")] = 64,
 ) -> None:
-    """Export the vision encoder + reducer (+ projector) with static shapes, and check it."""
+    """Export the vision encoder + reducer (+ projector) with static shapes, and check it.
+
+    A predictor bundle (compress --method dynamic) exports its sparse-KV decode step instead: ONNX `Attention`
+    over static KV buffers, or with [bold]--plugins[/bold] one prumerge::SparseKVAttention node per layer."""
     if onnx == trt:
         raise PrumergeError("choose one of --onnx or --trt")
     console = Console()
+    if is_bundle(target) and is_dynamic(target):
+        options = DecodeOptions(batch or 1, prompt_tokens, new_tokens, plugins, plugin_impl == "aot", check)
+        export_decode(target, output, options, trt, precision, timing_cache, force, console)
+        return
     if trt:
         from ..exporters.trt_build import BatchProfile
         from ..exporters.trt_export import TrtOptions, export_trt
@@ -87,4 +104,40 @@ def print_manifest(console: Console, output: Path, manifest: dict) -> None:
     for name, info in manifest["files"].items():
         table.add_row(name, f"{info['bytes'] / 2**20:.1f} MiB")
     table.add_row("export time", f"{manifest['export_seconds']:.1f} s")
+    console.print(table)
+
+
+def export_decode(bundle: Path, output: Path, options: DecodeOptions, trt: bool, precision: str,
+                  timing_cache: Path | None, force: bool, console: Console) -> None:  # fmt: skip
+    """The decode step of a predictor bundle, to ONNX or to a TensorRT engine."""
+    from ..dynamic.bundle import load_dynamic
+    from ..exporters.decode_export import export_decode_step
+    from ..zoo.world import make_sample, split_seed
+
+    if trt:
+        from ..exporters.trt_support import require_tensorrt
+
+        require_tensorrt()
+    if options.batch < 1 or options.prompt_tokens < 2 or options.new_tokens < 1:
+        raise PrumergeError("--batch, --prompt-tokens and --new-tokens must be positive")
+    dynamic, encoder = load_dynamic(bundle)
+    image = encoder.encode_images([make_sample(split_seed("test", i)).image for i in range(options.batch)], True)
+    source = {"bundle": str(bundle.resolve()), "model": str(encoder.model_dir)}
+    with console.status("exporting the sparse-KV decode step..."):
+        if trt:
+            from ..exporters.trt_export import export_decode_trt
+
+            manifest = export_decode_trt(dynamic, image, output, options, precision, timing_cache, force, source)
+        else:
+            manifest = export_decode_step(dynamic, image, output, options, force, source)
+    table = Table(title=f"decode-step export {output}", show_header=False)
+    table.add_row("attention", manifest["attention"] if "attention" in manifest else manifest["onnx"]["attention"])
+    buffers = manifest.get("buffers") or manifest["onnx"]["buffers"]
+    table.add_row("KV buffers", f"{buffers['dense_slots']} dense slots (layers < l), {buffers['sparse_slots']} sparse")
+    for plugin in manifest["plugins"]:
+        table.add_row("plugin nodes", f"{plugin['count']} x {plugin['domain']}::{plugin['op_type']} "
+                      f"v{plugin['plugin_version']} ({plugin['implementation']})")  # fmt: skip
+    parity = manifest.get("parity")
+    table.add_row("parity", "not checked" if not parity else f"{'passed' if parity['passed'] else 'FAILED'}: "
+                  f"{parity['steps']} steps, logits max rel {parity['logits_max_rel']:.1e}")  # fmt: skip
     console.print(table)

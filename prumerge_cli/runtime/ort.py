@@ -33,9 +33,11 @@ def create_session(model_path: Path, threads: int | None, providers: list[Any] |
     options.log_severity_level = 3
     if plugins:
         try:
+            from ..plugins import attention_ops
             from ..plugins.onnx_ops import ort_model_with_pyops, register_ort_pyop
         except ImportError:
             raise PrumergeError('plugin graphs need onnxruntime-extensions: pip install "prumerge[dev]"') from None
+        attention_ops.register_ort_pyop()
         options.register_custom_ops_library(register_ort_pyop())
         model_path = ort_model_with_pyops(model_path)
     try:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -39,11 +37,15 @@ def caption_batch(tokenizer: PreTrainedTokenizerFast, captions: list[str]) -> di
     return tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
 
 
-def pair_batch(split: str, start: int, size: int, processor, tokenizer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Pixel values and caption ids of samples start..start+size of a split."""
+def pair_batch(
+    split: str, start: int, size: int, processor, tokenizer, near_misses: bool = False
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Pixel values and caption ids of samples start..start+size of a split; with `near_misses`, each
+    image's near-miss caption follows the true ones (extra negatives)."""
     samples = [make_sample(split_seed(split, i)) for i in range(start, start + size)]
     pixels = processor(images=[s.image for s in samples], return_tensors="pt")["pixel_values"]
-    return pixels, caption_batch(tokenizer, [s.caption for s in samples])
+    captions = [s.caption for s in samples] + ([s.near_miss for s in samples] if near_misses else [])
+    return pixels, caption_batch(tokenizer, captions)
 
 
 def train_clip(
@@ -53,7 +55,9 @@ def train_clip(
     seed: int,
     log: Callable[[int, float], None] | None = None,
 ) -> CLIPModel:
-    """Train from scratch with the symmetric InfoNCE loss; AdamW, warm-up then cosine decay."""
+    """Train from scratch with the symmetric InfoNCE loss, each image also contrasted with near-miss captions
+    (one attribute of one object changed), so that shapes and sizes matter; bf16 autocast; AdamW, warm-up
+    then cosine decay."""
     torch.manual_seed(seed)
     model = CLIPModel(clip_config(len(tokenizer)))
     processor = image_processor()
@@ -64,10 +68,13 @@ def train_clip(
     )
     model.train()
     for step in range(steps):
-        pixels, text = pair_batch("train", step * batch_size, batch_size, processor, tokenizer)
-        out = model(pixel_values=pixels, **text)
+        pixels, text = pair_batch("train", step * batch_size, batch_size, processor, tokenizer, near_misses=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            image = F.normalize(model.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1)
+            texts = F.normalize(model.get_text_features(**text).pooler_output.float(), dim=-1)
+        logits = model.logit_scale.exp() * image @ texts.T  # [B, 2B]: true captions, then near misses
         labels = torch.arange(batch_size)
-        loss = (F.cross_entropy(out.logits_per_image, labels) + F.cross_entropy(out.logits_per_text, labels)) / 2
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, :batch_size].T, labels)) / 2
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -86,16 +93,3 @@ def retrieval_top1(model: CLIPModel, tokenizer: PreTrainedTokenizerFast, split: 
     image = F.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
     texts = F.normalize(model.get_text_features(**text).pooler_output, dim=-1)
     return float(((image @ texts.T).argmax(-1) == torch.arange(count)).float().mean())
-
-
-if __name__ == "__main__":
-    from .tokenizer import build_tokenizer
-
-    tok = build_tokenizer()
-    t0 = time.time()
-    m = train_clip(tok, steps=int(Path("/tmp/steps").read_text()), batch_size=64, seed=0,
-                   log=lambda s, loss: print(s, round(loss, 3), round(time.time() - t0, 1), flush=True))  # fmt: skip
-    print("top1", retrieval_top1(m, tok, "val", 256))
-    m.save_pretrained("/tmp/clip_try")
-    tok.save_pretrained("/tmp/clip_try")
-    image_processor().save_pretrained("/tmp/clip_try")

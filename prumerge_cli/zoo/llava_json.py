@@ -12,11 +12,11 @@ DATA_FILE = "data.json"
 
 
 def conversation(index: int, split: str) -> tuple[dict, object]:
-    """One LLaVA record (the image first, then its six questions as turns) and its image."""
+    """One LLaVA record (the image first, then its training conversation as turns) and its image."""
     sample = make_sample(split_seed(split, index))
     name = f"{split}-{index:07d}"
     turns = []
-    for i, qa in enumerate(sample.qas):
+    for i, qa in enumerate(sample.lesson):
         turns.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + qa.question})
         turns.append({"from": "gpt", "value": qa.answer})
     record = {"id": name, "image": f"{name}.png", "caption": sample.caption, "conversations": turns}

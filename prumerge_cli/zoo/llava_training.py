@@ -4,7 +4,6 @@ trained on the world's questions with all visual tokens, as LLaVA-1.5's instruct
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Callable
 
 import torch
@@ -42,17 +41,15 @@ def build_llava(clip: CLIPModel, tokenizer, seed: int) -> LlavaForConditionalGen
 
 
 def conversation_batch(split: str, start: int, count: int, processor, tokenizer):
-    """Pixels of `count` samples and, per image, one conversation of all its QAs in a seeded random order:
-    `q1 a1 </s> q2 a2 </s> ...`, with answers and `</s>` as targets."""
+    """Pixels of `count` samples and, per image, its training conversation (`Sample.lesson`):
+    `q1 a1 </s> q2 a2 </s> ... describe the image . <caption> </s>`, with answers and `</s>` as targets."""
     samples = [make_sample(split_seed(split, i)) for i in range(start, start + count)]
     pixels = processor(images=[s.image for s in samples], return_tensors="pt")["pixel_values"]
     texts, targets = [], []
-    for i, sample in enumerate(samples):
-        qas = list(sample.qas)
-        random.Random(split_seed(split, start + i)).shuffle(qas)
+    for sample in samples:
         text: list[int] = []
         target: list[bool] = []
-        for qa in qas:
+        for qa in sample.lesson:
             question = tokenizer(qa.question, add_special_tokens=False)["input_ids"]
             answer = [*tokenizer(qa.answer, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
             text += question + answer
@@ -68,15 +65,16 @@ def train_llava(
     steps: int,
     images_per_step: int,
     seed: int,
+    lr: float = 1.5e-3,
     log: Callable[[int, float], None] | None = None,
 ) -> LlavaForConditionalGeneration:
-    """Train projector and LM on the conversations of `images_per_step` fresh images per step."""
+    """Train projector and LM on the conversations of `images_per_step` fresh images per step (bf16 autocast)."""
     torch.manual_seed(seed)
     processor = image_processor()
     tower = VisionTower(model.model.vision_tower, "clip", feature_layer=-2)
     lm = LlavaLm(model, tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
@@ -90,10 +88,11 @@ def train_llava(
             features = tower(pixels, with_scores=False).features
         full = torch.full((len(features),), features.shape[1], dtype=torch.long)
         patches = torch.arange(features.shape[1]).expand(len(features), -1)
-        image = ReducedTokens(model.model.multi_modal_projector(features), full, patches)
-        batch = splice(lm.embed, lm.bos_id, image, texts, targets)
-        logits = lm.logits(batch)
-        loss = F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            image = ReducedTokens(model.model.multi_modal_projector(features), full, patches)
+            batch = splice(lm.embed, lm.bos_id, image, texts, targets)
+            logits = lm.logits(batch)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

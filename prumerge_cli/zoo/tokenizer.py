@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import WhitespaceSplit
+from tokenizers.normalizers import Lowercase
+from tokenizers.pre_tokenizers import Whitespace
 from transformers import PreTrainedTokenizerFast
 
 from .world import vocabulary
@@ -17,7 +18,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     """Specials first (<pad>=0, <unk>=1, <s>=2, </s>=3, <image>=4), then the world's words."""
     vocab = {word: i for i, word in enumerate((*SPECIALS, *vocabulary()))}
     core = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = WhitespaceSplit()
+    core.normalizer = Lowercase()
+    core.pre_tokenizer = Whitespace()  # words and punctuation apart: "Describe the image." reads as the world's words
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
         pad_token="<pad>",

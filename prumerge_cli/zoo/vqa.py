@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from ..encoder import ReducedVisionEncoder
 from ..lm.llava_lm import LlavaLm
-from ..lm.splice import splice
+from ..lm.splice import LmBatch, splice
 from ..reducers import ReducedTokens
 from .world import QUESTION_TYPES, make_sample, split_seed
 
@@ -26,11 +27,21 @@ class VqaScore:
     per_image_tokens: list[int] = field(repr=False, default_factory=list)
 
 
+Answerer = Callable[[LmBatch, ReducedTokens], torch.Tensor]
+"""Next-token logits `[B, V]` for a spliced batch and the image tokens in it."""
+
+
 @torch.no_grad()
 def vqa_accuracy(
-    encoder: ReducedVisionEncoder, lm: LlavaLm, split: str = "test", images: int = 200, batch_images: int = 20
+    encoder: ReducedVisionEncoder,
+    lm: LlavaLm,
+    split: str = "test",
+    images: int = 200,
+    batch_images: int = 20,
+    answer: Answerer | None = None,
 ) -> VqaScore:
-    """Ask every question type about the first `images` samples of `split`."""
+    """Ask every question type about the first `images` samples of `split`; `answer` replaces the LM's own
+    next-token logits (e.g. a model with learned predictors)."""
     correct: dict[str, list[bool]] = defaultdict(list)
     tokens: list[int] = []
     for start in range(0, images, batch_images):
@@ -41,7 +52,8 @@ def vqa_accuracy(
         qas = [qa for s in samples for qa in s.qas]
         image = ReducedTokens(out.tokens[rows], out.lengths[rows], out.indices[rows])
         batch = splice(lm.embed, lm.bos_id, image, lm.encode([qa.question for qa in qas]))
-        predicted = lm.next_token_logits(batch).argmax(-1).tolist()
+        logits = lm.next_token_logits(batch) if answer is None else answer(batch, image)
+        predicted = logits.argmax(-1).tolist()
         for qa, guess in zip(qas, predicted, strict=True):
             correct[qa.kind].append(guess == lm.encode([qa.answer])[0][0])
     accuracy = {kind: sum(correct[kind]) / len(correct[kind]) for kind in QUESTION_TYPES}

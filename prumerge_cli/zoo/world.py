@@ -103,16 +103,21 @@ def caption(scene: list[Thing]) -> str:
     return " and ".join(f"{t.size} {t.colour} {t.shape} at {POSITIONS[t.cell]}" for t in scene)
 
 
-def ask(scene: list[Thing], kind: str, rng: random.Random) -> QA:
-    """One question of type `kind` about the scene, with a balanced yes/no where it applies."""
-    thing = rng.choice(scene)
+def ask_about(thing: Thing, kind: str) -> QA:
+    """The colour, shape or size question about one object."""
     where = POSITIONS[thing.cell]
     if kind == "color":
         return QA(f"what color is the object at {where} ?", thing.colour, kind)
     if kind == "shape":
         return QA(f"what shape is the object at {where} ?", thing.shape, kind)
-    if kind == "size":
-        return QA(f"is the {thing.name} small or large ?", thing.size, kind)
+    return QA(f"is the {thing.name} small or large ?", thing.size, kind)
+
+
+def ask(scene: list[Thing], kind: str, rng: random.Random) -> QA:
+    """One question of type `kind` about the scene, with a balanced yes/no where it applies."""
+    thing = rng.choice(scene)
+    if kind in ("color", "shape", "size"):
+        return ask_about(thing, kind)
     if kind == "count":
         return QA("how many objects are there ?", NUMBERS[len(scene)], kind)
     if kind == "presence":
@@ -131,13 +136,48 @@ def ask(scene: list[Thing], kind: str, rng: random.Random) -> QA:
     raise ValueError(f"unknown question type {kind!r}")
 
 
+DESCRIBE = "describe the image ."
+
+
+def lesson(scene: list[Thing], rng: random.Random) -> tuple[QA, ...]:
+    """The training conversation of an image: colour, shape and size of every object, the count, three
+    relations and four presence questions in a random order, then the description (a long final answer)."""
+    qas = [ask_about(thing, kind) for thing in scene for kind in ("color", "shape", "size")]
+    qas += [ask(scene, "count", rng), *(ask(scene, "relation", rng) for _ in range(3))]
+    qas += [ask(scene, "presence", rng) for _ in range(4)]
+    rng.shuffle(qas)
+    return (*qas, QA(DESCRIBE, caption(scene), "describe"))
+
+
+def near_miss(scene: list[Thing], rng: random.Random) -> list[Thing]:
+    """The scene with one attribute of one object changed (shape, colour, size or cell): a hard negative."""
+    i = rng.randrange(len(scene))
+    t = scene[i]
+    taken = {(s.colour, s.shape) for s in scene}
+    kind = rng.choice(("shape", "shape", "colour", "size", "cell"))
+    shapes = [s for s in SHAPES if (t.colour, s) not in taken]
+    colours = [c for c in COLOURS if (c, t.shape) not in taken]
+    if kind == "shape" and shapes:
+        new = Thing(t.colour, rng.choice(shapes), t.size, t.cell)
+    elif kind == "colour" and colours:
+        new = Thing(rng.choice(colours), t.shape, t.size, t.cell)
+    elif kind == "cell":
+        new = Thing(t.colour, t.shape, t.size, rng.choice([c for c in range(9) if c not in {s.cell for s in scene}]))
+    else:
+        new = Thing(t.colour, t.shape, "small" if t.size == "large" else "large", t.cell)
+    return sorted([*scene[:i], new, *scene[i + 1 :]], key=lambda s: s.cell)
+
+
 @dataclass(frozen=True)
 class Sample:
-    """An image with its caption and one question per type."""
+    """An image with its caption, one question per type (evaluation), the training conversation (`lesson`)
+    and a near-miss caption (a hard negative for contrastive training)."""
 
     image: Image.Image
     caption: str
     qas: tuple[QA, ...]
+    lesson: tuple[QA, ...]
+    near_miss: str
 
 
 def make_sample(seed: int) -> Sample:
@@ -145,7 +185,9 @@ def make_sample(seed: int) -> Sample:
     rng = random.Random(seed)
     scene = sample_scene(rng)
     image = render(scene, rng)
-    return Sample(image, caption(scene), tuple(ask(scene, kind, rng) for kind in QUESTION_TYPES))
+    qas = tuple(ask(scene, kind, rng) for kind in QUESTION_TYPES)
+    extra = random.Random(f"lesson-{seed}")
+    return Sample(image, caption(scene), qas, lesson(scene, extra), caption(near_miss(scene, extra)))
 
 
 SPLITS = {"train": 0, "val": 10_000_000, "test": 20_000_000}
@@ -159,7 +201,8 @@ def split_seed(split: str, index: int) -> int:
 
 def vocabulary() -> list[str]:
     """Every word a caption, question or answer can use."""
-    words: set[str] = {"?", "and", "at", "what", "color", "is", "the", "object", "shape", "small", "or", "large"}
+    words: set[str] = {"?", ".", "and", "at", "what", "color", "is", "the", "object", "shape", "small", "or", "large"}
+    words |= {"describe", "image"}
     words |= {"how", "many", "objects", "are", "there", "a", *COLOURS, *SHAPES, *SIZES, *NUMBERS, "yes", "no"}
     for phrase in (*POSITIONS, *RELATIONS):
         words.update(phrase.split())

@@ -1,0 +1,102 @@
+"""`prumerge compress --method dynamic`: train the predictors on LLaVA conversation data and write a bundle."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ..errors import PrumergeError
+from .bundle import load_llava, vision_encoder, write_dynamic_bundle
+from .config import SparseConfig
+from .data import load_examples
+from .distributed import barrier, init_rank, shutdown
+from .model import DynamicLlava
+from .predictors import Predictors
+from .training import StepLog, Trainer, TrainOptions, trainable_state
+
+
+@dataclass(frozen=True)
+class DynamicJob:
+    """Everything `compress --method dynamic` needs."""
+
+    model_dir: Path
+    data: Path
+    images: Path
+    output: Path
+    config: SparseConfig
+    options: TrainOptions
+    vision_source: str = "predictor"
+    resume: bool = False
+    force: bool = False
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where checkpoints live until the bundle is written: beside the output."""
+        return self.output.parent / f".{self.output.name}.checkpoint"
+
+
+def progress_bar() -> Progress:
+    """Steps with loss and keep ratios."""
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.3f} ce {task.fields[ce]:.3f} keep img {task.fields[img]:.2f} "
+                   "out {task.fields[out]:.2f}"), TimeElapsedColumn(), TimeRemainingColumn(),
+    )  # fmt: skip
+
+
+def run_dynamic(job: DynamicJob, console: Console, on_step=None) -> list[StepLog]:
+    """Train (or resume) and write the bundle; `on_step(log)` is called after every step."""
+    if job.output.exists() and not job.force:
+        raise PrumergeError(f"{job.output} exists; pass --force to replace it")
+    if job.options.steps < 1 or job.options.batch_size < 1 or job.options.save_every < 1:
+        raise PrumergeError("--steps, --batch-size and --save-every must be positive")
+    rank = init_rank()
+    try:
+        torch.manual_seed(job.options.seed)
+        model, tokenizer = load_llava(job.model_dir)
+        model.to(rank.device)
+        examples = load_examples(job.data, job.images, tokenizer)
+        predictors = Predictors(model.config.text_config.hidden_size, job.config, job.options.seed).to(rank.device)
+        dynamic = DynamicLlava(model, tokenizer, predictors, vision=job.vision_source == "predictor")
+        encoder = vision_encoder(job.model_dir, job.vision_source, model).to(rank.device)
+        trainer = Trainer(dynamic, encoder, examples, job.options, rank, job.checkpoint_dir)
+        if job.resume:
+            start = trainer.resume()
+            if rank.main:
+                console.print(f"resumed from {job.checkpoint_dir} at step {start}")
+        elif job.checkpoint_dir.exists() and rank.main:
+            console.print(f"starting over; the checkpoint in {job.checkpoint_dir} will be replaced (see --resume)")
+        with progress_bar() as bar:
+            task = bar.add_task("predictors", total=job.options.steps, completed=trainer.start, loss=float("nan"),
+                                ce=float("nan"), img=float("nan"), out=float("nan"), visible=rank.main)  # fmt: skip
+
+            def report(log: StepLog) -> None:
+                bar.update(task, completed=log.step + 1, loss=log.loss, ce=log.ce, img=log.image_keep,
+                           out=log.output_keep)  # fmt: skip
+                if on_step is not None:
+                    on_step(log)
+
+            history = trainer.run(report)
+        if rank.main:
+            trained = ["predictors", *(["projector"] if job.options.train_projector else []),
+                       *(["llm"] if job.options.train_llm else [])]  # fmt: skip
+            write_dynamic_bundle(job.output, job.model_dir, job.config, job.vision_source,
+                                 trainable_state(dynamic, job.options), trained, [vars(h) for h in history],
+                                 job.force)  # fmt: skip
+            remove_checkpoint(job.checkpoint_dir)
+        barrier(rank)
+        return history
+    finally:
+        shutdown(rank)
+
+
+def remove_checkpoint(checkpoint_dir: Path) -> None:
+    """Delete a finished run's checkpoint directory."""
+    if checkpoint_dir.is_dir():
+        for f in checkpoint_dir.iterdir():
+            f.unlink()
+        checkpoint_dir.rmdir()

@@ -1,0 +1,47 @@
+"""`torchrun` support: one process per device, gradients averaged by DistributedDataParallel."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Rank:
+    """This process's place in the job and the device it drives."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes files and shows progress."""
+        return self.rank == 0
+
+
+def init_rank() -> Rank:
+    """Join the process group when launched by `torchrun` (WORLD_SIZE > 1); a single process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if world == 1:
+        return Rank(0, 1, device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Rank(dist.get_rank(), world, device)
+
+
+def barrier(rank: Rank) -> None:
+    """Wait for every process (no-op alone)."""
+    if rank.world > 1:
+        dist.barrier()
+
+
+def shutdown(rank: Rank) -> None:
+    """Leave the process group."""
+    if rank.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,256 @@
+"""`DynamicLlava`: a Hugging Face `LlavaForConditionalGeneration` (Llama-family LM) driven layer by layer so
+that the predictors run between decoder layers `l-1` and `l`: image top-k at prefill, output-token KV
+dropping while decoding, and the masked form used in training. The stock decoder layers do all the work;
+only the loop around them (rotary positions, masks, compaction) is ours."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import LlavaForConditionalGeneration
+
+from ..errors import PrumergeError
+from ..lm.llava_lm import LlavaLm
+from ..lm.splice import LmBatch, splice
+from ..reducers import ReducedTokens
+from .attention import causal_mask, dynamic_attention_on
+from .cache import SparseKVCache
+from .compaction import compact, gather_tokens
+from .config import SparseConfig
+from .predictors import Predictors, keep_decision, keep_score
+
+IMAGE_START = 1
+"""Spliced rows are `<s> image text`: the image span starts at position 1."""
+
+
+@dataclass
+class Prefill:
+    """What a prefill returns: next-token logits, the kept-token mask over the input, the layer-`l` states."""
+
+    logits: torch.Tensor
+    keep: torch.Tensor
+    states: torch.Tensor
+
+
+@dataclass
+class TrainForward:
+    """Logits of the masked form and the sampled masks (1 = keep) with where they apply."""
+
+    logits: torch.Tensor
+    image_mask: torch.Tensor | None
+    image_logits: torch.Tensor | None
+    output_mask: torch.Tensor
+    output_sparse: torch.Tensor
+
+
+@dataclass
+class Generation:
+    """Generated ids per row (fixed length), the keep decision of every generated token that was fed back
+    (all but the last), and the tokens whose K/V are held per row below (`dense`) and from (`sparse`) the
+    sparse layer once the last token has been fed."""
+
+    tokens: torch.Tensor
+    kept: torch.Tensor
+    dense: torch.Tensor
+    sparse: torch.Tensor
+
+    def texts(self, eos_id: int) -> list[list[int]]:
+        """Ids per row up to and excluding the first `</s>`."""
+        rows = self.tokens.tolist()
+        return [row[: row.index(eos_id)] if eos_id in row else row for row in rows]
+
+
+class DynamicLlava:
+    """Predictors attached at decoder layer `config.sparse_layer` of a LLaVA's Llama LM.
+
+    `vision=False` leaves the image span alone (e.g. tokens already reduced by PruMerge); `output=False`
+    keeps every generated token."""
+
+    def __init__(
+        self,
+        model: LlavaForConditionalGeneration,
+        tokenizer,
+        predictors: Predictors,
+        vision: bool = True,
+        output: bool = True,
+    ):
+        self.lm = LlavaLm(model, tokenizer)
+        self.decoder = model.model.language_model
+        self.predictors = predictors
+        self.config: SparseConfig = predictors.config
+        self.vision = vision
+        self.output = output
+        layers = len(self.decoder.layers)
+        if not 0 < self.config.sparse_layer < layers:
+            raise PrumergeError(f"sparse_layer {self.config.sparse_layer} must be in 1..{layers - 1} for this LM")
+
+    @property
+    def layer(self) -> int:
+        """The decoder layer whose input feeds the predictors."""
+        return self.config.sparse_layer
+
+    def _run(self, h: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, upper: bool,
+             cache: SparseKVCache | None = None, policy: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """Decoder layers below (`upper=False`) or from (`upper=True`) the sparse layer."""
+        rotary = self.decoder.rotary_emb(h, positions)
+        layers = self.decoder.layers[self.layer :] if upper else self.decoder.layers[: self.layer]
+        extra = {} if policy is None else {"policy": policy}
+        with dynamic_attention_on(self.decoder.config):
+            for layer in layers:
+                h = layer(h, attention_mask=mask, position_embeddings=rotary, past_key_values=cache, **extra)
+        return self.decoder.norm(h) if upper else h
+
+    def _image_span(self, image_lengths: torch.Tensor) -> int:
+        n = int(image_lengths[0])
+        if bool((image_lengths != n).any()):
+            raise PrumergeError("the vision predictor needs the same number of image tokens in every row")
+        return n
+
+    def image_keep(self, states: torch.Tensor, image_lengths: torch.Tensor) -> torch.Tensor:
+        """`[B, T]` mask: the top-k image tokens by keep score (k = floor(rate * N)), everything else True."""
+        keep = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
+        if not self.vision:
+            return keep
+        n = self._image_span(image_lengths)
+        scores = keep_score(self.predictors.vision(states[:, IMAGE_START : IMAGE_START + n]))
+        top = scores.topk(self.config.vision_keep(n), dim=1).indices
+        keep[:, IMAGE_START : IMAGE_START + n] = False
+        return keep.scatter(1, top + IMAGE_START, True)
+
+    def output_keep(self, states: torch.Tensor) -> torch.Tensor:
+        """`[B, T]` inference decision of the output predictor for every position."""
+        if not self.output:
+            return torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
+        return keep_decision(self.predictors.text(states))
+
+    def prefill(self, batch: LmBatch, image_lengths: torch.Tensor, cache: SparseKVCache | None = None,
+                generated_from: torch.Tensor | None = None) -> Prefill:  # fmt: skip
+        """Run a spliced batch with the image top-k and, for positions >= `generated_from[b]` except each row's
+        last, the output predictor's drops (no-cache decoding). Fills an empty `cache` if given."""
+        valid = batch.attention_mask.bool()
+        states = self._run(batch.inputs_embeds, batch.position_ids, causal_mask(valid), False, cache)
+        keep = valid & self.image_keep(states, image_lengths)
+        if generated_from is not None:
+            ar = torch.arange(keep.shape[1], device=keep.device)[None, :]
+            older = (ar >= generated_from[:, None]) & (ar < batch.last[:, None])
+            keep &= ~older | self.output_keep(states)
+        index, kept = compact(keep)
+        positions = batch.position_ids.gather(1, index)
+        hidden = self._run(gather_tokens(states, index), positions, causal_mask(kept), True, cache)
+        last = kept.sum(1) - 1
+        logits = self.lm.model.lm_head(hidden[torch.arange(len(last)), last])
+        if cache is not None:
+            cache.commit(valid.sum(1), kept.sum(1))
+        return Prefill(logits, keep, states)
+
+    def decode_step(self, tokens: torch.Tensor, cache: SparseKVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed one token per row: (next-token logits `[B, V]`, keep decision of the fed token `[B]`).
+        Its K/V is written at each group's counter; the sparse counter advances only if it is kept."""
+        h = self.lm.embed(tokens)[:, None]
+        positions = cache.dense[:, None]
+        states = self._run(h, positions, cache.decode_mask(False), False, cache)
+        keep = self.output_keep(states)[:, 0]
+        hidden = self._run(states, positions, cache.decode_mask(True), True, cache)
+        cache.commit(torch.ones_like(keep), keep)
+        return self.lm.model.lm_head(hidden[:, 0]), keep
+
+    def new_cache(self, batch: LmBatch, image_lengths: torch.Tensor, max_new_tokens: int) -> SparseKVCache:
+        """Static buffers big enough for the prompt plus `max_new_tokens`."""
+        cfg = self.decoder.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        width = batch.inputs_embeds.shape[1]
+        dropped = self._image_span(image_lengths) - self.config.vision_keep(int(image_lengths[0])) if self.vision else 0
+        return SparseKVCache(len(image_lengths), len(self.decoder.layers), self.layer, cfg.num_key_value_heads,
+                             head_dim, width + max_new_tokens, width - dropped + max_new_tokens,
+                             batch.inputs_embeds.dtype, batch.inputs_embeds.device)  # fmt: skip
+
+    @torch.no_grad()
+    def generate(self, image: ReducedTokens, texts: list[list[int]], max_new_tokens: int,
+                 use_cache: bool = True) -> Generation:  # fmt: skip
+        """Greedy decoding of `max_new_tokens` per row after `<s> image text` (image tokens projected)."""
+        if use_cache:
+            return self._generate_cached(image, texts, max_new_tokens)
+        return self._generate_uncached(image, texts, max_new_tokens)
+
+    def _generate_cached(self, image: ReducedTokens, texts: list[list[int]], max_new_tokens: int) -> Generation:
+        batch = splice(self.lm.embed, self.lm.bos_id, image, texts)
+        cache = self.new_cache(batch, image.lengths, max_new_tokens)
+        token = self.prefill(batch, image.lengths, cache).logits.argmax(-1)
+        tokens, kept = [token], []
+        for _ in range(max_new_tokens - 1):
+            logits, keep = self.decode_step(token, cache)
+            token = logits.argmax(-1)
+            tokens.append(token)
+            kept.append(keep)
+        return Generation(torch.stack(tokens, 1), _stack(kept, len(texts)), cache.dense.clone(), cache.sparse.clone())
+
+    def _generate_uncached(self, image: ReducedTokens, texts: list[list[int]], max_new_tokens: int) -> Generation:
+        generated: list[list[int]] = [[] for _ in texts]
+        start = image.lengths + torch.tensor([len(t) for t in texts]) + IMAGE_START
+        for _ in range(max_new_tokens):
+            batch = splice(self.lm.embed, self.lm.bos_id, image, [t + g for t, g in zip(texts, generated, strict=True)])
+            out = self.prefill(batch, image.lengths, generated_from=start)
+            for row, token in zip(generated, out.logits.argmax(-1).tolist(), strict=True):
+                row.append(token)
+        ar = torch.arange(out.keep.shape[1])[None, :]
+        fed = (ar >= start[:, None]) & (ar <= batch.last[:, None])
+        decisions = self.output_keep(out.states)[fed].view(len(texts), -1)
+        sparse = out.keep.sum(1) - 1 + decisions[:, -1].long()  # the newest token's own decision commits it
+        return Generation(torch.tensor(generated), decisions, batch.last + 1, sparse)
+
+    def kv_bytes(self, dense: torch.Tensor, sparse: torch.Tensor, dtype: torch.dtype = torch.float16) -> int:
+        """Bytes of the keys and values held for `dense[b]` tokens in each layer below the sparse layer and
+        `sparse[b]` from it on, at `dtype`."""
+        cfg = self.decoder.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        per_token = 2 * cfg.num_key_value_heads * head_dim * torch.finfo(dtype).bits // 8
+        upper = len(self.decoder.layers) - self.layer
+        return int(self.layer * dense.sum() + upper * sparse.sum()) * per_token
+
+    def train_forward(
+        self, batch: LmBatch, image_lengths: torch.Tensor, answers: torch.Tensor, tau: float
+    ) -> TrainForward:
+        """The masked form on the whole sequence: hard Gumbel-softmax masks (straight-through) for the image
+        span and for the `answers [B, T]` span of rows whose answer is at least LEN^OT long; masked softmax in
+        every layer from `l` on. Nothing is removed, so every label keeps its loss."""
+        valid = batch.attention_mask.bool()
+        mask = causal_mask(valid)
+        states = self._run(batch.inputs_embeds, batch.position_ids, mask, False)
+        policy = torch.ones(states.shape[:2], dtype=states.dtype, device=states.device)
+        image_mask = image_logits = None
+        if self.vision:
+            n = self._image_span(image_lengths)
+            image_logits = self.predictors.vision(states[:, IMAGE_START : IMAGE_START + n])
+            image_mask = F.gumbel_softmax(image_logits.float(), tau=tau, hard=True)[..., 0]
+            policy = torch.cat([policy[:, :IMAGE_START], image_mask.to(policy.dtype), policy[:, IMAGE_START + n :]], 1)
+        output_sparse = answers & (answers.sum(1, keepdim=True) >= self.config.output_len_for_training)
+        output_mask = torch.ones_like(policy)
+        if self.output and bool(output_sparse.any()):
+            output_mask = F.gumbel_softmax(self.predictors.text(states).float(), tau=tau, hard=True)[..., 0]
+            policy = torch.where(output_sparse, output_mask.to(policy.dtype), policy)
+        hidden = self._run(states, batch.position_ids, mask, True, policy=policy)
+        return TrainForward(self.lm.model.lm_head(hidden), image_mask, image_logits, output_mask, output_sparse)
+
+    @torch.no_grad()
+    def masked_hidden(self, batch: LmBatch, keep: torch.Tensor) -> torch.Tensor:
+        """Final hidden states of the masked form with a hard `keep [B, T]` policy (the reference the
+        compacted prefill must match on kept tokens)."""
+        valid = batch.attention_mask.bool()
+        mask = causal_mask(valid)
+        states = self._run(batch.inputs_embeds, batch.position_ids, mask, False)
+        return self._run(states, batch.position_ids, mask, True, policy=keep.to(states.dtype))
+
+    @torch.no_grad()
+    def compacted_hidden(self, batch: LmBatch, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Final hidden states of the compacted form for a given `keep`: (hidden, index, valid)."""
+        valid = batch.attention_mask.bool()
+        states = self._run(batch.inputs_embeds, batch.position_ids, causal_mask(valid), False)
+        index, kept = compact(keep & valid)
+        hidden = self._run(gather_tokens(states, index), batch.position_ids.gather(1, index), causal_mask(kept), True)
+        return hidden, index, kept
+
+
+def _stack(decisions: list[torch.Tensor], rows: int) -> torch.Tensor:
+    return torch.stack(decisions, 1) if decisions else torch.zeros(rows, 0, dtype=torch.bool)

@@ -1,0 +1,143 @@
+"""Training the Dynamic-LLaVA predictors: the compress command, exact resume, distillation, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from prumerge_cli.dynamic.bundle import load_dynamic
+from prumerge_cli.dynamic.compress import DynamicJob, run_dynamic
+from prumerge_cli.dynamic.config import SparseConfig
+from prumerge_cli.dynamic.training import TrainOptions
+from prumerge_cli.zoo.llava_json import write_llava_json
+
+from .cli_helpers import run_cli
+
+SMALL = SparseConfig(d_model=32, nhead=4, dim_feedforward=64, num_layers=1, text_hidden=(32, 16, 8),
+                     output_len_for_training=2)  # fmt: skip
+DYNAMIC_ARGS = ("--method", "dynamic", "--predictor-width", 32, "--predictor-heads", 4, "--predictor-blocks", 1,
+                "--output-min-len", 2, "--batch-size", 2, "--lr", 1e-3)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    data = write_llava_json(tmp_path_factory.mktemp("world") / "train", "train", 6)
+    return data, data.parent / "images"
+
+
+def job(llava_deep_dir, world, output, steps=6, **options) -> DynamicJob:
+    data, images = world
+    opts = TrainOptions(steps=steps, batch_size=2, lr=1e-3, save_every=2, **options)
+    return DynamicJob(llava_deep_dir, data, images, output, SMALL, opts)
+
+
+class Interrupt(Exception):
+    """Stands for Ctrl-C in the middle of a run."""
+
+
+def test_resume_reproduces_the_uninterrupted_run(llava_deep_dir, world, tmp_path):
+    straight = run_dynamic(job(llava_deep_dir, world, tmp_path / "straight"), Console(quiet=True))
+
+    def stop_after_step_3(log):
+        if log.step == 3:
+            raise KeyboardInterrupt
+
+    interrupted = job(llava_deep_dir, world, tmp_path / "resumed")
+    with pytest.raises(KeyboardInterrupt):
+        run_dynamic(interrupted, Console(quiet=True), on_step=stop_after_step_3)
+    assert not interrupted.output.exists() and interrupted.checkpoint_dir.is_dir()  # no half-written bundle
+    resumed = run_dynamic(DynamicJob(**{**vars(interrupted), "resume": True}), Console(quiet=True))
+    assert [vars(s) for s in resumed] == [vars(s) for s in straight]  # the same loss curve, bit for bit
+    a, b = (
+        load_file(tmp_path / "straight" / "predictors.safetensors"),
+        load_file(tmp_path / "resumed" / "predictors.safetensors"),
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not interrupted.checkpoint_dir.exists()  # cleaned up once the bundle is written
+
+
+def test_training_moves_the_keep_ratio_and_bundle_loads(llava_deep_dir, world, tmp_path):
+    history = run_dynamic(job(llava_deep_dir, world, tmp_path / "b", steps=12), Console(quiet=True))
+    assert history[-1].image_keep < history[0].image_keep - 0.05  # pushed towards 0.2 from ~0.5
+    dynamic, _encoder = load_dynamic(tmp_path / "b")
+    assert dynamic.vision and dynamic.config == SMALL
+    trained = load_file(tmp_path / "b" / "predictors.safetensors")
+    assert torch.equal(
+        dynamic.predictors.state_dict()["vision.head.4.weight"], trained["predictors.vision.head.4.weight"]
+    )
+
+
+def test_distillation_and_trained_projector_change_the_run(llava_deep_dir, world, tmp_path):
+    plain = run_dynamic(job(llava_deep_dir, world, tmp_path / "p", steps=2), Console(quiet=True))
+    distilled = run_dynamic(job(llava_deep_dir, world, tmp_path / "d", steps=2, distill_kl=1.0, distill_prumerge=1.0,
+                                train_projector=True), Console(quiet=True))  # fmt: skip
+    assert plain[0].ce == pytest.approx(distilled[0].ce) and distilled[0].loss > plain[0].loss
+    record = json.loads((tmp_path / "d" / "reducer.json").read_text())
+    assert record["trained"] == ["predictors", "projector"]
+    stored = load_file(tmp_path / "d" / "predictors.safetensors")
+    assert any(k.startswith("model.model.multi_modal_projector.") for k in stored)
+
+
+def test_prumerge_vision_source_trains_only_the_output_predictor(llava_deep_dir, world, tmp_path, capsys):
+    data, images = world
+    result = run_cli(capsys, "compress", llava_deep_dir, "-o", tmp_path / "pm", *DYNAMIC_ARGS, "--data", data,
+                     "--images", images, "--steps", 2, "--vision-source", "prumerge")  # fmt: skip
+    assert result.code == 0, result.err
+    dynamic, encoder = load_dynamic(tmp_path / "pm")
+    assert not dynamic.vision and encoder.reducer.name == "prumerge"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ((), "needs --data and --images"),
+        (("--data", "missing.json", "--images", "."), "does not exist"),
+        (("--data", "bad.json", "--images", "."), "conversations"),
+        (("--data", "ok.json", "--images", ".", "--vision-keep", 0), "keep rates"),
+    ],
+)
+def test_bad_input_is_one_clean_line(llava_deep_dir, tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.json").write_text(json.dumps([{"image": "x.png"}]))
+    (tmp_path / "ok.json").write_text(json.dumps([{"image": "x.png", "conversations": []}]))
+    result = run_cli(capsys, "compress", llava_deep_dir, "-o", tmp_path / "out", *DYNAMIC_ARGS, *extra)
+    assert result.code == 2 and message in result.err and "Traceback" not in result.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_torchrun_data_parallel(llava_deep_dir, world, tmp_path):
+    data, images = world
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--nproc-per-node", "2", "--master-port", "29531", "-m", "prumerge_cli", "compress",
+           str(llava_deep_dir), "-o", str(tmp_path / "ddp"), *map(str, DYNAMIC_ARGS), "--data", str(data),
+           "--images", str(images), "--steps", "4", "--save-every", "2"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    history = json.loads((tmp_path / "ddp" / "training.json").read_text())
+    assert [h["step"] for h in history] == [0, 1, 2, 3] and all(h["loss"] == h["loss"] for h in history)
+
+
+def test_bench_reports_kv_bytes_and_decode_step_against_dense(llava_deep_dir, world, tmp_path, capsys):
+    run_dynamic(job(llava_deep_dir, world, tmp_path / "b", steps=2), Console(quiet=True))
+    result = run_cli(capsys, "bench", tmp_path / "b", "--synthetic", 2, "--batch-sizes", "1,2", "--iters", 1,
+                     "--warmup", 0, "--new-tokens", 6, "--json", tmp_path / "r.json")  # fmt: skip
+    assert result.code == 0, result.err
+    assert "Dynamic-LLaVA" in result.out
+    report = json.loads((tmp_path / "r.json").read_text())
+    rows = report["dynamic"][0]["rows"]
+    assert [r["batch"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["image_tokens"] == {"dense": 64.0, "dynamic": 12.0}  # floor(0.2 * 64) from layer 2 on
+        # 4 layers, 2 dense: KV = (2 * all + 2 * kept) / (4 * all) < 1 once image tokens are dropped
+        assert 0.5 < r["kv_cache_bytes"]["ratio"] < 1.0
+        assert r["decode_step_ms"]["dense"] > 0 and r["prefill_ms"]["ratio"] > 0
+        assert 0.0 <= r["fidelity"]["greedy_agreement"] <= 1.0
+    assert report["encoder"][0]["baseline"]  # the model's own baseline row is there too
