@@ -7,7 +7,6 @@ The attention over the cache is either ONNX `Attention` (opset 23) under a boole
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from ..errors import PrumergeError
 from ..lm.splice import splice
 from ..models.weights import hash_files
 from ..versions import package_versions
-from .onnx_export import quiet_exporter
+from .onnx_export import exporting
 
 ATTENTION = "prumerge_decode_export"
 FORMAT = "prumerge-onnx-decode"
@@ -162,15 +161,11 @@ def export_decode_step(dynamic: DynamicLlava, image, out_dir: Path, options: Dec
     input_names, output_names = names(len(dynamic.decoder.layers))
     with atomic.atomic_dir(out_dir, force=force) as tmp:
         start = time.perf_counter()
-        try:
-            with quiet_exporter(), dynamic_attention_on(dynamic.decoder.config, ATTENTION), torch.no_grad():
-                program = torch.onnx.export(module, tuple(inputs), dynamo=True, opset_version=23,
-                                            input_names=input_names, output_names=output_names, verbose=False,
-                                            custom_translation_table=table)  # fmt: skip
-        except Exception as exc:
-            if os.environ.get("PRUMERGE_DEBUG"):
-                raise
-            raise PrumergeError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        with exporting(), dynamic_attention_on(dynamic.decoder.config, ATTENTION), torch.no_grad():
+            program = torch.onnx.export(
+                module, tuple(inputs), dynamo=True, opset_version=23, input_names=input_names,
+                output_names=output_names, verbose=False, custom_translation_table=table,
+            )  # fmt: skip
         program.save(str(tmp / "model.onnx"))
         seconds = time.perf_counter() - start
         parity = check_decode_parity(dynamic, tmp / "model.onnx", cache, token, options) if options.check else None

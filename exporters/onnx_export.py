@@ -49,6 +49,18 @@ def quiet_exporter() -> Iterator[None]:
         logger.setLevel(level)
 
 
+@contextlib.contextmanager
+def exporting() -> Iterator[None]:
+    """A quiet exporter whose failures become one clean error line (PRUMERGE_DEBUG=1 shows the traceback)."""
+    try:
+        with quiet_exporter():
+            yield
+    except Exception as exc:
+        if os.environ.get("PRUMERGE_DEBUG"):
+            raise
+        raise PrumergeError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+
+
 class ExportModule(nn.Module):
     """pixel_values [B, 3, H, W] -> tokens [B, Kmax, C], lengths [B], indices [B, Kmax]; no host reads."""
 
@@ -145,17 +157,11 @@ def export_onnx(
         dynamic = {"pixel_values": {0: torch.export.Dim("batch", min=1, max=max(2, options.max_batch))}}
     with atomic.atomic_dir(out_dir, force=force) as tmp:
         start = time.perf_counter()
-        try:
-            with quiet_exporter():
-                program = torch.onnx.export(
-                    module, (sample,), dynamo=True, opset_version=options.opset, input_names=["pixel_values"],
-                    output_names=list(OUTPUTS), dynamic_shapes=dynamic, verbose=False,
-                    custom_translation_table=table,
-                )  # fmt: skip
-        except Exception as exc:
-            if os.environ.get("PRUMERGE_DEBUG"):
-                raise
-            raise PrumergeError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        with exporting():
+            program = torch.onnx.export(
+                module, (sample,), dynamo=True, opset_version=options.opset, input_names=["pixel_values"],
+                output_names=list(OUTPUTS), dynamic_shapes=dynamic, verbose=False, custom_translation_table=table,
+            )  # fmt: skip
         program.save(str(tmp / "model.onnx"))
         export_seconds = time.perf_counter() - start
         encoder.processor.save_pretrained(tmp)

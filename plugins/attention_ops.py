@@ -5,13 +5,12 @@ reference) with an onnxscript translation, and an onnxruntime-extensions Python 
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnxscript
 import torch
 from onnx.defs import OpSchema
 
 from .kernels.sparse_kv_attention import sparse_kv_attention_reference
-from .onnx_ops import DOMAIN, VERSION
+from .onnx_ops import DOMAIN, VERSION, register_node_schema
 
 OP_TYPE = "SparseKVAttention"
 ATTRIBUTES = {"causal": OpSchema.AttrType.INT, "plugin_namespace": OpSchema.AttrType.STRING,
@@ -19,19 +18,12 @@ ATTRIBUTES = {"causal": OpSchema.AttrType.INT, "plugin_namespace": OpSchema.Attr
 
 
 def register_schema() -> None:
-    """Register the node's schema with onnx (once per process)."""
-    if onnx.defs.has(OP_TYPE, DOMAIN):
-        return
-    param = OpSchema.FormalParameter
-    onnx.defs.register_schema(OpSchema(
-        OP_TYPE, DOMAIN, int(VERSION),
-        doc="Attention of q [B, H, Tq, D] over k, v [B, Hkv, Tk, D]: keys j < kv_lengths[b] with keep[b, j] != 0.",
-        inputs=[param("q", "T"), param("k", "T"), param("v", "T"), param("kv_lengths", "tensor(int32)"),
-                param("keep", "tensor(int8)")],
-        outputs=[param("out", "T")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "queries, keys, values and output")],
-        attributes=[OpSchema.Attribute(name, kind, name) for name, kind in ATTRIBUTES.items()],
-    ))  # fmt: skip
+    """Register the SparseKVAttention node's schema."""
+    register_node_schema(
+        OP_TYPE, "Attention of q [B, H, Tq, D] over k, v [B, Hkv, Tk, D]: keys j < kv_lengths[b] with keep[b, j].",
+        [("q", "T"), ("k", "T"), ("v", "T"), ("kv_lengths", "tensor(int32)"), ("keep", "tensor(int8)")],
+        [("out", "T")], ATTRIBUTES,
+    )  # fmt: skip
 
 
 @torch.library.custom_op("prumerge::sparse_kv_attention", mutates_args=())

@@ -30,19 +30,27 @@ ATTRIBUTES = {"plus": OpSchema.AttrType.INT, "iqr_k": OpSchema.AttrType.FLOAT, "
               "plugin_version": OpSchema.AttrType.STRING}  # fmt: skip
 
 
-def register_schema() -> None:
-    """Register the node's schema with onnx (once per process)."""
-    if onnx.defs.has(OP_TYPE, DOMAIN):
+def register_node_schema(op_type: str, doc: str, inputs: list[tuple[str, str]], outputs: list[tuple[str, str]],
+                         attributes: dict[str, OpSchema.AttrType]) -> None:  # fmt: skip
+    """Register a plugin node's schema in our domain with onnx (once per process); "T" is fp32 or fp16."""
+    if onnx.defs.has(op_type, DOMAIN):
         return
     param = OpSchema.FormalParameter
     onnx.defs.register_schema(OpSchema(
-        OP_TYPE, DOMAIN, int(VERSION),
-        doc="PruMerge / PruMerge+ token selection and merge, padded to Kmax, with per-image lengths.",
-        inputs=[param("features", "T"), param("scores", "T"), param("keys", "T")],
-        outputs=[param("tokens", "T"), param("lengths", "tensor(int64)"), param("indices", "tensor(int64)")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "features, scores and keys")],
-        attributes=[OpSchema.Attribute(name, kind, name) for name, kind in ATTRIBUTES.items()],
+        op_type, DOMAIN, int(VERSION), doc=doc,
+        inputs=[param(name, kind) for name, kind in inputs], outputs=[param(name, kind) for name, kind in outputs],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "floating-point tensors")],
+        attributes=[OpSchema.Attribute(name, kind, name) for name, kind in attributes.items()],
     ))  # fmt: skip
+
+
+def register_schema() -> None:
+    """Register the AdaptiveTokenSelect node's schema."""
+    register_node_schema(
+        OP_TYPE, "PruMerge / PruMerge+ token selection and merge, padded to Kmax, with per-image lengths.",
+        [("features", "T"), ("scores", "T"), ("keys", "T")],
+        [("tokens", "T"), ("lengths", "tensor(int64)"), ("indices", "tensor(int64)")], ATTRIBUTES,
+    )  # fmt: skip
 
 
 def reference(features, scores, keys, plus: int, iqr_k: float, knn: int, grid_div: int):

@@ -39,10 +39,6 @@ class SparseKVCache:
         """Committed slots per sample in the group of `layer_idx`."""
         return self.dense if layer_idx < self.sparse_layer else self.sparse
 
-    def visible(self, sparse: bool, new_tokens: int) -> int:
-        """Buffer prefix the next attention must read: every committed slot plus the new tokens."""
-        return int((self.sparse if sparse else self.dense).max()) + new_tokens
-
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: object) -> tuple[torch.Tensor, ...]:
         """Write `[B, Hkv, q, D]` at slots counter..counter+q-1 of each sample; return the visible buffers."""
         b, h, q, d = key.shape
@@ -66,7 +62,3 @@ class SparseKVCache:
         """Advance the counters by `dense[b]` / `sparse[b]` committed tokens."""
         self.dense += dense.to(self.dense.dtype)
         self.sparse += sparse.to(self.sparse.dtype)
-
-    def allocated_bytes(self) -> int:
-        """Bytes of all buffers."""
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
