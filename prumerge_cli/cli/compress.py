@@ -104,5 +104,8 @@ def train_dynamic(job: DynamicJob) -> None:
         Console(stderr=True).print(f"interrupted; checkpoints are in {job.checkpoint_dir}: rerun with --resume")
         raise typer.Exit(130) from None
     last = history[-1]
+    if not any(h.output_rows for h in history):
+        console.print(f"[yellow]warning:[/yellow] no final answer reached --output-min-len "
+                      f"{job.config.output_len_for_training} tokens: the output predictor is untrained")  # fmt: skip
     console.print(f"bundle {job.output}: {len(history)} steps, loss {last.loss:.3f} (ce {last.ce:.3f}), "
                   f"keep ratios image {last.image_keep:.2f} output {last.output_keep:.2f}")  # fmt: skip

@@ -55,6 +55,7 @@ class StepLog:
     ce: float
     image_keep: float
     output_keep: float
+    output_rows: int = 0
 
 
 class Trainee(nn.Module):
@@ -209,7 +210,7 @@ class Trainer:
         if target is not None and out.image_logits is not None:
             keep_p = torch.softmax(out.image_logits.float(), -1)[..., 0]
             loss = loss + opt.distill_prumerge * F.binary_cross_entropy(keep_p, target)
-        return loss, StepLog(step, loss.item(), ce.item(), image_keep, output_keep)
+        return loss, StepLog(step, loss.item(), ce.item(), image_keep, output_keep, int(rows.sum()))
 
     def distillation_kl(self, batch: LmBatch, logits: torch.Tensor) -> torch.Tensor:
         """KL(full-token model || sparse model) of the next-token distributions at the labelled positions."""

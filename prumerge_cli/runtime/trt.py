@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -14,8 +15,38 @@ TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfl
                 "INT32": torch.int32}  # fmt: skip
 
 
+def output_allocator(trt):
+    """A `trt.IOutputAllocator` for outputs whose shape is known only after execution (a plugin's size
+    tensor): TensorRT asks for bytes (torch CUDA buffers) and reports the final shape."""
+
+    class DeviceOutputAllocator(trt.IOutputAllocator):
+        def __init__(self) -> None:
+            trt.IOutputAllocator.__init__(self)
+            self.buffers: dict[str, torch.Tensor] = {}
+            self.shapes: dict[str, tuple[int, ...]] = {}
+
+        def reallocate_output(self, tensor_name: str, memory: int, size: int, alignment: int) -> int:
+            buffer = self.buffers.get(tensor_name)
+            if buffer is None or buffer.numel() < size:
+                buffer = torch.empty(max(size, 1), dtype=torch.uint8, device="cuda")
+                self.buffers[tensor_name] = buffer
+            return buffer.data_ptr()
+
+        def notify_shape(self, tensor_name: str, shape) -> None:
+            self.shapes[tensor_name] = tuple(shape)
+
+        def tensor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+            """The output as a typed tensor of its final shape."""
+            shape = self.shapes[name]
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            return self.buffers[name][:nbytes].view(dtype).view(shape)
+
+    return DeviceOutputAllocator()
+
+
 class TrtEncoder:
-    """Device tensors in and out; the padded outputs have static shapes, so no output allocator is needed."""
+    """Device tensors in and out. The padded outputs have static shapes; outputs whose shape depends on the
+    data (a size-tensor plugin) go through an output allocator."""
 
     def __init__(self, out_dir: str | Path):
         from ..exporters.trt_support import require_tensorrt
@@ -34,7 +65,7 @@ class TrtEncoder:
         if self.engine is None:
             raise PrumergeError(f"cannot deserialize {self.out_dir / 'model.plan'} (TensorRT version or GPU differ?)")
         self.context = self.engine.create_execution_context()
-        self.trt = trt
+        self.allocator = output_allocator(trt)
 
     def __call__(self, pixel_values: torch.Tensor) -> ReducedTokens:
         """Run on one batch (within the engine's profile)."""
@@ -43,15 +74,19 @@ class TrtEncoder:
         pixels = pixel_values.to("cuda", dtype).contiguous()
         self.context.set_input_shape("pixel_values", tuple(pixels.shape))
         self.context.set_tensor_address("pixel_values", pixels.data_ptr())
-        outputs = {}
+        outputs, dynamic = {}, {}
         for name in ("tokens", "lengths", "indices"):
             shape = tuple(self.context.get_tensor_shape(name))
-            outputs[name] = torch.empty(
-                shape, dtype=TORCH_DTYPES[self.engine.get_tensor_dtype(name).name], device="cuda"
-            )
-            self.context.set_tensor_address(name, outputs[name].data_ptr())
+            dtype = TORCH_DTYPES[self.engine.get_tensor_dtype(name).name]
+            if min(shape, default=0) < 0:
+                dynamic[name] = dtype
+                self.context.set_output_allocator(name, self.allocator)
+            else:
+                outputs[name] = torch.empty(shape, dtype=dtype, device="cuda")
+                self.context.set_tensor_address(name, outputs[name].data_ptr())
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise PrumergeError("TensorRT execution failed")
         stream.synchronize()
+        outputs.update({name: self.allocator.tensor(name, dtype) for name, dtype in dynamic.items()})
         width = int(outputs["lengths"].max())
         return ReducedTokens(outputs["tokens"][:, :width], outputs["lengths"], outputs["indices"][:, :width])
