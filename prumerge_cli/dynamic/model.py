@@ -140,7 +140,7 @@ class DynamicLlava:
         positions = batch.position_ids.gather(1, index)
         hidden = self._run(gather_tokens(states, index), positions, causal_mask(kept), True, cache)
         last = kept.sum(1) - 1
-        logits = self.lm.model.lm_head(hidden[torch.arange(len(last)), last])
+        logits = self.lm.model.lm_head(hidden[torch.arange(len(last), device=last.device), last])
         if cache is not None:
             cache.commit(valid.sum(1), kept.sum(1))
         return Prefill(logits, keep, states)
@@ -188,17 +188,18 @@ class DynamicLlava:
 
     def _generate_uncached(self, image: ReducedTokens, texts: list[list[int]], max_new_tokens: int) -> Generation:
         generated: list[list[int]] = [[] for _ in texts]
-        start = image.lengths + torch.tensor([len(t) for t in texts]) + IMAGE_START
+        device = image.lengths.device
+        start = image.lengths + torch.tensor([len(t) for t in texts], device=device) + IMAGE_START
         for _ in range(max_new_tokens):
             batch = splice(self.lm.embed, self.lm.bos_id, image, [t + g for t, g in zip(texts, generated, strict=True)])
             out = self.prefill(batch, image.lengths, generated_from=start)
             for row, token in zip(generated, out.logits.argmax(-1).tolist(), strict=True):
                 row.append(token)
-        ar = torch.arange(out.keep.shape[1])[None, :]
+        ar = torch.arange(out.keep.shape[1], device=device)[None, :]
         fed = (ar >= start[:, None]) & (ar <= batch.last[:, None])
         decisions = self.output_keep(out.states)[fed].view(len(texts), -1)
         sparse = out.keep.sum(1) - 1 + decisions[:, -1].long()  # the newest token's own decision commits it
-        return Generation(torch.tensor(generated), decisions, batch.last + 1, sparse)
+        return Generation(torch.tensor(generated, device=device), decisions, batch.last + 1, sparse)
 
     def kv_bytes(self, dense: torch.Tensor, sparse: torch.Tensor, dtype: torch.dtype = torch.float16) -> int:
         """Bytes of the keys and values held for `dense[b]` tokens in each layer below the sparse layer and

@@ -123,8 +123,8 @@ run the whole pipeline on a model whose attention means something, and so that e
 by accuracy. Saved in fp16 safetensors ({size:.1f} MiB in all).
 
 ## The world
-224x224 images: 2-4 objects (6 colours, 4 shapes, 2 sizes) in distinct cells of a 3x3 layout, jittered
-inside their cell, over grey clutter (noise, lines and specks). A caption lists every object with its size,
+224x224 images: 2-4 objects (6 colours, 4 shapes, 2 sizes: radius 13-16 or 22-28 pixels) in distinct cells of
+a 3x3 layout, jittered inside their cell, over grey clutter (noise, lines and specks). A caption lists every object with its size,
 colour, shape and position. Six question types need spatial detail: the colour and the shape of the object
 at a position, the size of a named object, the number of objects, whether one named object is left
 of / right of / above / below another (yes/no), and whether an object is present (POPE-like yes/no,
@@ -140,9 +140,9 @@ caption (one attribute of one object changed).
   feature layer -2, score layer = the last).
 - Text: word-level tokenizer (a `tokenizers` WordLevel model, {vocab} words), 2 layers, width 128.
 - Training: symmetric InfoNCE, {clip_steps} steps of {clip_batch} fresh image-caption pairs, each image also
-  contrasted with the batch's {clip_batch} near-miss captions (without them the tower learns colours and
-  positions but not shapes: a probe on its patch features read shapes at 36%, chance 25%), bf16 autocast,
-  AdamW (lr 2e-3, weight decay 0.05), 5% warm-up then cosine decay, seed {seed}: {clip_minutes:.1f} min.
+  contrasted with the batch's {clip_batch} near-miss captions (without them the tower learned colours and
+  positions but hardly shapes), bf16 autocast, AdamW (lr 2e-3, weight decay 0.05), 5% warm-up then cosine
+  decay, seed {seed}: {clip_minutes:.1f} min.
 - Held-out image->caption retrieval top-1 among {retrieval_images} test captions: **{retrieval_pct:.1f}%**.
 
 ## `llava/` - LlavaForConditionalGeneration

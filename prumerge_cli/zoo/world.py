@@ -76,7 +76,7 @@ def render(scene: list[Thing], rng: random.Random) -> Image.Image:
     cell = IMAGE_SIZE / 3
     for thing in scene:
         row, col = divmod(thing.cell, 3)
-        radius = rng.randint(20, 27) if thing.size == "large" else rng.randint(9, 13)
+        radius = rng.randint(22, 28) if thing.size == "large" else rng.randint(13, 16)
         slack = int(cell / 2 - radius - 2)
         cx = (col + 0.5) * cell + rng.randint(-slack, slack)
         cy = (row + 0.5) * cell + rng.randint(-slack, slack)
