@@ -124,10 +124,10 @@ by accuracy. Saved in fp16 safetensors ({size:.1f} MiB in all).
 
 ## The world
 224x224 images: 2-4 objects (6 colours, 4 shapes, 2 sizes: radius 13-16 or 22-28 pixels) in distinct cells of
-a 3x3 layout, jittered inside their cell, over grey clutter (noise, lines and specks). A caption lists every object with its size,
-colour, shape and position. Six question types need spatial detail: the colour and the shape of the object
-at a position, the size of a named object, the number of objects, whether one named object is left
-of / right of / above / below another (yes/no), and whether an object is present (POPE-like yes/no,
+a 3x3 layout, jittered inside their cell, over grey clutter (noise, lines and specks). A caption lists every
+object with its size, colour, shape and position. Six question types need spatial detail: the colour and the
+shape of the object at a position, the size of a named object, the number of objects, whether one named object
+is left of / right of / above / below another (yes/no), and whether an object is present (POPE-like yes/no,
 balanced). Splits are disjoint seed ranges (train from 0, val from 10,000,000, test from 20,000,000).
 Each image also has a training conversation (colour, shape and size of every object, the count, three
 relations, four presence questions, then "describe the image ." answered by the caption) and a near-miss
