@@ -111,9 +111,8 @@ class DecodeOptions:
 
 def buffer_sizes(dynamic: DynamicLlava, options: DecodeOptions, image_tokens: int) -> tuple[int, int]:
     """Slots of the dense and the sparse buffers: prompt plus new tokens, minus dropped image tokens."""
-    dropped = image_tokens - dynamic.config.vision_keep(image_tokens) if dynamic.vision else 0
     total = options.prompt_tokens + options.new_tokens
-    return total, total - dropped
+    return total, total - dynamic.dropped_image_tokens(image_tokens)
 
 
 def sample_state(dynamic: DynamicLlava, image, options: DecodeOptions) -> tuple[SparseKVCache, torch.Tensor]:
@@ -121,10 +120,7 @@ def sample_state(dynamic: DynamicLlava, image, options: DecodeOptions) -> tuple[
     text = dynamic.lm.encode(["describe the image ."])[0]
     batch = splice(dynamic.lm.embed, dynamic.lm.bos_id, image, [text] * len(image.lengths))
     dense_slots, sparse_slots = buffer_sizes(dynamic, options, int(image.lengths.max()))
-    cfg = dynamic.decoder.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    cache = SparseKVCache(len(image.lengths), len(dynamic.decoder.layers), dynamic.layer, cfg.num_key_value_heads,
-                          head_dim, dense_slots, sparse_slots, torch.float32)  # fmt: skip
+    cache = dynamic.empty_cache(len(image.lengths), dense_slots, sparse_slots, torch.float32)
     with torch.no_grad():
         token = dynamic.prefill(batch, image.lengths, cache).logits.argmax(-1)
     return cache, token

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,7 +97,4 @@ def run_dynamic(job: DynamicJob, console: Console, on_step=None) -> list[StepLog
 
 def remove_checkpoint(checkpoint_dir: Path) -> None:
     """Delete a finished run's checkpoint directory."""
-    if checkpoint_dir.is_dir():
-        for f in checkpoint_dir.iterdir():
-            f.unlink()
-        checkpoint_dir.rmdir()
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)

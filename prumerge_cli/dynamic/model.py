@@ -156,15 +156,29 @@ class DynamicLlava:
         cache.commit(torch.ones_like(keep), keep)
         return self.lm.model.lm_head(hidden[:, 0]), keep
 
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head of the LM."""
+        cfg = self.decoder.config
+        return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+    def dropped_image_tokens(self, image_tokens: int) -> int:
+        """Image tokens the prefill top-k removes from the layers from `l` on (0 without the predictor)."""
+        return image_tokens - self.config.vision_keep(image_tokens) if self.vision else 0
+
+    def empty_cache(self, batch: int, dense_slots: int, sparse_slots: int, dtype: torch.dtype,
+                    device: torch.device | str = "cpu") -> SparseKVCache:  # fmt: skip
+        """Static buffers for `batch` rows: `dense_slots` below the sparse layer, `sparse_slots` from it on."""
+        cfg = self.decoder.config
+        return SparseKVCache(batch, len(self.decoder.layers), self.layer, cfg.num_key_value_heads, self.head_dim,
+                             dense_slots, sparse_slots, dtype, device)  # fmt: skip
+
     def new_cache(self, batch: LmBatch, image_lengths: torch.Tensor, max_new_tokens: int) -> SparseKVCache:
         """Static buffers big enough for the prompt plus `max_new_tokens`."""
-        cfg = self.decoder.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         width = batch.inputs_embeds.shape[1]
-        dropped = self._image_span(image_lengths) - self.config.vision_keep(int(image_lengths[0])) if self.vision else 0
-        return SparseKVCache(len(image_lengths), len(self.decoder.layers), self.layer, cfg.num_key_value_heads,
-                             head_dim, width + max_new_tokens, width - dropped + max_new_tokens,
-                             batch.inputs_embeds.dtype, batch.inputs_embeds.device)  # fmt: skip
+        dropped = self.dropped_image_tokens(self._image_span(image_lengths)) if self.vision else 0
+        return self.empty_cache(len(image_lengths), width + max_new_tokens, width - dropped + max_new_tokens,
+                                batch.inputs_embeds.dtype, batch.inputs_embeds.device)  # fmt: skip
 
     @torch.no_grad()
     def generate(self, image: ReducedTokens, texts: list[list[int]], max_new_tokens: int,
@@ -204,9 +218,7 @@ class DynamicLlava:
     def kv_bytes(self, dense: torch.Tensor, sparse: torch.Tensor, dtype: torch.dtype = torch.float16) -> int:
         """Bytes of the keys and values held for `dense[b]` tokens in each layer below the sparse layer and
         `sparse[b]` from it on, at `dtype`."""
-        cfg = self.decoder.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        per_token = 2 * cfg.num_key_value_heads * head_dim * torch.finfo(dtype).bits // 8
+        per_token = 2 * self.decoder.config.num_key_value_heads * self.head_dim * torch.finfo(dtype).bits // 8
         upper = len(self.decoder.layers) - self.layer
         return int(self.layer * dense.sum() + upper * sparse.sum()) * per_token
 
