@@ -105,6 +105,7 @@ class OnnxOptions:
     with_projector: bool = False
     check: bool = True
     plugins: bool = False
+    aot: bool = False  # with plugins: ask TensorRT for the ahead-of-time implementation
 
     def validate(self, encoder: ReducedVisionEncoder) -> None:
         """Clean errors for options this exporter cannot honour."""
@@ -149,7 +150,7 @@ def export_onnx(
     if options.plugins:
         from ..plugins.onnx_ops import translation_table
 
-        table = translation_table()
+        table = translation_table(options.aot)
     side = encoder.image_size
     sample = sample_pixels(options.batch or SAMPLE_BATCH, side, dtype)
     dynamic = None
@@ -217,13 +218,14 @@ def check_parity(module: ExportModule, model_path: Path, sample: torch.Tensor, o
     return report
 
 
-def plugin_records() -> list[dict[str, str]]:
+def plugin_records(aot: bool) -> list[dict[str, str]]:
     """How a reader (or TensorRT's ONNX parser) recognises the custom nodes of a plugin graph."""
     from ..plugins.onnx_ops import DOMAIN, OP_TYPE, VERSION
 
     return [{
         "op_type": OP_TYPE, "domain": DOMAIN, "plugin_namespace": DOMAIN, "plugin_version": VERSION,
-        "tensorrt_plugin": f"{DOMAIN}::{OP_TYPE}", "onnxruntime": "onnxruntime-extensions Python op (reference)",
+        "tensorrt_plugin": f"{DOMAIN}::{OP_TYPE}", "implementation": "aot" if aot else "jit",
+        "onnxruntime": "onnxruntime-extensions Python op (reference)",
     }]  # fmt: skip
 
 
@@ -274,7 +276,7 @@ def build_manifest(
         "grid": list(encoder.grid),
         "image_size": encoder.image_size,
         "with_projector": module.projector is not None,
-        "plugins": plugin_records() if options.plugins else [],
+        "plugins": plugin_records(options.aot) if options.plugins else [],
         "source": {"model": str(encoder.model_dir), "model_type": encoder.model.model_type},
         "export_seconds": round(export_seconds, 2),
         "parity": parity,

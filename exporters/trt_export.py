@@ -16,10 +16,9 @@ from ..errors import PrumergeError
 from ..versions import package_versions
 from .onnx_export import OnnxOptions, export_onnx
 from .trt_build import BatchProfile, build_engine
-from .trt_support import require_tensorrt
+from .trt_support import PLUGIN_MODES, require_tensorrt
 
 PRECISIONS = ("fp32", "fp16", "bf16")
-PLUGIN_MODES = ("none", "jit", "aot")
 
 
 @dataclass(frozen=True)
@@ -40,9 +39,6 @@ def export_trt(
         raise PrumergeError(f"unsupported precision {options.precision!r}; choose from {', '.join(PRECISIONS)}")
     if options.plugins not in PLUGIN_MODES:
         raise PrumergeError(f"--plugins takes {', '.join(PLUGIN_MODES)}")
-    if options.plugins == "aot":
-        raise PrumergeError("AdaptiveTokenSelect has no ahead-of-time implementation (it runs three kernels; an AOT "
-                            "plugin launches one): use --plugin-impl jit, or no --plugins")  # fmt: skip
     trt = require_tensorrt()
     strongly_typed = not hasattr(trt.BuilderFlag, "FP16")
     onnx_dtype, flags = "fp32", ()
@@ -53,14 +49,14 @@ def export_trt(
             onnx_dtype = "fp16"
         else:
             flags = (options.precision.upper(),)
-    if options.plugins == "jit":
+    if options.plugins != "none":
         from ..plugins.trt_plugins import register_plugins
 
         register_plugins()
     cache = options.timing_cache.read_bytes() if options.timing_cache and options.timing_cache.is_file() else None
     with atomic.atomic_dir(out_dir, force=force) as tmp:
-        onnx_options = OnnxOptions(dtype=onnx_dtype, max_batch=options.profile.max, plugins=options.plugins == "jit",
-                                   check=False)  # fmt: skip
+        onnx_options = OnnxOptions(dtype=onnx_dtype, max_batch=options.profile.max, check=False,
+                                   plugins=options.plugins != "none", aot=options.plugins == "aot")  # fmt: skip
         onnx_manifest = export_onnx(encoder, tmp / "onnx", onnx_options)
         plan, timing = build_engine(trt, tmp / "onnx" / "model.onnx", encoder.image_size, options.profile, cache, flags)
         (tmp / "model.plan").write_bytes(plan)
@@ -84,7 +80,7 @@ def trt_manifest(trt, options: TrtOptions, onnx_manifest: dict[str, Any], strong
         "gpu": {"name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"},
         "precision": options.precision, "strongly_typed": strongly_typed,
         "profile": {"pixel_values": {"min": p.min, "opt": p.opt, "max": p.max}},
-        "plugins": [{**plugin, "implementation": options.plugins} for plugin in onnx_manifest["plugins"]],
+        "plugins": onnx_manifest["plugins"],
         "onnx": onnx_manifest,
     }  # fmt: skip
 

@@ -7,6 +7,7 @@ from types import ModuleType
 
 from ..errors import PrumergeError
 
+PLUGIN_MODES = ("jit", "aot", "none")  # TensorRT plugin implementation; none = the plugin-free graph
 INSTALL_HINT = (
     'pip install "prumerge[trt]" with NVIDIA\'s package index as an extra index, on a machine with a CUDA GPU'
 )

@@ -27,7 +27,7 @@ VERSION = "1"
 ORT_CONTRIB_DOMAIN = "ai.onnx.contrib"
 ATTRIBUTES = {"plus": OpSchema.AttrType.INT, "iqr_k": OpSchema.AttrType.FLOAT, "knn": OpSchema.AttrType.INT,
               "grid_div": OpSchema.AttrType.INT, "plugin_namespace": OpSchema.AttrType.STRING,
-              "plugin_version": OpSchema.AttrType.STRING}  # fmt: skip
+              "plugin_version": OpSchema.AttrType.STRING, "aot": OpSchema.AttrType.INT}  # fmt: skip
 
 
 def register_node_schema(op_type: str, doc: str, inputs: list[tuple[str, str]], outputs: list[tuple[str, str]],
@@ -88,16 +88,21 @@ def _(features, scores, keys, plus, iqr_k, knn, grid_div):
 _OPSET = onnxscript.values.Opset(DOMAIN, int(VERSION))
 
 
-def _translate(features, scores, keys, plus: int, iqr_k: float, knn: int, grid_div: int):
-    register_schema()
-    return _OPSET.AdaptiveTokenSelect(features, scores, keys, plus=plus, iqr_k=iqr_k, knn=knn, grid_div=grid_div,
-                                      plugin_namespace=DOMAIN, plugin_version=VERSION)  # fmt: skip
+def translation(aot: bool):
+    """The onnxscript translation; `aot` asks TensorRT for the ahead-of-time implementation."""
+
+    def _translate(features, scores, keys, plus: int, iqr_k: float, knn: int, grid_div: int):
+        register_schema()
+        return _OPSET.AdaptiveTokenSelect(features, scores, keys, plus=plus, iqr_k=iqr_k, knn=knn, grid_div=grid_div,
+                                          plugin_namespace=DOMAIN, plugin_version=VERSION, aot=int(aot))  # fmt: skip
+
+    return _translate
 
 
-def translation_table() -> dict:
+def translation_table(aot: bool = False) -> dict:
     """For `torch.onnx.export(custom_translation_table=...)`."""
     register_schema()
-    return {torch.ops.prumerge.adaptive_token_select.default: _translate}
+    return {torch.ops.prumerge.adaptive_token_select.default: translation(aot)}
 
 
 _PYOP_REGISTERED = False
@@ -111,7 +116,7 @@ def register_ort_pyop() -> str:
     if not _PYOP_REGISTERED:
         attrs = {"plus": PyCustomOpDef.dt_int64, "iqr_k": PyCustomOpDef.dt_float, "knn": PyCustomOpDef.dt_int64,
                  "grid_div": PyCustomOpDef.dt_int64, "plugin_namespace": PyCustomOpDef.dt_string,
-                 "plugin_version": PyCustomOpDef.dt_string}  # fmt: skip
+                 "plugin_version": PyCustomOpDef.dt_string, "aot": PyCustomOpDef.dt_int64}  # fmt: skip
 
         outputs = [PyCustomOpDef.dt_float, PyCustomOpDef.dt_int64, PyCustomOpDef.dt_int64]
 

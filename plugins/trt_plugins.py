@@ -7,10 +7,11 @@
 - `prumerge::SparseKVAttention`: q [B, H, Tq, D], k and v [B, Hkv, Tk, D], kv_lengths [B] (int32), keep
   [B, Tk] (int8) -> [B, H, Tq, D].
 
-The JIT implementations launch the Triton kernels of `plugins/kernels` on TensorRT's stream; SparseKVAttention
-also has an AOT implementation (the same kernel compiled to PTX by `plugins/kernels/aot.py`), so its engines run
-without Python. AdaptiveTokenSelect has none: it runs three kernels and an AOT plugin launches one. TensorRT is an
-optional extra: `register_plugins()` imports it and registers the definitions; nothing here runs on import.
+The JIT implementations launch the Triton kernels of `plugins/kernels` on TensorRT's stream; AdaptiveTokenSelect
+and SparseKVAttention also have AOT implementations (the same kernels compiled to PTX by `plugins/kernels/aot.py`),
+so their engines run without Python. AdaptiveTokenSelectCount is JIT only (its count comes from the padded
+outputs). TensorRT is an optional extra: `register_plugins()` imports it and registers the definitions; nothing
+here runs on import.
 """
 
 # No `from __future__ import annotations` here: tensorrt.plugin reads the annotations of the decorated
@@ -35,6 +36,12 @@ def register_plugins() -> None:
     def as_torch(t: trtp.Tensor) -> torch.Tensor:
         return torch.as_tensor(t, device="cuda")
 
+    def capability() -> tuple[int, int]:
+        return torch.cuda.get_device_capability() if torch.cuda.is_available() else (8, 0)
+
+    def kernel_dtype(desc: trtp.TensorDesc) -> str:
+        return "fp16" if desc.dtype == trt.float16 else "fp32"
+
     Desc = trtp.TensorDesc
     Three = tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]
 
@@ -55,6 +62,37 @@ def register_plugins() -> None:
             )
             for out, value in zip(outputs, (tokens, lengths, indices), strict=True):
                 as_torch(out).copy_(value)
+
+    Aot = tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs]
+
+    def launch_params(kernel, grid_x, grid_y) -> trtp.KernelLaunchParams:
+        launch = trtp.KernelLaunchParams()
+        launch.grid_x, launch.grid_y = grid_x, grid_y
+        launch.block_x = kernel.num_warps * 32
+        launch.shared_mem = kernel.shared_bytes
+        return launch
+
+    def int_scalars(*values) -> trtp.SymIntExprs:
+        scalars = trtp.SymIntExprs(len(values))
+        for i, value in enumerate(values):
+            scalars[i] = trtp.SymInt32(value)
+        return scalars
+
+    @trtp.aot_impl("prumerge::AdaptiveTokenSelect")
+    def select_aot(features: Desc, scores: Desc, keys: Desc, plus: int, iqr_k: float, knn: int, grid_div: int,
+                   outputs: tuple[Desc, Desc, Desc], tactic: int) -> Aot:  # fmt: skip
+        from .kernels.aot import compile_adaptive_token_select
+        from .kernels.token_select import SPLIT
+
+        n, width = features.shape_expr[1], features.shape_expr[2]
+        if not (n.is_constant and width.is_constant):
+            raise ValueError("the AOT AdaptiveTokenSelect needs a static patch count and width")
+        kernel = compile_adaptive_token_select(kernel_dtype(features), n.constant_value, width.constant_value,
+                                               bool(plus), iqr_k, knn, grid_div, capability())  # fmt: skip
+        kmax = select_kmax(n.constant_value, bool(plus))
+        split = min(kmax, SPLIT)
+        launch = launch_params(kernel, features.shape_expr[0], split)
+        return kernel.name, kernel.ptx, launch, int_scalars(n, width, kmax, n - 1, split)  # N, C, KMAX, end, SPLIT
 
     @trtp.register("prumerge::AdaptiveTokenSelectCount")
     def count_desc(features: Desc, scores: Desc, keys: Desc, plus: int, iqr_k: float, knn: int,
@@ -87,28 +125,19 @@ def register_plugins() -> None:
                                       as_torch(keep).bool(), bool(causal))  # fmt: skip
             as_torch(outputs[0]).copy_(out)
 
-    Aot = tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs]
-
     @trtp.aot_impl("prumerge::SparseKVAttention")
     def attention_aot(q: Desc, k: Desc, v: Desc, kv_lengths: Desc, keep: Desc, causal: int, outputs: tuple[Desc],
                       tactic: int) -> Aot:  # fmt: skip
         from .kernels.aot import compile_sparse_kv_attention
+        from .kernels.sparse_kv_attention import BLOCK_M
 
         head_dim = q.shape_expr[3]
         if not head_dim.is_constant:
             raise ValueError("the AOT SparseKVAttention needs a static head size")
-        dtype = "fp16" if q.dtype == trt.float16 else "fp32"
-        capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else (8, 0)
-        kernel = compile_sparse_kv_attention(dtype, head_dim.constant_value, bool(causal), capability)
+        kernel = compile_sparse_kv_attention(kernel_dtype(q), head_dim.constant_value, bool(causal), capability())
         batch, heads, tq = q.shape_expr[0], q.shape_expr[1], q.shape_expr[2]
-        launch = trtp.KernelLaunchParams()
-        launch.grid_x = batch * heads
-        launch.grid_y = trtp.cdiv(tq, kernel.block_m)
-        launch.block_x = kernel.num_warps * 32
-        launch.shared_mem = kernel.shared_bytes
-        scalars = trtp.SymIntExprs(5)  # H, GROUPS, TQ, TK, D: the kernel's scalar parameters, in order
-        for i, value in enumerate((heads, heads // k.shape_expr[1], tq, k.shape_expr[2], head_dim)):
-            scalars[i] = trtp.SymInt32(value)
+        launch = launch_params(kernel, batch * heads, trtp.cdiv(tq, BLOCK_M))
+        scalars = int_scalars(heads, heads // k.shape_expr[1], tq, k.shape_expr[2], head_dim)  # H, GROUPS, TQ, TK, D
         return kernel.name, kernel.ptx, launch, scalars
 
     @trtp.autotune("prumerge::SparseKVAttention")

@@ -1,5 +1,6 @@
-"""Ahead-of-time compilation of the SparseKVAttention Triton kernel to PTX, for TensorRT's `aot_impl` (an engine
-that runs without Python, e.g. in trtexec). Needs no GPU: Triton compiles for a named target."""
+"""Ahead-of-time compilation of the plugin kernels to PTX, for TensorRT's `aot_impl` (an engine that runs without
+Python, e.g. in trtexec). Needs no GPU: Triton compiles for a named target. Each kernel takes its parameters in
+TensorRT's launch order: input pointers, the scalars the plugin passes, output pointers."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from .sparse_kv_attention import BLOCK_M, BLOCK_N, block_d, sparse_kv_attention_kernel
+from .token_select import adaptive_token_select_kernel, select_constants
 
 DTYPES = {"fp32": "*fp32", "fp16": "*fp16"}
 
@@ -21,7 +23,24 @@ class CompiledKernel:
     ptx: str
     num_warps: int
     shared_bytes: int
-    block_m: int = BLOCK_M
+
+
+def pointer_type(dtype: str) -> str:
+    """Triton's pointer type for "fp32" or "fp16" tensors."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def compile_ptx(fn: triton.JITFunction, signature: dict[str, str], constants: dict[str, object],
+                capability: tuple[int, int]) -> CompiledKernel:  # fmt: skip
+    """PTX of a Triton kernel for `signature` (pointer and scalar types, "constexpr" for `constants`)."""
+    if not hasattr(fn, "params"):
+        raise RuntimeError("Triton's interpreter is on (TRITON_INTERPRET=1): it cannot compile kernels ahead of time")
+    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants)
+    compiled = triton.compile(source, target=GPUTarget("cuda", capability[0] * 10 + capability[1], 32))
+    return CompiledKernel(compiled.metadata.name, compiled.asm["ptx"], compiled.metadata.num_warps,
+                          compiled.metadata.shared)  # fmt: skip
 
 
 def compile_sparse_kv_attention(
@@ -29,18 +48,24 @@ def compile_sparse_kv_attention(
 ) -> CompiledKernel:
     """PTX of the kernel for `dtype` q/k/v/out ("fp32" or "fp16"), a fixed head size and causality, with a
     keep mask, for compute capability `capability`. Its launch grid is (B * H, ceil(Tq / block_m))."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
-    if not hasattr(sparse_kv_attention_kernel, "params"):
-        raise RuntimeError("Triton's interpreter is on (TRITON_INTERPRET=1): it cannot compile kernels ahead of time")
-    pointer = DTYPES[dtype]
+    pointer = pointer_type(dtype)
     signature = {"q_ptr": pointer, "k_ptr": pointer, "v_ptr": pointer, "len_ptr": "*i32", "keep_ptr": "*i8",
                  "H": "i32", "GROUPS": "i32", "TQ": "i32", "TK": "i32", "D": "i32", "out_ptr": pointer,
                  "HAS_KEEP": "constexpr", "CAUSAL": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
                  "BLOCK_D": "constexpr"}  # fmt: skip
     constants = {"HAS_KEEP": True, "CAUSAL": causal, "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N,
                  "BLOCK_D": block_d(head_dim)}  # fmt: skip
-    source = triton.compiler.ASTSource(fn=sparse_kv_attention_kernel, signature=signature, constexprs=constants)
-    compiled = triton.compile(source, target=GPUTarget("cuda", capability[0] * 10 + capability[1], 32))
-    return CompiledKernel(compiled.metadata.name, compiled.asm["ptx"], compiled.metadata.num_warps,
-                          compiled.metadata.shared)  # fmt: skip
+    return compile_ptx(sparse_kv_attention_kernel, signature, constants, capability)
+
+
+def compile_adaptive_token_select(
+    dtype: str, n: int, c: int, plus: bool, iqr_k: float, knn: int, grid_div: int, capability: tuple[int, int] = (8, 0)
+) -> CompiledKernel:
+    """PTX of the AdaptiveTokenSelect kernel for `dtype` features/scores/keys/tokens and `n` patches of width `c`
+    (both static in an engine). Its launch grid is (B, SPLIT); the scalars are N, C, Kmax, grid end, SPLIT."""
+    pointer = pointer_type(dtype)
+    constants = select_constants(n, c, plus, iqr_k, knn, grid_div)
+    signature = {"x_ptr": pointer, "scores_ptr": pointer, "keys_ptr": pointer, "N": "i32", "C": "i32",
+                 "KMAX": "i32", "grid_end": "i32", "SPLIT": "i32", "tokens_ptr": pointer, "len_ptr": "*i64",
+                 "idx_ptr": "*i64", **dict.fromkeys(constants, "constexpr")}  # fmt: skip
+    return compile_ptx(adaptive_token_select_kernel, signature, constants, capability)

@@ -38,6 +38,9 @@ def main() -> None:
     """Entry point: run the app; report errors as one line with a non-zero exit code."""
     _register()
     quiet_transformers()
+    from .options import fill_optional_values
+
+    sys.argv[1:] = fill_optional_values(sys.argv[1:])
     try:
         app()  # standalone: Typer reports usage errors itself and exits
     except PrumergeError as exc:

@@ -13,6 +13,7 @@ from ..bundle import is_bundle
 from ..dynamic.bundle import is_dynamic
 from ..errors import PrumergeError
 from ..exporters.decode_export import DecodeOptions
+from ..exporters.trt_support import PLUGIN_MODES
 from ..targets import open_encoder
 from . import app
 from .options import PARAM_HELP, parse_params
@@ -36,11 +37,12 @@ def export(
     with_projector: Annotated[bool, typer.Option(help="Append the LLaVA projector (outputs are LLM inputs).")] = False,
     check: Annotated[bool, typer.Option(help="Check ONNX Runtime against PyTorch.")] = True,
     plugins: Annotated[
-        bool, typer.Option(help="Selection + merge as one prumerge::AdaptiveTokenSelect plugin node.")
-    ] = False,
-    plugin_impl: Annotated[
-        str, typer.Option(help="TensorRT plugin implementation with --plugins: jit or aot.")
-    ] = "jit",
+        str,
+        typer.Option(
+            help="Custom nodes (prumerge::AdaptiveTokenSelect, or SparseKVAttention in a decode step) for TensorRT "
+            "plugins: jit, aot (ahead-of-time kernels), or none (plugin-free graph). --plugins alone = jit."
+        ),
+    ] = "none",
     precision: Annotated[str, typer.Option(help="TensorRT precision: fp32, fp16 or bf16.")] = "fp16",
     min_batch: Annotated[int, typer.Option(help="TensorRT profile: smallest batch.")] = 1,
     opt_batch: Annotated[int, typer.Option(help="TensorRT profile: batch to optimise for.")] = 1,
@@ -57,9 +59,11 @@ def export(
     over static KV buffers, or with [bold]--plugins[/bold] one prumerge::SparseKVAttention node per layer."""
     if onnx == trt:
         raise PrumergeError("choose one of --onnx or --trt")
+    if plugins not in PLUGIN_MODES:
+        raise PrumergeError(f"--plugins takes {', '.join(PLUGIN_MODES)}, got {plugins!r}")
     console = Console()
     if is_bundle(target) and is_dynamic(target):
-        options = DecodeOptions(batch or 1, prompt_tokens, new_tokens, plugins, plugin_impl == "aot", check)
+        options = DecodeOptions(batch or 1, prompt_tokens, new_tokens, plugins != "none", plugins == "aot", check)
         export_decode(target, output, options, trt, precision, timing_cache, force, console)
         return
     if trt:
@@ -69,7 +73,7 @@ def export(
 
         require_tensorrt()
         profile = BatchProfile(min_batch, opt_batch, max_batch)
-        trt_options = TrtOptions(precision, profile, timing_cache, plugin_impl if plugins else "none")
+        trt_options = TrtOptions(precision, profile, timing_cache, plugins)
         encoder = open_encoder(target, method, parse_params(param))
         with console.status(f"building a TensorRT engine ({precision}, plugins {trt_options.plugins})..."):
             manifest = export_trt(encoder, output, trt_options, force=force)
@@ -79,7 +83,7 @@ def export(
         return
     from ..exporters.onnx_export import OnnxOptions, export_onnx
 
-    options = OnnxOptions(opset, dtype, batch, max_batch, with_projector, check, plugins)
+    options = OnnxOptions(opset, dtype, batch, max_batch, with_projector, check, plugins != "none", plugins == "aot")
     encoder = open_encoder(target, method, parse_params(param))
     with console.status(f"exporting {encoder.reducer.name} to ONNX (opset {opset}, {dtype})..."):
         manifest = export_onnx(encoder, output, options, force=force)
@@ -100,7 +104,7 @@ def print_manifest(console: Console, output: Path, manifest: dict) -> None:
         table.add_row("parity", "not checked (--no-check)")
     for plugin in manifest["plugins"]:
         table.add_row("plugin node", f"{plugin['domain']}::{plugin['op_type']} v{plugin['plugin_version']} "
-                      f"(TensorRT plugin {plugin['tensorrt_plugin']})")  # fmt: skip
+                      f"(TensorRT plugin {plugin['tensorrt_plugin']}, {plugin['implementation']})")  # fmt: skip
     for name, info in manifest["files"].items():
         table.add_row(name, f"{info['bytes'] / 2**20:.1f} MiB")
     table.add_row("export time", f"{manifest['export_seconds']:.1f} s")

@@ -6,8 +6,24 @@ import json
 from typing import Any
 
 from ..errors import PrumergeError
+from ..exporters.trt_support import PLUGIN_MODES
 
 PARAM_HELP = "Reducer parameter KEY=VALUE (repeatable), e.g. -p knn=16 -p merge=false."
+
+OPTIONAL_VALUES = {"--plugins": ("jit", PLUGIN_MODES)}
+
+
+def fill_optional_values(args: list[str]) -> list[str]:
+    """Give a value to an option written without one: `--plugins` alone means `--plugins jit` (Typer has no
+    options whose value is optional)."""
+    filled: list[str] = []
+    for i, arg in enumerate(args):
+        filled.append(arg)
+        if arg in OPTIONAL_VALUES:
+            default, values = OPTIONAL_VALUES[arg]
+            if i + 1 == len(args) or args[i + 1] not in values:
+                filled.append(default)
+    return filled
 
 
 def parse_params(items: list[str] | None) -> dict[str, Any]:
