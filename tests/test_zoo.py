@@ -28,7 +28,7 @@ def test_clip_retrieves_captions():
     from transformers import CLIPModel
 
     clip = CLIPModel.from_pretrained(str(CLIP_DIR)).float().eval()
-    assert retrieval_top1(clip, AutoTokenizer.from_pretrained(str(CLIP_DIR)), "test", 64) >= 0.8
+    assert retrieval_top1(clip, AutoTokenizer.from_pretrained(str(CLIP_DIR)), "test", 64) >= 0.9
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +38,10 @@ def lm():
 
 def test_llava_answers_held_out_questions_above_chance(lm):
     """Trained, though short of the 90% target (see the model card): colour and count are well above chance
-    (1/6 and 1/3)."""
+    (1/6 and 1/3; measured 55% and 95% on these 40 images)."""
     score = vqa_accuracy(ReducedVisionEncoder.from_pretrained(LLAVA_DIR, "none"), lm, images=40)
     assert score.tokens_mean == 256
-    assert score.accuracy["color"] >= 0.3 and score.accuracy["count"] >= 0.55, score.accuracy
+    assert score.accuracy["color"] >= 0.4 and score.accuracy["count"] >= 0.8, score.accuracy
 
 
 def test_prumerge_on_the_embedded_model_keeps_few_tokens(lm):

@@ -6,15 +6,17 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import CLIPModel
 
 from .. import atomic
+from ..cli import quiet_transformers
 from ..encoder import ReducedVisionEncoder
 from ..lm.llava_lm import LlavaLm
 from ..versions import package_versions
@@ -32,7 +34,7 @@ class Recipe:
 
     clip_steps: int = 2400
     clip_batch: int = 64
-    llava_steps: int = 2400
+    llava_steps: int = 3000
     llava_images: int = 16
     llava_lr: float = 1.5e-3
     seed: int = 0
@@ -41,12 +43,26 @@ class Recipe:
     vqa_images: int = 300
 
 
-def progress_bar() -> Progress:
+def progress_bar(console: Console) -> Progress:
     """A bar with the current loss."""
     return Progress(
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
     )  # fmt: skip
+
+
+def step_logger(bar: Progress, task: TaskID, console: Console, name: str, total: int) -> Callable[[int, float], None]:
+    """Advance the bar; where the console is not a terminal (a CI log), also print a line every 5% of the steps."""
+    start = time.perf_counter()
+    every = max(1, total // 20)
+
+    def log(step: int, loss: float) -> None:
+        bar.update(task, completed=step + 1, loss=loss)
+        if not console.is_terminal and ((step + 1) % every == 0 or step == 0):
+            minutes = (time.perf_counter() - start) / 60
+            console.print(f"{name} step {step + 1}/{total} loss {loss:.3f} ({minutes:.1f} min)")
+
+    return log
 
 
 def save_model(model, tokenizer, target: Path) -> None:
@@ -69,22 +85,22 @@ def build(recipe: Recipe, out: Path, console: Console, clip_from: tuple[Path, fl
     if clip_from is not None:
         clip, clip_minutes = CLIPModel.from_pretrained(str(clip_from[0]), dtype=torch.float32).eval(), clip_from[1]
     else:
-        with progress_bar() as bar:
+        with progress_bar(console) as bar:
             task = bar.add_task("CLIP (contrastive)", total=recipe.clip_steps, loss=float("nan"))
             start = time.perf_counter()
-            clip = train_clip(tokenizer, recipe.clip_steps, recipe.clip_batch, recipe.seed,
-                              log=lambda step, loss: bar.update(task, completed=step + 1, loss=loss))  # fmt: skip
+            log = step_logger(bar, task, console, "CLIP", recipe.clip_steps)
+            clip = train_clip(tokenizer, recipe.clip_steps, recipe.clip_batch, recipe.seed, log=log)
             clip_minutes = (time.perf_counter() - start) / 60
     retrieval = retrieval_top1(clip, tokenizer, "test", recipe.retrieval_images)
     console.print(f"CLIP: {clip_minutes:.1f} min, held-out image->caption top-1 {retrieval:.3f}")
     save_model(clip, tokenizer, clip_dir)  # leaves `clip` rounded to fp16, exactly the saved tower
 
     llava = build_llava(clip, tokenizer, recipe.seed)
-    with progress_bar() as bar:
+    with progress_bar(console) as bar:
         task = bar.add_task("LLaVA (projector + LM)", total=recipe.llava_steps, loss=float("nan"))
         start = time.perf_counter()
-        train_llava(llava, tokenizer, recipe.llava_steps, recipe.llava_images, recipe.seed, recipe.llava_lr,
-                    log=lambda step, loss: bar.update(task, completed=step + 1, loss=loss))  # fmt: skip
+        log = step_logger(bar, task, console, "LLaVA", recipe.llava_steps)
+        train_llava(llava, tokenizer, recipe.llava_steps, recipe.llava_images, recipe.seed, recipe.llava_lr, log=log)
         llava_minutes = (time.perf_counter() - start) / 60
     save_model(llava, tokenizer, llava_dir)
 
@@ -142,7 +158,10 @@ caption (one attribute of one object changed).
 - Training: symmetric InfoNCE, {clip_steps} steps of {clip_batch} fresh image-caption pairs, each image also
   contrasted with the batch's {clip_batch} near-miss captions (without them the tower learned colours and
   positions but hardly shapes), bf16 autocast, AdamW (lr 2e-3, weight decay 0.05), 5% warm-up then cosine
-  decay, seed {seed}: {clip_minutes:.1f} min.
+  decay, seed {seed}: {clip_minutes:.1f} min. The patch position embeddings start as a 2-D sine-cosine grid
+  (row and column, CLS at zero) and are trained on: from the default random start the patch features kept so
+  little absolute position (a linear probe found a patch's 3x3 cell 15% of the time, chance 11%) that the LLaVA
+  could not tell which object "the object at top left" meant.
 - Held-out image->caption retrieval top-1 among {retrieval_images} test captions: **{retrieval_pct:.1f}%**.
 
 ## `llava/` - LlavaForConditionalGeneration
@@ -174,6 +193,7 @@ def main() -> None:
     parser.add_argument("--clip", type=Path, help="Reuse a CLIP trained by this recipe (fp32) instead of training.")
     parser.add_argument("--clip-minutes", type=float, default=float("nan"), help="Its measured training time.")
     args = parser.parse_args()
+    quiet_transformers()
     recipe = Recipe(clip_steps=4, llava_steps=4, retrieval_images=16, vqa_images=10) if args.quick else Recipe()
     build(recipe, args.out, Console(), None if args.clip is None else (args.clip, args.clip_minutes))
 

@@ -48,6 +48,16 @@ def pair_batch(
     return pixels, caption_batch(tokenizer, captions)
 
 
+def grid_position_embeddings(rows: int, dim: int) -> torch.Tensor:
+    """2-D sine-cosine positions of a `rows` x `rows` patch grid ([rows^2, dim]): a quarter of the channels each
+    for sin and cos of the row and of the column, frequencies 1 / 100^(i / (dim/4))."""
+    quarter = dim // 4
+    omega = 1.0 / 100 ** (torch.arange(quarter) / quarter)
+    grid = torch.arange(rows, dtype=torch.float32)
+    row, col = (axis.flatten()[:, None] * omega for axis in torch.meshgrid(grid, grid, indexing="ij"))
+    return torch.cat([row.sin(), row.cos(), col.sin(), col.cos()], dim=1)
+
+
 def train_clip(
     tokenizer: PreTrainedTokenizerFast,
     steps: int,
@@ -57,9 +67,16 @@ def train_clip(
 ) -> CLIPModel:
     """Train from scratch with the symmetric InfoNCE loss, each image also contrasted with near-miss captions
     (one attribute of one object changed), so that shapes and sizes matter; bf16 autocast; AdamW, warm-up
-    then cosine decay."""
+    then cosine decay. The patch position embeddings start as a 2-D sine-cosine grid (CLS at zero): from the
+    default random start the patch features kept almost no absolute position, and the LLaVA on top could not
+    tell which object a question about a position meant."""
     torch.manual_seed(seed)
     model = CLIPModel(clip_config(len(tokenizer)))
+    positions = model.vision_model.embeddings.position_embedding.weight
+    with torch.no_grad():
+        side = math.isqrt(positions.shape[0] - 1)
+        positions[0] = 0
+        positions[1:] = grid_position_embeddings(side, positions.shape[1])
     processor = image_processor()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
     warmup = max(1, steps // 20)
