@@ -10,12 +10,13 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 setup: $(STAMP)
 
 # torch is pinned to 2.13.0: on these machines that is the CPU build on disk; GPU users get the normal wheel.
-$(STAMP): pyproject.toml
+# constraints.txt pins the rest to the versions the tests last passed with.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[onnx,dev]"
-	$(BIN)/pip install -q -e ".[rtx]" || echo "tensorrt-rtx-cu12 is unavailable: the TensorRT-RTX build test will skip"
+	$(BIN)/pip install -q -c constraints.txt -e ".[onnx,dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[rtx]" || echo "tensorrt-rtx-cu12 is unavailable: the TensorRT-RTX build test will skip"
 	touch $(STAMP)
 
 test: setup

@@ -60,7 +60,9 @@ class BufferWrites:
         self.buffers = list(buffers)
         self.dense, self.sparse, self.sparse_layer = dense, sparse, sparse_layer
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: object) -> tuple[torch.Tensor, ...]:
+    def update(
+        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, ...]:
         counter = self.dense if layer_idx < self.sparse_layer else self.sparse
         b, h, _, d = key.shape
         index = counter[:, None, None, None].expand(b, h, 1, d)

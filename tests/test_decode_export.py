@@ -20,7 +20,8 @@ from .test_onnx_export import assert_clean_error
 
 @pytest.fixture(scope="module")
 def bundle(llava_deep_dir, tmp_path_factory):
-    predictors = mixed_predictors(32)
+    """Predictors that keep about 14 of the 20 tokens `test_decisions_vary...` generates (seed 1: all 20)."""
+    predictors = mixed_predictors(32, seed=4)
     state = {f"predictors.{k}": v.contiguous() for k, v in predictors.state_dict().items()}
     out = tmp_path_factory.mktemp("dyn") / "bundle"
     write_dynamic_bundle(out, llava_deep_dir, predictors.config, "predictor", state, ["predictors"], [], force=False)

@@ -29,8 +29,9 @@ def image(llava_deep_dir, image_paths):
     return encoder.encode_images([open_image(p) for p in image_paths[:3]], project=True)
 
 
-def mixed_predictors(hidden: int, vision_keep_rate: float = 0.25, seed: int = 0) -> Predictors:
-    """Predictors whose output decisions vary from token to token (a trained predictor's, not an init's)."""
+def mixed_predictors(hidden: int, vision_keep_rate: float = 0.25, seed: int = 1) -> Predictors:
+    """Predictors whose output decisions vary from token to token (a trained predictor's, not an init's): with
+    seed 1 they keep 6 of the 27 tokens generated for `prompts` (seed 0 keeps all 27)."""
     predictors = Predictors(hidden, SparseConfig(vision_keep_rate=vision_keep_rate, **SMALL), seed=seed)
     last = predictors.text.mlp[-1]
     with torch.no_grad():
@@ -40,9 +41,7 @@ def mixed_predictors(hidden: int, vision_keep_rate: float = 0.25, seed: int = 0)
 
 
 def prompts(lm: LlavaLm) -> list[list[int]]:
-    return lm.encode(
-        ["what color is the object at top left ?", "how many objects are there ?", "is there a red cross ?"]
-    )
+    return lm.encode(["what color is the object at northwest", "how many objects are there", "is there a red cross"])
 
 
 def row(image: ReducedTokens, b: int) -> ReducedTokens:

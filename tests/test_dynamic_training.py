@@ -32,9 +32,9 @@ def world(tmp_path_factory):
     return data, data.parent / "images"
 
 
-def job(llava_deep_dir, world, output, steps=6, **options) -> DynamicJob:
+def job(llava_deep_dir, world, output, steps=6, lr=1e-3, **options) -> DynamicJob:
     data, images = world
-    opts = TrainOptions(steps=steps, batch_size=2, lr=1e-3, save_every=2, **options)
+    opts = TrainOptions(steps=steps, batch_size=2, lr=lr, save_every=2, **options)
     return DynamicJob(llava_deep_dir, data, images, output, SMALL, opts)
 
 
@@ -64,8 +64,10 @@ def test_resume_reproduces_the_uninterrupted_run(llava_deep_dir, world, tmp_path
 
 
 def test_training_moves_the_keep_ratio_and_bundle_loads(llava_deep_dir, world, tmp_path):
-    history = run_dynamic(job(llava_deep_dir, world, tmp_path / "b", steps=12), Console(quiet=True))
-    assert history[-1].image_keep < history[0].image_keep - 0.05  # pushed towards 0.2 from ~0.5
+    """The per-batch keep rate is noisy (0.40-0.61 over 12 steps at lr 1e-3); at lr 3e-2 it falls from 0.56 to
+    about 0.1 within 12 steps."""
+    history = run_dynamic(job(llava_deep_dir, world, tmp_path / "b", steps=12, lr=3e-2), Console(quiet=True))
+    assert history[-1].image_keep < history[0].image_keep - 0.2  # pushed towards 0.2 from ~0.5
     dynamic, _encoder = load_dynamic(tmp_path / "b")
     assert dynamic.vision and dynamic.config == SMALL
     trained = load_file(tmp_path / "b" / "predictors.safetensors")

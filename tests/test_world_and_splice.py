@@ -67,7 +67,7 @@ def test_splice_equals_hf_llava_forward(llava_dir, image_paths):
     hf = LlavaForConditionalGeneration.from_pretrained(llava_dir).eval()
     image = Image.open(image_paths[0]).convert("RGB")
     pixels = encoder.processor(images=[image], return_tensors="pt")["pixel_values"]
-    question = lm.encode(["what color is the object at center ?"])[0]
+    question = lm.encode(["what color is the object at center"])[0]
     image_id = hf.config.image_token_index
     ids = torch.tensor([[lm.bos_id, *[image_id] * 64, *question]])
     with torch.no_grad():

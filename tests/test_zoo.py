@@ -38,16 +38,16 @@ def lm():
 
 def test_llava_answers_held_out_questions_above_chance(lm):
     """Trained, though short of the 90% target (see the model card): colour and count are well above chance
-    (1/6 and 1/3; measured 55% and 95% on these 40 images)."""
+    (1/6 and 1/3; measured 92.5% and 85% on these 40 images)."""
     score = vqa_accuracy(ReducedVisionEncoder.from_pretrained(LLAVA_DIR, "none"), lm, images=40)
     assert score.tokens_mean == 256
-    assert score.accuracy["color"] >= 0.4 and score.accuracy["count"] >= 0.8, score.accuracy
+    assert score.accuracy["color"] >= 0.8 and score.accuracy["count"] >= 0.7, score.accuracy
 
 
 def test_prumerge_on_the_embedded_model_keeps_few_tokens(lm):
     score = vqa_accuracy(ReducedVisionEncoder.from_pretrained(LLAVA_DIR, "prumerge"), lm, images=25)
     assert score.tokens_max <= 65 and score.tokens_mean < 256 / 3
-    assert score.accuracy["overall"] > 0.25
+    assert score.accuracy["overall"] > 0.3
 
 
 def test_demo_runs_every_method(capsys, tmp_path):

@@ -39,7 +39,9 @@ class SparseKVCache:
         """Committed slots per sample in the group of `layer_idx`."""
         return self.dense if layer_idx < self.sparse_layer else self.sparse
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: object) -> tuple[torch.Tensor, ...]:
+    def update(
+        self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, ...]:
         """Write `[B, Hkv, q, D]` at slots counter..counter+q-1 of each sample; return the visible buffers."""
         b, h, q, d = key.shape
         slots = self.counter(layer_idx)[:, None] + torch.arange(q, device=key.device)
