@@ -106,9 +106,8 @@ def caption(scene: list[Thing]) -> str:
 
 
 def ask_about(thing: Thing, kind: str) -> QA:
-    """The colour, shape or size of the object at a position. The question ends with the position word and the
-    answer follows it: the small LM trained from scratch learns to look a cell up from the word it is reading
-    (colours of 3 objects: 97% after 200 steps), not when the word must first be carried to a later "?" (42%)."""
+    """The colour, shape or size of the object at a position; the question ends with the position word (see
+    `POSITIONS`)."""
     answer = {"color": thing.colour, "shape": thing.shape, "size": thing.size}[kind]
     return QA(f"what {kind} is the object at {POSITIONS[thing.cell]}", answer, kind)
 
