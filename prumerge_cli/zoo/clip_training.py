@@ -10,9 +10,15 @@ import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from .world import IMAGE_SIZE, make_sample, split_seed
+from .precision import autocast
+from .world import COLOURS, IMAGE_SIZE, SHAPES, SIZES, Sample, cell_of, make_sample, split_seed
 
 MAX_WORDS = 32
+PATCH = 14
+REGION_WEIGHT = 2.0
+"""Weight of the region loss beside the global image-caption loss (see `train_clip`)."""
+PHRASES = tuple(f"{size} {colour} {shape}" for size in SIZES for colour in COLOURS for shape in SHAPES)
+"""Every object phrase: the classes of the region loss."""
 
 
 def clip_config(vocab_size: int) -> CLIPConfig:
@@ -37,15 +43,44 @@ def caption_batch(tokenizer: PreTrainedTokenizerFast, captions: list[str]) -> di
     return tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
 
 
+def samples_of(split: str, start: int, size: int) -> list[Sample]:
+    """Samples start..start+size of a split."""
+    return [make_sample(split_seed(split, i)) for i in range(start, start + size)]
+
+
 def pair_batch(
-    split: str, start: int, size: int, processor, tokenizer, near_misses: bool = False
+    samples: list[Sample], processor, tokenizer, near_misses: bool = False
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Pixel values and caption ids of samples start..start+size of a split; with `near_misses`, each
-    image's near-miss caption follows the true ones (extra negatives)."""
-    samples = [make_sample(split_seed(split, i)) for i in range(start, start + size)]
+    """Pixel values and caption ids of the samples; with `near_misses`, each image's near-miss caption
+    follows the true ones (extra negatives)."""
     pixels = processor(images=[s.image for s in samples], return_tensors="pt")["pixel_values"]
     captions = [s.caption for s in samples] + ([s.near_miss for s in samples] if near_misses else [])
     return pixels, caption_batch(tokenizer, captions)
+
+
+def cell_pooling(image_size: int = IMAGE_SIZE, patch: int = PATCH) -> torch.Tensor:
+    """[9, patches]: row k averages the patches whose centre lies in cell k of the world's 3x3 layout."""
+    side = image_size // patch
+    centres = [patch * i + patch / 2 for i in range(side)]
+    cells = torch.tensor([cell_of(x, y) for y in centres for x in centres])
+    pooling = (cells[None, :] == torch.arange(9)[:, None]).float()
+    return pooling / pooling.sum(1, keepdim=True)
+
+
+def region_targets(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Image index, cell and `PHRASES` index of every object of the samples."""
+    objects = [(i, t.cell, PHRASES.index(f"{t.size} {t.name}")) for i, s in enumerate(samples) for t in s.scene]
+    return tuple(torch.tensor(column) for column in zip(*objects, strict=True))
+
+
+def region_loss(model: CLIPModel, patches: torch.Tensor, phrases: torch.Tensor, samples: list[Sample]) -> torch.Tensor:
+    """Cross-entropy of each object's cell (mean of its `patches`, the feature layer, through the tower's
+    post-layernorm and projection) against the text embeddings of all `PHRASES` (`phrases`, normalised)."""
+    image, cell, target = region_targets(samples)
+    cells = torch.einsum("kp,bpd->bkd", cell_pooling().to(patches.dtype), patches)[image, cell]
+    regions = model.visual_projection(model.vision_model.post_layernorm(cells))
+    logits = model.logit_scale.exp() * F.normalize(regions.float(), dim=-1) @ phrases.T
+    return F.cross_entropy(logits, target)
 
 
 def grid_position_embeddings(rows: int, dim: int) -> torch.Tensor:
@@ -63,13 +98,19 @@ def train_clip(
     steps: int,
     batch_size: int,
     seed: int,
+    precision: str = "bf16",
     log: Callable[[int, float], None] | None = None,
 ) -> CLIPModel:
     """Train from scratch with the symmetric InfoNCE loss, each image also contrasted with near-miss captions
-    (one attribute of one object changed), so that shapes and sizes matter; bf16 autocast; AdamW, warm-up
-    then cosine decay. The patch position embeddings start as a 2-D sine-cosine grid (CLS at zero): from the
-    default random start the patch features kept almost no absolute position, and the LLaVA on top could not
-    tell which object a question about a position meant."""
+    (one attribute of one object changed), so that shapes and sizes matter; `precision`: bf16 autocast or fp32;
+    AdamW, warm-up then cosine decay. The patch position embeddings start as a 2-D sine-cosine grid (CLS at
+    zero): from the default random start the patch features kept almost no absolute position, and the LLaVA on
+    top could not tell which object a question about a position meant.
+
+    A region loss (`region_loss`, weight `REGION_WEIGHT`) ties each object's cell at the feature layer LLaVA
+    reads to its phrase "size colour shape". Without it the caption loss is met from the [CLS] token and the
+    patches keep little shape: a linear probe read an object's shape from its cell's mean patch 32% of the time
+    (chance 25%) after 2400 steps without it, 93% after 1200 steps with it (fp32)."""
     torch.manual_seed(seed)
     model = CLIPModel(clip_config(len(tokenizer)))
     positions = model.vision_model.embeddings.position_embedding.weight
@@ -84,14 +125,20 @@ def train_clip(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
     model.train()
+    phrase_ids = caption_batch(tokenizer, list(PHRASES))
     for step in range(steps):
-        pixels, text = pair_batch("train", step * batch_size, batch_size, processor, tokenizer, near_misses=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            image = F.normalize(model.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1)
+        samples = samples_of("train", step * batch_size, batch_size)
+        pixels, text = pair_batch(samples, processor, tokenizer, near_misses=True)
+        with autocast(precision):
+            vision = model.get_image_features(pixel_values=pixels, output_hidden_states=True)
+            image = F.normalize(vision.pooler_output.float(), dim=-1)
             texts = F.normalize(model.get_text_features(**text).pooler_output.float(), dim=-1)
+            phrases = F.normalize(model.get_text_features(**phrase_ids).pooler_output.float(), dim=-1)
+            regions = region_loss(model, vision.hidden_states[-2][:, 1:], phrases, samples)
         logits = model.logit_scale.exp() * image @ texts.T  # [B, 2B]: true captions, then near misses
         labels = torch.arange(batch_size)
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, :batch_size].T, labels)) / 2
+        loss = loss + REGION_WEIGHT * regions
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -105,8 +152,7 @@ def train_clip(
 @torch.no_grad()
 def retrieval_top1(model: CLIPModel, tokenizer: PreTrainedTokenizerFast, split: str, count: int) -> float:
     """Image-to-caption top-1 accuracy among the `count` captions of the split's first `count` samples."""
-    processor = image_processor()
-    pixels, text = pair_batch(split, 0, count, processor, tokenizer)
+    pixels, text = pair_batch(samples_of(split, 0, count), image_processor(), tokenizer)
     image = F.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
     texts = F.normalize(model.get_text_features(**text).pooler_output, dim=-1)
     return float(((image @ texts.T).argmax(-1) == torch.arange(count)).float().mean())

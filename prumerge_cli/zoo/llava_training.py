@@ -15,6 +15,7 @@ from ..lm.splice import IGNORE, splice
 from ..models.tower import VisionTower
 from ..reducers import ReducedTokens
 from .clip_training import image_processor
+from .precision import autocast
 from .tokenizer import IMAGE_TOKEN
 from .world import make_sample, split_seed
 
@@ -66,9 +67,11 @@ def train_llava(
     images_per_step: int,
     seed: int,
     lr: float = 1.5e-3,
+    precision: str = "bf16",
     log: Callable[[int, float], None] | None = None,
 ) -> LlavaForConditionalGeneration:
-    """Train projector and LM on the conversations of `images_per_step` fresh images per step (bf16 autocast)."""
+    """Train projector and LM on the conversations of `images_per_step` fresh images per step
+    (`precision`: bf16 autocast or fp32)."""
     torch.manual_seed(seed)
     processor = image_processor()
     tower = VisionTower(model.model.vision_tower, "clip", feature_layer=-2)
@@ -88,7 +91,7 @@ def train_llava(
             features = tower(pixels, with_scores=False).features
         full = torch.full((len(features),), features.shape[1], dtype=torch.long)
         patches = torch.arange(features.shape[1]).expand(len(features), -1)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast(precision):
             image = ReducedTokens(model.model.multi_modal_projector(features), full, patches)
             batch = splice(lm.embed, lm.bos_id, image, texts, targets)
             logits = lm.logits(batch)

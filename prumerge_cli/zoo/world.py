@@ -100,6 +100,12 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fill)
 
 
+def cell_of(x: float, y: float) -> int:
+    """The 3x3 cell (raster order) of pixel coordinates."""
+    third = IMAGE_SIZE / 3
+    return int(y // third) * 3 + int(x // third)
+
+
 def caption(scene: list[Thing]) -> str:
     """'large red circle at northwest and small blue cross at center'."""
     return " and ".join(f"{t.size} {t.colour} {t.shape} at {POSITIONS[t.cell]}" for t in scene)
@@ -169,10 +175,11 @@ def near_miss(scene: list[Thing], rng: random.Random) -> list[Thing]:
 
 @dataclass(frozen=True)
 class Sample:
-    """An image with its caption, one question per type (evaluation), the training conversation (`lesson`)
-    and a near-miss caption (a hard negative for contrastive training)."""
+    """An image with its scene and caption, one question per type (evaluation), the training conversation
+    (`lesson`) and a near-miss caption (a hard negative for contrastive training)."""
 
     image: Image.Image
+    scene: tuple[Thing, ...]
     caption: str
     qas: tuple[QA, ...]
     lesson: tuple[QA, ...]
@@ -186,7 +193,7 @@ def make_sample(seed: int) -> Sample:
     image = render(scene, rng)
     qas = tuple(ask(scene, kind, rng) for kind in QUESTION_TYPES)
     extra = random.Random(f"lesson-{seed}")
-    return Sample(image, caption(scene), qas, lesson(scene, extra), caption(near_miss(scene, extra)))
+    return Sample(image, tuple(scene), caption(scene), qas, lesson(scene, extra), caption(near_miss(scene, extra)))
 
 
 SPLITS = {"train": 0, "val": 10_000_000, "test": 20_000_000}

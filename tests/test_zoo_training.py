@@ -1,0 +1,86 @@
+"""Pieces of the zoo's training recipe: the region loss's cells and targets, precision, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import CLIPModel
+
+from prumerge_cli.zoo.clip_training import (
+    PATCH,
+    PHRASES,
+    caption_batch,
+    cell_pooling,
+    clip_config,
+    image_processor,
+    pair_batch,
+    region_loss,
+    region_targets,
+    samples_of,
+    train_clip,
+)
+from prumerge_cli.zoo.precision import autocast, native_bf16, resolve
+from prumerge_cli.zoo.tokenizer import build_tokenizer
+
+
+def test_cell_pooling_finds_every_object_in_its_cell():
+    for sample in samples_of("val", 0, 20):
+        pixels = np.asarray(sample.image).astype(np.float32)
+        colourful = torch.from_numpy(pixels.max(-1) - pixels.min(-1))  # grey clutter is near 0
+        side = colourful.shape[0] // PATCH
+        patches = colourful.reshape(side, PATCH, side, PATCH).mean((1, 3)).flatten()
+        per_cell = cell_pooling() @ patches
+        occupied = torch.tensor([t.cell for t in sample.scene])
+        empty = torch.tensor([c for c in range(9) if c not in occupied])
+        assert per_cell[occupied].min() > 1.5 * per_cell[empty].max(), (sample.caption, per_cell)
+
+
+def test_region_targets_name_each_object():
+    samples = samples_of("train", 0, 5)
+    image, cell, phrase = region_targets(samples)
+    things = [t for s in samples for t in s.scene]
+    assert len(image) == len(things) == sum(len(s.caption.split(" and ")) for s in samples)
+    for i, c, p, t in zip(image.tolist(), cell.tolist(), phrase.tolist(), things, strict=True):
+        assert t in samples[i].scene and c == t.cell
+        assert f"{PHRASES[p]} at" in samples[i].caption and PHRASES[p].endswith(t.name)
+
+
+def test_region_loss_trains_the_patches():
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    model = CLIPModel(clip_config(len(tokenizer)))
+    samples = samples_of("train", 0, 8)
+    pixels, _ = pair_batch(samples, image_processor(), tokenizer)
+    phrase_ids = caption_batch(tokenizer, list(PHRASES))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(8):
+        patches = model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        phrases = F.normalize(model.get_text_features(**phrase_ids).pooler_output, dim=-1)
+        loss = region_loss(model, patches, phrases, samples)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_clip_training_is_deterministic_given_a_seed():
+    tokenizer = build_tokenizer()
+    runs = [train_clip(tokenizer, steps=2, batch_size=4, seed=seed, precision="fp32") for seed in (0, 0, 1)]
+    weights = [torch.cat([p.detach().flatten() for p in run.parameters()]) for run in runs]
+    assert torch.equal(weights[0], weights[1])
+    assert not torch.equal(weights[0], weights[2])
+
+
+def test_precision_is_bf16_only_where_native():
+    assert resolve("auto") == ("bf16" if native_bf16() else "fp32")
+    assert resolve("fp32") == "fp32" and resolve("bf16") == "bf16"
+    with pytest.raises(ValueError, match="precision"):
+        resolve("fp16")
+    a = torch.ones(2, 2)
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        with autocast(precision):
+            assert (a @ a).dtype == dtype
