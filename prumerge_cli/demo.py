@@ -22,7 +22,7 @@ from .lm.llava_lm import LlavaLm
 from .lm.splice import splice
 from .runtime.ort import OrtEncoder
 from .zoo.vqa import VqaScore, vqa_accuracy
-from .zoo.world import make_sample, split_seed
+from .zoo.world import samples_of
 
 
 @dataclass
@@ -80,7 +80,7 @@ def run_demo(
 
 def time_variants(variants: list[Variant], lm: LlavaLm, batch: int, iters: int) -> dict[str, Latency]:
     """Encoder latency on torch and ONNX Runtime, and LLM prefill latency, all interleaved."""
-    samples = [make_sample(split_seed("test", i)) for i in range(batch)]
+    samples = samples_of("test", 0, batch)
     pixels = variants[0].encoder.processor(images=[s.image for s in samples], return_tensors="pt")["pixel_values"]
     question = lm.encode([samples[0].qas[0].question])[0]
     fns = {}

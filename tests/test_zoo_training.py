@@ -18,11 +18,11 @@ from prumerge_cli.zoo.clip_training import (
     pair_batch,
     region_loss,
     region_targets,
-    samples_of,
     train_clip,
 )
 from prumerge_cli.zoo.precision import autocast, native_bf16, resolve
 from prumerge_cli.zoo.tokenizer import build_tokenizer
+from prumerge_cli.zoo.world import samples_of
 
 
 def test_cell_pooling_finds_every_object_in_its_cell():

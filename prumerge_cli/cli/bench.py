@@ -96,7 +96,7 @@ def load_pixels(target: Path, images: Path | None, synthetic: int) -> tuple[torc
         return preprocess(processor, [open_image(p) for p in paths]), f"{len(paths)} images from {images}"
     if synthetic < 1:
         raise PrumergeError("--synthetic needs at least 1 image")
-    from ..zoo.world import make_sample, split_seed
+    from ..zoo.world import samples_of
 
-    samples = [make_sample(split_seed("test", i)).image for i in range(synthetic)]
+    samples = [s.image for s in samples_of("test", 0, synthetic)]
     return preprocess(processor, samples), f"{synthetic} held-out procedural-world images"

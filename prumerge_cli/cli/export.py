@@ -116,7 +116,7 @@ def export_decode(bundle: Path, output: Path, options: DecodeOptions, trt: bool,
     """The decode step of a predictor bundle, to ONNX or to a TensorRT engine."""
     from ..dynamic.bundle import load_dynamic
     from ..exporters.decode_export import export_decode_step
-    from ..zoo.world import make_sample, split_seed
+    from ..zoo.world import samples_of
 
     if trt:
         from ..exporters.trt_support import require_tensorrt
@@ -125,7 +125,7 @@ def export_decode(bundle: Path, output: Path, options: DecodeOptions, trt: bool,
     if options.batch < 1 or options.prompt_tokens < 2 or options.new_tokens < 1:
         raise PrumergeError("--batch, --prompt-tokens and --new-tokens must be positive")
     dynamic, encoder = load_dynamic(bundle)
-    image = encoder.encode_images([make_sample(split_seed("test", i)).image for i in range(options.batch)], True)
+    image = encoder.encode_images([s.image for s in samples_of("test", 0, options.batch)], True)
     source = {"bundle": str(bundle.resolve()), "model": str(encoder.model_dir)}
     with console.status("exporting the sparse-KV decode step..."):
         if trt:

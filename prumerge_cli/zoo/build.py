@@ -104,8 +104,10 @@ def build(recipe: Recipe, out: Path, console: Console, clip_from: tuple[Path, fl
         task = bar.add_task("LLaVA (projector + LM)", total=recipe.llava_steps, loss=float("nan"))
         start = time.perf_counter()
         log = step_logger(bar, task, console, "LLaVA", recipe.llava_steps)
-        r = recipe
-        train_llava(llava, tokenizer, r.llava_steps, r.llava_images, r.seed, r.llava_lr, r.precision, log)
+        train_llava(
+            llava, tokenizer, recipe.llava_steps, recipe.llava_images, recipe.seed, recipe.llava_lr, recipe.precision,
+            log,
+        )  # fmt: skip
         llava_minutes = (time.perf_counter() - start) / 60
     save_model(llava, tokenizer, llava_dir)
 

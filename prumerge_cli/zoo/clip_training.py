@@ -11,7 +11,7 @@ from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from .precision import autocast
-from .world import COLOURS, IMAGE_SIZE, SHAPES, SIZES, Sample, cell_of, make_sample, split_seed
+from .world import COLOURS, IMAGE_SIZE, SHAPES, SIZES, Sample, cell_of, samples_of
 
 MAX_WORDS = 32
 PATCH = 14
@@ -41,11 +41,6 @@ def caption_batch(tokenizer: PreTrainedTokenizerFast, captions: list[str]) -> di
     """Token ids `<s> words </s>` padded to the batch's longest."""
     texts = [f"<s> {c} </s>" for c in captions]
     return tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
-
-
-def samples_of(split: str, start: int, size: int) -> list[Sample]:
-    """Samples start..start+size of a split."""
-    return [make_sample(split_seed(split, i)) for i in range(start, start + size)]
 
 
 def pair_batch(

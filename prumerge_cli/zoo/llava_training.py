@@ -17,7 +17,7 @@ from ..reducers import ReducedTokens
 from .clip_training import image_processor
 from .precision import autocast
 from .tokenizer import IMAGE_TOKEN
-from .world import make_sample, split_seed
+from .world import samples_of
 
 
 def llava_config(clip: CLIPModel, tokenizer) -> LlavaConfig:
@@ -44,7 +44,7 @@ def build_llava(clip: CLIPModel, tokenizer, seed: int) -> LlavaForConditionalGen
 def conversation_batch(split: str, start: int, count: int, processor, tokenizer):
     """Pixels of `count` samples and, per image, its training conversation (`Sample.lesson`):
     `q1 a1 </s> q2 a2 </s> ... describe the image . <caption> </s>`, with answers and `</s>` as targets."""
-    samples = [make_sample(split_seed(split, i)) for i in range(start, start + count)]
+    samples = samples_of(split, start, count)
     pixels = processor(images=[s.image for s in samples], return_tensors="pt")["pixel_values"]
     texts, targets = [], []
     for sample in samples:

@@ -12,7 +12,7 @@ from ..encoder import ReducedVisionEncoder
 from ..lm.llava_lm import LlavaLm
 from ..lm.splice import LmBatch, splice
 from ..reducers import ReducedTokens
-from .world import QUESTION_TYPES, make_sample, split_seed
+from .world import QUESTION_TYPES, samples_of
 
 
 @dataclass
@@ -45,7 +45,7 @@ def vqa_accuracy(
     correct: dict[str, list[bool]] = defaultdict(list)
     tokens: list[int] = []
     for start in range(0, images, batch_images):
-        samples = [make_sample(split_seed(split, i)) for i in range(start, min(images, start + batch_images))]
+        samples = samples_of(split, start, min(batch_images, images - start))
         out = encoder.encode_images([s.image for s in samples], project=True)
         tokens += out.lengths.tolist()
         rows = torch.tensor([i for i, s in enumerate(samples) for _ in s.qas])

@@ -205,6 +205,11 @@ def split_seed(split: str, index: int) -> int:
     return SPLITS[split] + index
 
 
+def samples_of(split: str, start: int, count: int) -> list[Sample]:
+    """Samples start..start+count of a split."""
+    return [make_sample(split_seed(split, i)) for i in range(start, start + count)]
+
+
 def vocabulary() -> list[str]:
     """Every word a caption, question or answer can use."""
     words: set[str] = {"?", ".", "and", "at", "what", "color", "is", "the", "object", "shape", "size", "small", "large"}
