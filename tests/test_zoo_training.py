@@ -1,4 +1,4 @@
-"""Pieces of the zoo's training recipe: the region loss's cells and targets, precision, determinism."""
+"""Pieces of the zoo's training recipe: the region loss's cells and targets, precision, determinism, the card."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel
 
+from prumerge_cli.zoo.build import Recipe, cpu_name, model_card
 from prumerge_cli.zoo.clip_training import (
     PATCH,
     PHRASES,
@@ -22,7 +23,8 @@ from prumerge_cli.zoo.clip_training import (
 )
 from prumerge_cli.zoo.precision import autocast, native_bf16, resolve
 from prumerge_cli.zoo.tokenizer import build_tokenizer
-from prumerge_cli.zoo.world import samples_of
+from prumerge_cli.zoo.vqa import VqaScore
+from prumerge_cli.zoo.world import QUESTION_TYPES, samples_of
 
 
 def test_cell_pooling_finds_every_object_in_its_cell():
@@ -84,3 +86,12 @@ def test_precision_is_bf16_only_where_native():
     for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         with autocast(precision):
             assert (a @ a).dtype == dtype
+
+
+def test_model_card_fills_every_field():
+    accuracy = {kind: 0.5 for kind in (*QUESTION_TYPES, "overall")} | {"color": 0.875}
+    score = VqaScore(accuracy, tokens_mean=256, tokens_min=256, tokens_max=256, questions=60)
+    card = model_card(Recipe(precision="fp32"), 1.5, 2.5, 0.9, score, 10.0)
+    assert "| color | 87.5 |" in card and "| overall | 50.0 |" in card and "**90.0%**" in card
+    assert f"machine: {cpu_name()}" in card and ("native bf16: yes" in card) == native_bf16()
+    assert "{" not in card and "}" not in card

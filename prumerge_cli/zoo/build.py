@@ -23,7 +23,7 @@ from ..versions import package_versions
 from . import CLIP_DIR, LLAVA_DIR, MODEL_CARD
 from .clip_training import REGION_WEIGHT, image_processor, retrieval_top1, train_clip
 from .llava_training import build_llava, train_llava
-from .precision import PRECISIONS, resolve
+from .precision import PRECISIONS, native_bf16, resolve
 from .tokenizer import build_tokenizer
 from .vqa import VqaScore, vqa_accuracy
 from .world import QUESTION_TYPES, vocabulary
@@ -119,6 +119,14 @@ def build(recipe: Recipe, out: Path, console: Console, clip_from: tuple[Path, fl
     atomic.write_text(out / MODEL_CARD.name, card)
 
 
+def cpu_name() -> str:
+    """The CPU's model name where the OS tells it (Linux), else the architecture."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return f"{names[0]}, {len(names)} logical CPUs" if names else platform.processor() or platform.machine()
+
+
 def model_card(
     recipe: Recipe, clip_minutes: float, llava_minutes: float, retrieval: float, score: VqaScore, size_mib: float
 ) -> str:
@@ -134,7 +142,8 @@ def model_card(
         retrieval_pct=100 * retrieval,
         questions=score.questions,
         rows=rows,
-        cpu=platform.processor() or platform.machine(),
+        cpu=cpu_name(),
+        native_bf16="yes" if native_bf16() else "no",
         versions=", ".join(f"{k} {v}" for k, v in package_versions().items()),
     )
 
@@ -197,13 +206,13 @@ caption (one attribute of one object changed).
 {rows}
 
 ## Reproducing
-`make zoo` retrains both from scratch with {threads} threads and deterministic algorithms; machine: {cpu};
-{versions}.
+`make zoo` retrains both from scratch with {threads} threads and deterministic algorithms; machine: {cpu}
+(native bf16: {native_bf16}); {versions}.
 
 Precision `auto` (the default) trains in bf16 autocast where the CPU multiplies bf16 natively (AVX-512 BF16
 or AMX) and in fp32 elsewhere, where emulated bf16 is about 8x slower than fp32. The 90-minute budget holds on
 the former: a CLIP step took 1.3 s and a LLaVA step 0.8 s in bf16 on a 2-core Sapphire Rapids Xeon (AMX),
-against 3.3 s and 4.1 s in fp32 on a 2-core AVX2 EPYC. `--precision bf16` reproduces the bf16 recipe
+against 3.3 s and 4.1-4.6 s in fp32 on a 2-core AVX2 EPYC. `--precision bf16` reproduces the bf16 recipe
 anywhere, slowly.
 """
 

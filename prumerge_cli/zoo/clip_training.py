@@ -93,11 +93,11 @@ def train_clip(
     steps: int,
     batch_size: int,
     seed: int,
-    precision: str = "bf16",
+    precision: str = "auto",
     log: Callable[[int, float], None] | None = None,
 ) -> CLIPModel:
     """Train from scratch with the symmetric InfoNCE loss, each image also contrasted with near-miss captions
-    (one attribute of one object changed), so that shapes and sizes matter; `precision`: bf16 autocast or fp32;
+    (one attribute of one object changed), so that shapes and sizes matter; `precision`: see `precision.resolve`;
     AdamW, warm-up then cosine decay. The patch position embeddings start as a 2-D sine-cosine grid (CLS at
     zero): from the default random start the patch features kept almost no absolute position, and the LLaVA on
     top could not tell which object a question about a position meant.

@@ -67,11 +67,11 @@ def train_llava(
     images_per_step: int,
     seed: int,
     lr: float = 1.5e-3,
-    precision: str = "bf16",
+    precision: str = "auto",
     log: Callable[[int, float], None] | None = None,
 ) -> LlavaForConditionalGeneration:
     """Train projector and LM on the conversations of `images_per_step` fresh images per step
-    (`precision`: bf16 autocast or fp32)."""
+    (`precision`: see `precision.resolve`)."""
     torch.manual_seed(seed)
     processor = image_processor()
     tower = VisionTower(model.model.vision_tower, "clip", feature_layer=-2)
