@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel
 
-from prumerge_cli.zoo.build import Recipe, cpu_name, model_card
+from prumerge_cli.versions import cpu_name
+from prumerge_cli.zoo.build import Recipe, model_card
 from prumerge_cli.zoo.clip_training import (
     PATCH,
     PHRASES,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..bundle import is_bundle, read_bundle
 from ..dynamic.bundle import is_dynamic
 from ..reducers import PAD_INDEX, ReducedTokens
-from ..versions import package_versions
+from ..versions import cpu_name, package_versions
 from . import cost_model
 from .dynamic_bench import dynamic_rows
 from .llm_timing import PrefillCase, prefill_and_decode, random_llm, synthetic_case
@@ -99,7 +99,7 @@ def run_bench(
 def machine() -> dict[str, Any]:
     """Where the run happened."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+    return {"platform": platform.platform(), "processor": cpu_name(),
             "cpu_count": torch.get_num_threads(), "gpu": gpu}  # fmt: skip
 
 

@@ -4,7 +4,6 @@ write the model card. Usage: python -m prumerge_cli.zoo.build [--quick]"""
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -19,7 +18,7 @@ from .. import atomic
 from ..cli import quiet_transformers
 from ..encoder import ReducedVisionEncoder
 from ..lm.llava_lm import LlavaLm
-from ..versions import package_versions
+from ..versions import cpu_name, package_versions
 from . import CLIP_DIR, LLAVA_DIR, MODEL_CARD
 from .clip_training import REGION_WEIGHT, image_processor, retrieval_top1, train_clip
 from .llava_training import build_llava, train_llava
@@ -117,14 +116,6 @@ def build(recipe: Recipe, out: Path, console: Console, clip_from: tuple[Path, fl
     size = sum(f.stat().st_size for d in (clip_dir, llava_dir) for f in d.iterdir()) / 2**20
     card = model_card(recipe, clip_minutes, llava_minutes, retrieval, score, size)
     atomic.write_text(out / MODEL_CARD.name, card)
-
-
-def cpu_name() -> str:
-    """The CPU's model name where the OS tells it (Linux), else the architecture."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return f"{names[0]}, {len(names)} logical CPUs" if names else platform.processor() or platform.machine()
 
 
 def model_card(
