@@ -11,12 +11,16 @@ setup: $(STAMP)
 
 # torch is pinned to 2.13.0: on these machines that is the CPU build on disk; GPU users get the normal wheel.
 # constraints.txt pins the rest to the versions the tests last passed with.
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt tests/tensorrt_versions.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e ".[onnx,dev]"
 	$(BIN)/pip install -q -c constraints.txt -e ".[rtx]" || echo "tensorrt-rtx-cu12 is unavailable: the TensorRT-RTX build test will skip"
+	@# TensorRT's pure-Python plugin package, one wheel per supported minor version, for the plugin tests
+	grep -v '^#' tests/tensorrt_versions.txt | while read -r v; do \
+		$(BIN)/pip download -q --no-deps --only-binary=:all: -d $(VENV)/tensorrt-wheels "tensorrt-cu12-bindings==$$v" || exit 1; \
+	done
 	touch $(STAMP)
 
 test: setup

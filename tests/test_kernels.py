@@ -14,15 +14,17 @@ from prumerge_cli.plugins.kernels.sparse_kv_attention import (
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(
-    ("heads", "kv_heads", "tq", "tk", "dim", "causal", "with_keep"),
+    ("heads", "kv_heads", "tq", "tk", "dim", "causal", "with_keep", "splits"),
     [
-        (2, 2, 1, 37, 16, True, True),  # decode step, ragged lengths, dropped entries
-        (4, 2, 1, 20, 32, True, False),  # decode, GQA, lengths only
-        (2, 1, 9, 9, 16, True, True),  # prefill, causal, keep mask
-        (2, 2, 5, 40, 24, False, True),  # non-causal queries over a sparse cache, odd head dim
+        (2, 2, 1, 37, 16, True, True, 1),  # decode step, ragged lengths, dropped entries
+        (4, 2, 1, 20, 32, True, False, 1),  # decode, GQA, lengths only
+        (2, 1, 9, 9, 16, True, True, 1),  # prefill, causal, keep mask
+        (2, 2, 5, 40, 24, False, True, 1),  # non-causal queries over a sparse cache, odd head dim
+        (4, 1, 1, 300, 32, True, True, 3),  # decode split over the KV length, GQA packed into one tile
+        (2, 2, 20, 150, 16, True, False, 2),  # prefill blocks of 64 rows, split
     ],
 )
-def test_sparse_kv_attention_matches_reference(dtype, heads, kv_heads, tq, tk, dim, causal, with_keep):
+def test_sparse_kv_attention_matches_reference(dtype, heads, kv_heads, tq, tk, dim, causal, with_keep, splits):
     gen = torch.Generator().manual_seed(tq * 100 + tk)
     batch = 3
     q = torch.randn(batch, heads, tq, dim, generator=gen).to(dtype)
@@ -32,9 +34,9 @@ def test_sparse_kv_attention_matches_reference(dtype, heads, kv_heads, tq, tk, d
     keep = (torch.rand(batch, tk, generator=gen) > 0.3) if with_keep else None
     if keep is not None:
         keep[torch.arange(batch), lengths - 1] = True  # the newest token always sees itself
-    got = sparse_kv_attention(q, k, v, lengths, keep, causal)
+    got = sparse_kv_attention(q, k, v, lengths, keep, causal, splits=splits)
     want = sparse_kv_attention_reference(q, k, v, lengths, keep, causal)
-    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    tol = 1e-5 if dtype == torch.float32 else 4e-3  # fp16: probabilities enter the P @ V product in fp16
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 
@@ -60,7 +62,7 @@ def test_adaptive_token_select_matches_the_reducer(method, n, c, dtype):
     reducer = build_reducer(method).for_export(n)
     want = reducer.reduce(signals)
     half = [t.to(dtype) for t in (signals.features, signals.scores, signals.keys)]
-    tokens, lengths, indices = adaptive_token_select(*half, plus=method == "prumerge+", split=4)
+    tokens, lengths, indices = adaptive_token_select(*half, plus=method == "prumerge+")
     assert torch.equal(lengths, want.lengths)
     if dtype == torch.float32:
         assert torch.equal(indices, want.indices)
@@ -92,37 +94,64 @@ def test_plugin_shape_functions_agree_with_the_reducers(n):
     assert select_kmax(n, plus=True) == build_reducer("prumerge+").max_tokens(n)
 
 
-AOT_PROBE = """
+PTX_PROBE = """
 import json, sys
-from prumerge_cli.plugins.kernels.aot import compile_adaptive_token_select, compile_sparse_kv_attention
-kernels = {"attention fp32": compile_sparse_kv_attention("fp32", 24, True),
-           "attention fp16": compile_sparse_kv_attention("fp16", 24, False),
-           "select+ fp32": compile_adaptive_token_select("fp32", 256, 128, True, 1.5, 32, 3),
-           "select fp16": compile_adaptive_token_select("fp16", 576, 1024, False, 1.5, 32, 3)}
+from prumerge_cli.plugins.kernels import aot, ptx_report
+kernels = {}
+for dtype in ("fp32", "fp16"):
+    kernels[f"select {dtype} 576x1024"] = aot.compile_adaptive_token_select(dtype, 576, 1024, False, 1.5, 32, 3, {cap})
+    kernels[f"decode attention {dtype} d128"] = aot.compile_sparse_kv_attention(dtype, 128, True, 1, {cap})
 out = {}
 for key, k in kernels.items():
     params = [l for l in k.ptx.splitlines() if ".param" in l and "ld.param" not in l]
     loaded = sorted({int(l.split("_param_")[1].split("]")[0]) for l in k.ptx.splitlines() if "ld.param" in l})
-    out[key] = {"name": k.name, "entry": f".entry {k.name}" in k.ptx, "params": len(params), "loaded": loaded,
-                "warps": k.num_warps, "target": ".target sm_80" in k.ptx}
+    rep = ptx_report.report(k.ptx, "{arch}")
+    out[key] = {"entry": f".entry {k.name}" in k.ptx, "params": len(params), "loaded": loaded, "warps": k.num_warps,
+                "shared": k.shared_bytes, **rep.__dict__, "line": rep.line()}
 json.dump(out, sys.stdout)
 """
 
+# Spill bytes (stores) ptxas reports today, as regression bounds: the selection kernel's [16 x 1024] similarity
+# and weight tiles and the attention kernel's address tiles do not yet fit 255 registers (see the README).
+SPILL_BOUNDS = {"select": 1400, "decode attention": 200}
 
-def test_plugin_kernels_compile_ahead_of_time_to_ptx():
-    """The AOT plugins' PTX: built without a GPU (Triton targets sm_80), in a process without the interpreter.
-    TensorRT passes inputs, the five scalars and the outputs (11 parameters for both kernels); the two trailing
-    parameters Triton adds for scratch memory must never be read. PruMerge (not +) has no use for the grid end."""
+
+@pytest.mark.parametrize(("cap", "arch"), [((8, 0), "sm_80"), ((9, 0), "sm_90a")])
+def test_aot_kernels_assemble_for_ampere_and_hopper(cap, arch):
+    """The AOT plugins' PTX at ViT-L's shapes (576 x 1024) and a decode step of head size 128, compiled without a
+    GPU in a process without the interpreter and assembled by ptxas: PTX ISA 8.4 (CUDA 12.4, what the README
+    names), accepted; fp32 kernels use no TF32 tensor cores (their 1e-5 tolerance holds on a GPU); fp16 kernels
+    use MMA; TensorRT passes inputs, scalars and outputs, and Triton's two trailing scratch parameters are
+    never read; spills stay within the recorded bounds."""
     import json
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", AOT_PROBE], capture_output=True, text=True, env=env, timeout=300)
+    probe = PTX_PROBE.replace("{cap}", repr(cap)).replace("{arch}", arch)
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    kernels = json.loads(proc.stdout)
-    for key, kernel in kernels.items():
-        assert kernel["entry"] and kernel["target"] and kernel["warps"] >= 1
-        unused = {6} if key == "select fp16" else set()
-        assert kernel["params"] >= 11 and set(kernel["loaded"]) == set(range(11)) - unused, key
+    for key, kernel in json.loads(proc.stdout).items():
+        print(key, kernel["line"])
+        assert kernel["entry"] and kernel["ptx_version"] == "8.4", key
+        assert kernel["tf32_mma"] == 0, key
+        assert (kernel["mma"] > 0) == ("fp16" in key), key
+        assert kernel["spill_stores"] <= SPILL_BOUNDS[key.rsplit(" ", 2)[0]], key
+        io = 10 if key.startswith("select") else 11  # 3 inputs + 4 scalars + 3 outputs; 5 + 5 + 1
+        unused = {6} if key.startswith("select") else set()  # PruMerge (not +) has no use for the grid end
+        assert kernel["params"] >= io and set(kernel["loaded"]) == set(range(io)) - unused, key
+
+
+def test_pack_rows_puts_each_images_valid_rows_one_after_another():
+    """AdaptiveTokenSelectCount's packing (no host read): equal to boolean-mask packing, padding rows after."""
+    from prumerge_cli.plugins.packing import pack_rows
+
+    tokens = torch.randn(3, 5, 4)
+    indices = torch.arange(15).view(3, 5)
+    lengths = torch.tensor([2, 5, 0])
+    packed_tokens, packed_indices, count = pack_rows(tokens, indices, lengths)
+    valid = torch.arange(5)[None, :] < lengths[:, None]
+    assert int(count) == 7 and packed_tokens.shape == (15, 4)
+    assert torch.equal(packed_tokens[:7], tokens[valid]) and torch.equal(packed_indices[:7], indices[valid])
+    assert sorted(packed_indices.tolist()) == list(range(15))  # a permutation: nothing lost or duplicated
