@@ -59,7 +59,7 @@ def compile_sparse_kv_attention(
     with a keep mask, for `rows` = query heads per KV head x queries (what one program's tile packs), for compute
     capability `capability`. One split over the KV length (the AOT interface has one launch and no workspace)."""
     pointer = pointer_type(dtype)
-    constants = attention_constants(head_dim, causal, rows, has_keep=True, splits=1, precision=input_precision)
+    constants = attention_constants(head_dim, causal, rows, True, 1, dtype == "fp16", input_precision)
     signature = {"q_ptr": pointer, "k_ptr": pointer, "v_ptr": pointer, "len_ptr": "*i32", "keep_ptr": "*i8",
                  "H": "i32", "GROUPS": "i32", "TQ": "i32", "TK": "i32", "D": "i32", "out_ptr": pointer,
                  "part_ptr": "constexpr", "lse_ptr": "constexpr", **dict.fromkeys(constants, "constexpr")}  # fmt: skip

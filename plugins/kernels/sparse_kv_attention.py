@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_N = 32
+BLOCK_N = {True: 32, False: 16}  # keys per step for fp16 / fp32 inputs: the largest tile ptxas fits without spills
 NUM_STAGES = 1
 LOG2E = tl.constexpr(1.4426950408889634)
 PRECISIONS = ("ieee", "tf32", "tf32x3")  # tl.dot input precision for fp32 inputs
@@ -93,12 +93,13 @@ def sparse_kv_attention_kernel(
     total = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     kv_base = (b * kv_heads + kv_head).to(tl.int64) * TK * D
+    k_head, v_head = k_ptr + kv_base, v_ptr + kv_base  # 64-bit bases; 32-bit offsets within a head
     for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         in_range = cols < hi
-        offsets = kv_base + cols[:, None] * D + dims[None, :]
+        offsets = cols[:, None] * D + dims[None, :]
         tile_mask = in_range[:, None] & (dims[None, :] < D)
-        k = tl.load(k_ptr + offsets, mask=tile_mask, other=0.0)
+        k = tl.load(k_head + offsets, mask=tile_mask, other=0.0)
         visible = in_range[None, :] & row_ok[:, None]
         if HAS_KEEP:
             kept = tl.load(keep_ptr + b * TK + cols, mask=in_range, other=0)
@@ -112,7 +113,7 @@ def sparse_kv_attention_kernel(
         p = tl.exp2(logits - safe[:, None])
         rescale = tl.exp2(best - safe)
         total = total * rescale + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + offsets, mask=tile_mask, other=0.0)
+        v = tl.load(v_head + offsets, mask=tile_mask, other=0.0)
         acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         best = new_best
     out = acc / tl.where(total > 0, total, 1.0)[:, None]
@@ -154,20 +155,20 @@ def block_m(rows: int) -> int:
     return 16 if rows <= 16 else 64
 
 
-def attention_constants(head_dim: int, causal: bool, rows: int, has_keep: bool, splits: int,
+def attention_constants(head_dim: int, causal: bool, rows: int, has_keep: bool, splits: int, half: bool,
                         precision: str = "ieee") -> dict[str, object]:  # fmt: skip
-    """The kernel's compile-time constants; `rows` = query heads per KV head x queries."""
+    """The kernel's compile-time constants; `rows` = query heads per KV head x queries, `half` for fp16 inputs."""
     if precision not in PRECISIONS:
         raise ValueError(f"input_precision must be one of {', '.join(PRECISIONS)}")
     return {"HAS_KEEP": has_keep, "CAUSAL": causal, "SPLITS": splits, "PRECISION": precision,
-            "BLOCK_M": block_m(rows), "BLOCK_N": BLOCK_N, "BLOCK_D": block_d(head_dim)}  # fmt: skip
+            "BLOCK_M": block_m(rows), "BLOCK_N": BLOCK_N[half], "BLOCK_D": block_d(head_dim)}  # fmt: skip
 
 
 def default_splits(programs: int, kv_length: int, device: torch.device) -> int:
-    """KV splits so that about two programs run per multiprocessor, each over at least two key tiles."""
+    """KV splits so that about two programs run per multiprocessor, each over at least 128 keys."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 108
     wanted = triton.cdiv(2 * sms, max(programs, 1))
-    return max(1, min(wanted, kv_length // (2 * BLOCK_N), 16))
+    return max(1, min(wanted, kv_length // 128, 16))
 
 
 def sparse_kv_attention(
@@ -192,7 +193,8 @@ def sparse_kv_attention(
     out = torch.empty_like(q)
     lengths = kv_lengths.to(torch.int32).contiguous()
     keep_i8 = keep.to(torch.int8).contiguous() if keep is not None else lengths
-    constants = attention_constants(d, causal, groups * tq, keep is not None, 1, input_precision)
+    half = q.dtype == torch.float16
+    constants = attention_constants(d, causal, groups * tq, keep is not None, 1, half, input_precision)
     row_blocks = triton.cdiv(groups * tq, constants["BLOCK_M"])
     if splits is None:
         splits = default_splits(b * kv_heads * row_blocks, tk, q.device)
