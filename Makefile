@@ -33,9 +33,11 @@ lint: setup
 demo: setup
 	$(BIN)/prumerge demo
 
-# Reducer vs the official loop, tower + reducer vs the plain tower, then the reference `prumerge bench`.
+# Reducer vs the official loop, tower + reducer vs the plain tower, the plugin kernels' PTX and bytes read, then the
+# reference `prumerge bench`.
 bench: setup
 	$(BIN)/python -m benchmarks.reducer_speed
+	$(BIN)/python -m benchmarks.kernel_report
 	$(BIN)/python -m benchmarks.reference
 
 # Retrain the embedded CLIP and LLaVA from scratch (about an hour on 2 cores).

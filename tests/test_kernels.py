@@ -156,3 +156,31 @@ def test_pack_rows_puts_each_images_valid_rows_one_after_another():
     assert int(count) == 7 and packed_tokens.shape == (15, 4)
     assert torch.equal(packed_tokens[:7], tokens[valid]) and torch.equal(packed_indices[:7], indices[valid])
     assert sorted(packed_indices.tolist()) == list(range(15))  # a permutation: nothing lost or duplicated
+
+
+def test_kernels_read_their_inputs_and_nothing_else():
+    """Counted under the interpreter: the selection kernel touches every input byte and no other (its re-reads,
+    one pass over keys and gathered neighbour rows per 16 output slots, hit the L2 on a GPU); the decode attention
+    reads q and only the valid part of the cache, each key/value row once for a whole group of query heads."""
+    from prumerge_cli.plugins.kernels.token_select import adaptive_token_select
+    from prumerge_cli.plugins.kernels.traffic import count_reads
+
+    from .test_reducer_parity import synthetic_signals
+
+    signals = synthetic_signals(batch=1, n=64, c=32, seed=3)
+    x, s, k = (t.half() for t in (signals.features, signals.scores, signals.keys))
+    with count_reads() as reads:
+        _, lengths, _ = adaptive_token_select(x, s, k, plus=False)
+    minimum = 2 * x.numel() * 2 + s.numel() * 2
+    tiles = -(-int(lengths[0]) // 16)
+    assert reads.distinct == minimum
+    assert minimum < reads.requested <= minimum + tiles * (k.numel() * 2 + 16 * (32 + 1) * 32 * 2 * 2)
+
+    q = torch.randn(1, 4, 1, 64).half()  # 4 query heads share one KV head
+    cache_k, cache_v = torch.randn(1, 1, 300, 64).half(), torch.randn(1, 1, 300, 64).half()
+    valid = 200
+    keep = torch.rand(1, 300) > 0.3
+    with count_reads() as reads:
+        sparse_kv_attention(q, cache_k, cache_v, torch.tensor([valid]), keep, causal=True, splits=1)
+    minimum = q.numel() * 2 + 2 * valid * 64 * 2 + 4 + valid
+    assert reads.requested == reads.distinct == minimum
