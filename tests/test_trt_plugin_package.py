@@ -79,3 +79,27 @@ def test_a_tensorrt_outside_the_supported_range_is_refused_in_one_line():
             check_tensorrt_version(version)
     for version in ("10.9.0.34", "11.4.0.106"):
         check_tensorrt_version(version)
+
+
+def test_registration_refuses_an_unsupported_tensorrt_before_registering_anything(tmp_path):
+    """A TensorRT older than 10.9 (no AOT plugin API) gets one line naming its version, and no plugin is left
+    half-registered."""
+    wheels = sorted(WHEELS.glob(f"tensorrt_cu12_bindings-{VERSIONS[0]}-*.whl"))
+    if not wheels:
+        pytest.fail(f"no tensorrt-cu12-bindings {VERSIONS[0]} wheel in {WHEELS}: run `make setup`")
+    install(wheels[0], tmp_path)
+    probe = (
+        "import os; os.environ['TRT_STANDIN_VERSION'] = '10.8.0.43'\n"
+        "import tensorrt as trt\n"
+        "from prumerge_cli.errors import PrumergeError\n"
+        "from prumerge_cli.plugins.trt_plugins import register_plugins\n"
+        "try:\n    register_plugins()\nexcept PrumergeError as e:\n    print(e)\n"
+        "print(len(trt.get_plugin_registry().creators))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == [
+        "TensorRT 10.8.0.43 is installed; prumerge's plugins need TensorRT >= 10.9, < 12",
+        "0",
+    ]

@@ -29,7 +29,7 @@ def install(wheel: Path, root: Path) -> str:
     shutil.copy(STANDIN, root / "standin.py")
     (package / "plugin").mkdir(parents=True)
     version = wheel.name.split("-")[1]
-    (package / "__init__.py").write_text(f"import os\nos.environ['TRT_STANDIN_VERSION'] = {version!r}\n"
+    (package / "__init__.py").write_text(f"import os\nos.environ.setdefault('TRT_STANDIN_VERSION', {version!r})\n"
                                          "from standin import *\nfrom standin import __version__\n")  # fmt: skip
     with zipfile.ZipFile(wheel) as archive:
         for name in archive.namelist():
