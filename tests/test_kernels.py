@@ -36,7 +36,7 @@ def test_sparse_kv_attention_matches_reference(dtype, heads, kv_heads, tq, tk, d
         keep[torch.arange(batch), lengths - 1] = True  # the newest token always sees itself
     got = sparse_kv_attention(q, k, v, lengths, keep, causal, splits=splits)
     want = sparse_kv_attention_reference(q, k, v, lengths, keep, causal)
-    tol = 1e-5 if dtype == torch.float32 else 4e-3  # fp16: probabilities enter the P @ V product in fp16
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 
