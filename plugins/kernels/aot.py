@@ -13,12 +13,11 @@ from dataclasses import dataclass
 import triton
 from triton.backends.compiler import GPUTarget
 
-from .sparse_kv_attention import NUM_STAGES, attention_constants, sparse_kv_attention_kernel
+from .sparse_kv_attention import attention_constants, sparse_kv_attention_kernel
 from .token_select import NUM_WARPS, adaptive_token_select_kernel, select_constants
 
 DTYPES = {"fp32": "*fp32", "fp16": "*fp16"}
 PTX_VERSION = 84
-MIN_CUDA = "12.4"  # the CUDA release whose driver first reads PTX ISA 8.4
 
 
 @dataclass(frozen=True)
@@ -39,13 +38,14 @@ def pointer_type(dtype: str) -> str:
 
 
 def compile_ptx(fn: triton.JITFunction, signature: dict[str, str], constants: dict[str, object],
-                capability: tuple[int, int], num_warps: int = 4, num_stages: int = 1) -> CompiledKernel:  # fmt: skip
-    """PTX of a Triton kernel for `signature` (pointer and scalar types, "constexpr" for `constants`)."""
+                capability: tuple[int, int], num_warps: int = 4) -> CompiledKernel:  # fmt: skip
+    """PTX of a Triton kernel for `signature` (pointer and scalar types, "constexpr" for `constants`). One
+    pipeline stage, as the JIT launches: deeper software pipelining costs registers these kernels need."""
     if not hasattr(fn, "params"):
         raise RuntimeError("Triton's interpreter is on (TRITON_INTERPRET=1): it cannot compile kernels ahead of time")
     source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants)
     target = GPUTarget("cuda", capability[0] * 10 + capability[1], 32)
-    options = {"num_warps": num_warps, "num_stages": num_stages, "ptx_version": PTX_VERSION}
+    options = {"num_warps": num_warps, "num_stages": 1, "ptx_version": PTX_VERSION}
     compiled = triton.compile(source, target=target, options=options)
     return CompiledKernel(compiled.metadata.name, compiled.asm["ptx"], compiled.metadata.num_warps,
                           compiled.metadata.shared)  # fmt: skip
@@ -64,7 +64,7 @@ def compile_sparse_kv_attention(
                  "H": "i32", "GROUPS": "i32", "TQ": "i32", "TK": "i32", "D": "i32", "out_ptr": pointer,
                  "part_ptr": "constexpr", "lse_ptr": "constexpr", **dict.fromkeys(constants, "constexpr")}  # fmt: skip
     constants = {"part_ptr": None, "lse_ptr": None, **constants}
-    return compile_ptx(sparse_kv_attention_kernel, signature, constants, capability, num_warps=4, num_stages=NUM_STAGES)
+    return compile_ptx(sparse_kv_attention_kernel, signature, constants, capability, num_warps=4)
 
 
 def compile_adaptive_token_select(

@@ -18,7 +18,6 @@ import triton
 import triton.language as tl
 
 BLOCK_N = {True: 32, False: 16}  # keys per step for fp16 / fp32 inputs: the largest tile ptxas fits without spills
-NUM_STAGES = 1
 LOG2E = tl.constexpr(1.4426950408889634)
 PRECISIONS = ("ieee", "tf32", "tf32x3")  # tl.dot input precision for fp32 inputs
 
@@ -204,7 +203,7 @@ def sparse_kv_attention(
         part = torch.empty(b * h, splits, tq, d, dtype=torch.float32, device=q.device)
         lse = torch.empty(b * h, splits, tq, dtype=torch.float32, device=q.device)
     sparse_kv_attention_kernel[(b * kv_heads, row_blocks, splits)](
-        q, k, v, lengths, keep_i8, h, groups, tq, tk, d, out, part, lse, **constants, num_stages=NUM_STAGES
+        q, k, v, lengths, keep_i8, h, groups, tq, tk, d, out, part, lse, **constants, num_stages=1
     )
     if splits > 1:
         block_s = triton.next_power_of_2(splits)

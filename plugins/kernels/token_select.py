@@ -234,6 +234,6 @@ def adaptive_token_select(
     end = n - 1 if grid_end is None else grid_end
     adaptive_token_select_kernel[(batch,)](
         features, scores, keys, n, c, kmax, end, tokens, lengths, indices,
-        **select_constants(n, c, plus, iqr_k, knn, grid_div, input_precision), num_warps=NUM_WARPS,
+        **select_constants(n, c, plus, iqr_k, knn, grid_div, input_precision), num_warps=NUM_WARPS, num_stages=1,
     )  # fmt: skip
     return tokens, lengths, indices
