@@ -122,3 +122,21 @@ def test_subprocess_help_and_exit_codes(clip_dir, tmp_path):
     assert_clean_error(res, "does not exist")
     res = run_subprocess("compress", clip_dir, "--bogus-option")
     assert res.code == 2 and "Traceback" not in res.err
+
+
+def test_usage_errors_are_one_line_with_exit_code_2(capsys, clip_dir):
+    """Typer's usage errors (unknown or missing options and arguments, bad values) as one line naming the help."""
+    for args, words in [
+        (("compress", clip_dir, "--bogus-option"), "No such option: --bogus-option"),
+        (("export",), "Missing argument 'target'"),
+        (("export", clip_dir, "--onnx", "--plugins", "bogus", "-o", "x"), "--plugins takes jit, aot, none"),
+        (("compress", clip_dir, "-o", "x", "--steps", "nan"), "Invalid value for '--steps'"),
+    ]:
+        res = run_cli(capsys, *args)
+        assert res.code == 2, (args, res.err)
+        assert words in res.err and len(res.err.strip().splitlines()) == 1, (args, res.err)
+        assert "--plugins" in words or f"(see 'prumerge {args[0]} --help')" in res.err
+    res = run_cli(capsys, "--version")
+    assert res.code == 0 and res.out.startswith("prumerge ")
+    res = run_cli(capsys)
+    assert res.code == 0 and "compress" in res.out

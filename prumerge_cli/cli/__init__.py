@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import sys
+from importlib.metadata import version
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.exceptions import Abort, Exit, TyperException
 
 from ..errors import PrumergeError
 
@@ -20,6 +22,21 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"prumerge {version('prumerge')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_print_version, help="Print the version and exit."
+    ),  # fmt: skip
+) -> None:
+    """Reduce the visual tokens of LLaVA-style models, export the result, and benchmark it."""
 
 
 def _register() -> None:
@@ -40,9 +57,21 @@ def main() -> None:
     quiet_transformers()
     from .options import fill_optional_values
 
-    sys.argv[1:] = fill_optional_values(sys.argv[1:])
+    if not sys.argv[1:]:
+        sys.argv.append("--help")
     try:
-        app()  # standalone: Typer reports usage errors itself and exits
+        sys.argv[1:] = fill_optional_values(sys.argv[1:])
+        app(prog_name="prumerge", standalone_mode=False)  # usage errors come back here, as one line
+    except Exit as exc:
+        sys.exit(exc.exit_code)
+    except Abort:
+        err.print("[red]error:[/red] aborted")
+        sys.exit(130)
+    except TyperException as exc:  # usage errors: unknown or missing options, bad values
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        err.print(f"[red]error:[/red] {escape(exc.format_message())}{hint}")
+        sys.exit(2)
     except PrumergeError as exc:
         err.print(f"[red]error:[/red] {escape(str(exc))}")
         sys.exit(2)

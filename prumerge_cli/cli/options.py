@@ -15,13 +15,18 @@ OPTIONAL_VALUES = {"--plugins": ("jit", PLUGIN_MODES)}
 
 def fill_optional_values(args: list[str]) -> list[str]:
     """Give a value to an option written without one: `--plugins` alone means `--plugins jit` (Typer has no
-    options whose value is optional)."""
+    options whose value is optional). A word after it that is no option and no value is refused by name."""
     filled: list[str] = []
     for i, arg in enumerate(args):
         filled.append(arg)
         if arg in OPTIONAL_VALUES:
             default, values = OPTIONAL_VALUES[arg]
-            if i + 1 == len(args) or args[i + 1] not in values:
+            following = args[i + 1] if i + 1 < len(args) else None
+            if following is not None and not following.startswith("-") and following not in values:
+                raise PrumergeError(
+                    f"{arg} takes {', '.join(values)} (or nothing, meaning {default}); got {following!r}"
+                )
+            if following not in values:
                 filled.append(default)
     return filled
 
