@@ -31,7 +31,7 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 demo: setup
-	$(BIN)/prumerge demo
+	$(BIN)/prumerge demo --force
 
 # Reducer vs the official loop, tower + reducer vs the plain tower, the plugin kernels' PTX and bytes read, then the
 # reference `prumerge bench`.

@@ -107,13 +107,17 @@ class OnnxOptions:
     plugins: bool = False
     aot: bool = False  # with plugins: ask TensorRT for the ahead-of-time implementation
 
+    def __post_init__(self) -> None:
+        if self.batch is None and self.max_batch == 1:  # a dynamic batch of at most one is the fixed batch 1
+            object.__setattr__(self, "batch", 1)
+
     def validate(self, encoder: ReducedVisionEncoder) -> None:
         """Clean errors for options this exporter cannot honour."""
         if self.opset not in OPSETS:
             raise PrumergeError(f"unsupported opset {self.opset}; choose {OPSETS.start}..{OPSETS.stop - 1}")
         if self.dtype not in DTYPES:
             raise PrumergeError(f"unsupported dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
-        if (self.batch or self.max_batch) < 1:
+        if (self.batch is not None and self.batch < 1) or self.max_batch < 1:
             raise PrumergeError("batch sizes must be >= 1")
         if self.with_projector and encoder.projector is None:
             raise PrumergeError("--with-projector needs a LLaVA checkpoint; this model has no projector")

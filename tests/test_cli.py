@@ -140,3 +140,43 @@ def test_usage_errors_are_one_line_with_exit_code_2(capsys, clip_dir):
     assert res.code == 0 and res.out.startswith("prumerge ")
     res = run_cli(capsys)
     assert res.code == 0 and "compress" in res.out
+
+
+def test_outputs_are_checked_before_any_work_and_nothing_is_left_behind(capsys, clip_dir, tmp_path, monkeypatch):
+    """A file where a directory is needed, the current directory, an uncreatable place, an existing output without
+    --force and batch sizes below one: one line, exit code 2, nothing written; outputs get the usual permissions."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    monkeypatch.chdir(tmp_path)
+    cases = [
+        (("compress", clip_dir, "-o", a_file), "is a file"),
+        (("compress", clip_dir, "-o", ".", "--force"), "current directory"),
+        (("world", "-o", "/proc/prumerge-x", "--count", "1"), "cannot create /proc/prumerge-x"),
+        (("export", clip_dir, "--onnx", "--batch", "0", "-o", "b0"), "--batch must be at least 1"),
+        (("export", clip_dir, "--onnx", "--max-batch", "0", "-o", "m0"), "--max-batch must be at least 1"),
+    ]
+    for args, words in cases:
+        res = run_cli(capsys, *args)
+        assert res.code == 2 and words in res.err and len(res.err.strip().splitlines()) == 1, (args, res.err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+    res = run_cli(capsys, "compress", clip_dir, "-o", "bundle")
+    assert res.code == 0, res.err
+    assert (tmp_path / "bundle").stat().st_mode & 0o777 == 0o777 & ~current_umask()
+    assert (tmp_path / "bundle" / "reducer.json").stat().st_mode & 0o777 == 0o666 & ~current_umask()
+    res = run_cli(capsys, "compress", clip_dir, "-o", "bundle")
+    assert res.code == 2 and "already exists; pass --force" in res.err
+
+
+def current_umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_export_with_max_batch_one_is_a_fixed_batch_of_one(capsys, clip_dir, tmp_path):
+    res = run_cli(capsys, "export", clip_dir, "--onnx", "--max-batch", "1", "-o", tmp_path / "e")
+    assert res.code == 0, res.err
+    manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert manifest["batch"] == {"fixed": 1} and manifest["inputs"][0]["shape"][0] == 1

@@ -34,7 +34,7 @@ def _print_version(value: bool) -> None:
 def _options(
     show_version: bool = typer.Option(
         False, "--version", is_eager=True, callback=_print_version, help="Print the version and exit."
-    ),  # fmt: skip
+    ),
 ) -> None:
     """Reduce the visual tokens of LLaVA-style models, export the result, and benchmark it."""
 
@@ -74,6 +74,10 @@ def main() -> None:
         sys.exit(2)
     except PrumergeError as exc:
         err.print(f"[red]error:[/red] {escape(str(exc))}")
+        sys.exit(2)
+    except OSError as exc:  # the file system said no: a user's problem, not a bug
+        where = f": {exc.filename}" if exc.filename else ""
+        err.print(f"[red]error:[/red] {escape((exc.strerror or str(exc)) + where)}")
         sys.exit(2)
     except Exception as exc:
         if os.environ.get("PRUMERGE_DEBUG"):

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .. import atomic
 from ..dynamic.compress import DynamicJob, run_dynamic
 from ..dynamic.config import SparseConfig
 from ..dynamic.training import TrainOptions
@@ -62,6 +63,7 @@ def compress(
 
     With [bold]--method dynamic[/bold], train Dynamic-LLaVA predictors on a LLaVA checkpoint instead
     (`torchrun --nproc-per-node N $(which prumerge) compress ...` trains data-parallel)."""
+    atomic.check_output(output, force)
     if method == "dynamic":
         if data is None or images is None:
             raise typer.BadParameter("--method dynamic needs --data and --images", param_hint="--data")

@@ -16,7 +16,7 @@ from . import app
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where bundles and ONNX exports go (replaced).")] = Path(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where bundles and ONNX exports go.")] = Path(
         "demo-out"
     ),
     images: Annotated[int, typer.Option(min=1, help="Held-out images to score (6 questions each).")] = 200,
@@ -25,11 +25,13 @@ def demo(
     model: Annotated[
         Path, typer.Option(help="A LLaVA checkpoint of the world (default: the embedded one).")
     ] = LLAVA_DIR,
+    force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
 ) -> None:
     """Compress the embedded LLaVA with every method, export each to ONNX, and compare them in one table."""
     from ..demo import print_rows, run_demo
 
+    atomic.check_output(output, force)
     console = Console()
-    rows = run_demo(model, out, images, batch, iters, console)
+    rows = run_demo(model, output, images, batch, iters, console)
     print_rows(rows, images, batch, console)
-    atomic.write_text(out / "demo.json", json.dumps(rows, indent=2) + "\n")
+    atomic.write_text(output / "demo.json", json.dumps(rows, indent=2) + "\n")

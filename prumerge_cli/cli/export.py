@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .. import atomic
 from ..bundle import is_bundle
 from ..dynamic.bundle import is_dynamic
 from ..errors import PrumergeError
@@ -61,6 +62,11 @@ def export(
         raise PrumergeError("choose one of --onnx or --trt")
     if plugins not in PLUGIN_MODES:
         raise PrumergeError(f"--plugins takes {', '.join(PLUGIN_MODES)}, got {plugins!r}")
+    if batch is not None and batch < 1:
+        raise PrumergeError(f"--batch must be at least 1, got {batch}")
+    if max_batch < 1:
+        raise PrumergeError(f"--max-batch must be at least 1, got {max_batch}")
+    atomic.check_output(output, force)
     console = Console()
     if is_bundle(target) and is_dynamic(target):
         options = DecodeOptions(batch or 1, prompt_tokens, new_tokens, plugins != "none", plugins == "aot", check)
