@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 from PIL import Image
@@ -180,3 +181,13 @@ def test_export_with_max_batch_one_is_a_fixed_batch_of_one(capsys, clip_dir, tmp
     assert res.code == 0, res.err
     manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
     assert manifest["batch"] == {"fixed": 1} and manifest["inputs"][0]["shape"][0] == 1
+
+
+def test_piped_tables_are_not_cut_and_hub_ids_get_a_hint(clip_dir, tmp_path):
+    """As a user pipes it: the compress table keeps its full lines; a hub id is named as such."""
+    res = run_subprocess("compress", clip_dir, "-o", tmp_path / "b", "-m", "topk", "-p", "budget=1000")
+    assert res.code == 0, res.err
+    assert re.search(r"at most (\d+) of \1 patches, plus the merged extra token", res.out), res.out
+    assert str(clip_dir) in res.out  # the model path is printed whole, not cut at 80 columns
+    res = run_subprocess("compress", "llava-hf/llava-1.5-7b-hf", "-o", tmp_path / "c")
+    assert res.code == 2 and "reads local checkpoints only" in res.err and "huggingface-cli download" in res.err

@@ -7,11 +7,11 @@ from typing import Annotated
 
 import torch
 import typer
-from rich.console import Console
 from rich.progress import Progress
 
 from ..errors import PrumergeError
 from . import app
+from .console import out_console
 
 
 def parse_list(text: str, kind=str) -> list:
@@ -66,7 +66,7 @@ def bench(
     if prompts is not None:
         settings.prompts = [p for p in _read_lines(prompts) if p.strip()] or settings.prompts
     pixels, source = load_pixels(targets[0], images, synthetic)
-    console = Console()
+    console = out_console()
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("bench", total=None)
         report = run_bench(targets, pixels, source, settings, lambda msg: progress.update(task, description=msg))

@@ -17,6 +17,7 @@ from ..dynamic.training import TrainOptions
 from ..encoder import ReducedVisionEncoder
 from ..reducers import REDUCERS
 from . import app
+from .console import out_console
 from .options import PARAM_HELP, parse_params
 
 
@@ -79,7 +80,7 @@ def compress(
         return
     if score_dtype not in ("model", "float32"):
         raise typer.BadParameter("must be 'model' or 'float32'", param_hint="--score-dtype")
-    console = Console()
+    console = out_console()
     with console.status(f"loading {model_dir} and checking {method}..."):
         encoder = ReducedVisionEncoder.from_pretrained(
             model_dir, method, dtype=dtype, score_layer=score_layer, score_dtype=score_dtype, **parse_params(param)
@@ -93,13 +94,17 @@ def compress(
     table.add_row("method", method)
     table.add_row("parameters", ", ".join(f"{k}={v}" for k, v in encoder.reducer.params().items()) or "-")
     n = encoder.tower.num_patches
-    table.add_row("visual tokens", f"at most {encoder.reducer.max_tokens(n)} of {n} patches")
+    extra = int(getattr(encoder.reducer, "merge", False))
+    kept = encoder.reducer.max_tokens(n) - extra
+    table.add_row(
+        "visual tokens", f"at most {kept} of {n} patches" + (", plus the merged extra token" if extra else "")
+    )
     console.print(table)
 
 
 def train_dynamic(job: DynamicJob) -> None:
     """Run the training job; Ctrl-C leaves the last checkpoint and says how to resume."""
-    console = Console()
+    console = out_console()
     try:
         history = run_dynamic(job, console)
     except KeyboardInterrupt:

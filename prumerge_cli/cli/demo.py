@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from .. import atomic
 from ..zoo import LLAVA_DIR
 from . import app
+from .console import out_console
 
 
 @app.command()
@@ -31,7 +31,7 @@ def demo(
     from ..demo import print_rows, run_demo
 
     atomic.check_output(output, force)
-    console = Console()
+    console = out_console()
     rows = run_demo(model, output, images, batch, iters, console)
     print_rows(rows, images, batch, console)
     atomic.write_text(output / "demo.json", json.dumps(rows, indent=2) + "\n")

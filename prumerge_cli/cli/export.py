@@ -17,6 +17,7 @@ from ..exporters.decode_export import DecodeOptions
 from ..exporters.trt_support import PLUGIN_MODES
 from ..targets import open_encoder
 from . import app
+from .console import out_console
 from .options import PARAM_HELP, parse_params
 
 
@@ -67,7 +68,7 @@ def export(
     if max_batch < 1:
         raise PrumergeError(f"--max-batch must be at least 1, got {max_batch}")
     atomic.check_output(output, force)
-    console = Console()
+    console = out_console()
     if is_bundle(target) and is_dynamic(target):
         options = DecodeOptions(batch or 1, prompt_tokens, new_tokens, plugins != "none", plugins == "aot", check)
         export_decode(target, output, options, trt, precision, timing_cache, force, console)

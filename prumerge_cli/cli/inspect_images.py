@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
@@ -18,6 +17,7 @@ from ..overlay import model_view, render_overlay, save_png
 from ..reducers import EXTRA_INDEX, REDUCERS
 from ..targets import open_encoder
 from . import app
+from .console import out_console
 from .options import PARAM_HELP, parse_params
 
 
@@ -94,4 +94,4 @@ def print_table(report: dict[str, Any]) -> None:
     mean = sum(r["tokens"] for r in report["images"]) / len(report["images"])
     table.add_section()
     table.add_row("mean", f"{mean:.1f}", "", f"{100 * mean / n:.1f}%")
-    Console().print(table)
+    out_console().print(table)

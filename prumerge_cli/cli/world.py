@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from .. import atomic
 from ..errors import PrumergeError
 from . import app
+from .console import out_console
 
 
 @app.command()
@@ -27,6 +27,6 @@ def world(
     if split not in SPLITS:
         raise PrumergeError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     atomic.check_output(output, force)
-    with Console().status(f"rendering {count} {split} images..."):
+    with out_console().status(f"rendering {count} {split} images..."):
         path = write_llava_json(output, split, count, force=force)
-    Console().print(f"wrote {path} and {count} images in {output / 'images'}")
+    out_console().print(f"wrote {path} and {count} images in {output / 'images'}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +38,11 @@ class LoadedModel:
 def read_config(model_dir: Path) -> dict[str, Any]:
     """The checkpoint's config.json, with clean errors for a missing directory or file."""
     if not model_dir.is_dir():
-        raise PrumergeError(f"model directory {model_dir} does not exist")
+        hint = ""
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", str(model_dir)):  # looks like a hub id, e.g. llava-hf/llava-1.5-7b-hf
+            hint = (f"; prumerge reads local checkpoints only: download it first, e.g. `huggingface-cli download "
+                    f"{model_dir} --local-dir DIR`, and pass DIR")  # fmt: skip
+        raise PrumergeError(f"model directory {model_dir} does not exist{hint}")
     return read_json_object(
         model_dir / "config.json", f"{model_dir} has no config.json; it is not a Hugging Face checkpoint"
     )
