@@ -10,12 +10,13 @@ from . import atomic
 from .encoder import ReducedVisionEncoder
 from .errors import PrumergeError
 from .jsonfiles import read_json_object
-from .models.weights import hash_files
+from .model_ref import model_record, resolve_model, verify_weights
 from .versions import package_versions
 
 BUNDLE_FILE = "reducer.json"
 FORMAT = "prumerge-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: model path relative to the bundle, weight fingerprints
+READS = (1, 2)
 
 
 def write_bundle(encoder: ReducedVisionEncoder, bundle_dir: Path, force: bool = False) -> Path:
@@ -24,12 +25,7 @@ def write_bundle(encoder: ReducedVisionEncoder, bundle_dir: Path, force: bool = 
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         **encoder.settings(),
-        "model": {
-            "path": str(encoder.model_dir),
-            "model_type": encoder.model.model_type,
-            "weights": [f.name for f in encoder.model.weight_files],
-            "sha256": hash_files(encoder.model.weight_files),
-        },
+        "model": model_record(encoder.model_dir, bundle_dir, encoder.model.weight_files, encoder.model.model_type),
         "versions": package_versions(),
     }
     with atomic.atomic_dir(bundle_dir, force=force) as tmp:
@@ -48,9 +44,9 @@ def read_bundle(bundle_dir: str | Path) -> dict[str, Any]:
     record = read_json_object(path, f"{bundle_dir} is not a bundle (no {BUNDLE_FILE})")
     if record.get("format") != FORMAT:
         raise PrumergeError(f"{path} is not a prumerge bundle")
-    if record.get("format_version") != FORMAT_VERSION:
+    if record.get("format_version") not in READS:
         version = record.get("format_version")
-        raise PrumergeError(f"{path} has bundle format {version}; this prumerge reads {FORMAT_VERSION}")
+        raise PrumergeError(f"{path} has bundle format {version}; this prumerge reads {', '.join(map(str, READS))}")
     return record
 
 
@@ -59,9 +55,12 @@ def load(
     method: str | None = None,
     params: dict[str, Any] | None = None,
     verify: bool = True,
+    model_dir: str | Path | None = None,
+    full_hash: bool = False,
     **options: Any,
 ) -> ReducedVisionEncoder:
-    """Rebuild the encoder a bundle describes; `verify` checks that the model's weights are unchanged.
+    """Rebuild the encoder a bundle describes; `verify` checks that the model's weights are unchanged (by their
+    fingerprints, or by their full hash if `full_hash`). `model_dir` overrides where the model is.
 
     `method` replaces the recorded reducer; `params` update the recorded parameters (or, with another method,
     replace them); `options` replace encoder settings (`dtype`, `attn_implementation`, `score_layer`, ...).
@@ -73,7 +72,8 @@ def load(
     method = method or record["method"]
     merged = {**(record["params"] if method == record["method"] else {}), **(params or {})}
     settings = {**{k: record[k] for k in ("dtype", "score_layer", "score_dtype")}, **options}
-    encoder = ReducedVisionEncoder.from_pretrained(record["model"]["path"], method, **settings, **merged)
-    if verify and hash_files(encoder.model.weight_files) != record["model"]["sha256"]:
-        raise PrumergeError(f"the weights in {record['model']['path']} changed since bundle {bundle_dir} was written")
+    model = resolve_model(record["model"], Path(bundle_dir), None if model_dir is None else Path(model_dir))
+    encoder = ReducedVisionEncoder.from_pretrained(model, method, **settings, **merged)
+    if verify:
+        verify_weights(record["model"], model, encoder.model.weight_files, full_hash)
     return encoder

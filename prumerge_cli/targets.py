@@ -10,9 +10,14 @@ from .encoder import ReducedVisionEncoder
 
 
 def open_encoder(
-    target: str | Path, method: str | None = None, params: dict[str, Any] | None = None
+    target: str | Path,
+    method: str | None = None,
+    params: dict[str, Any] | None = None,
+    model_dir: Path | None = None,
+    full_hash: bool = False,
 ) -> ReducedVisionEncoder:
-    """An encoder from a bundle (optionally with another method or parameters) or from a model directory."""
+    """An encoder from a bundle (optionally with another method or parameters, its model elsewhere, its weights
+    checked by their full hash) or from a model directory."""
     if is_bundle(target):
-        return load(target, method, params)
+        return load(target, method, params, model_dir=model_dir, full_hash=full_hash)
     return ReducedVisionEncoder.from_pretrained(target, method or "prumerge", **(params or {}))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -191,3 +192,37 @@ def test_piped_tables_are_not_cut_and_hub_ids_get_a_hint(clip_dir, tmp_path):
     assert str(clip_dir) in res.out  # the model path is printed whole, not cut at 80 columns
     res = run_subprocess("compress", "llava-hf/llava-1.5-7b-hf", "-o", tmp_path / "c")
     assert res.code == 2 and "reads local checkpoints only" in res.err and "huggingface-cli download" in res.err
+
+
+def test_bundles_find_their_model_relative_to_them_and_check_weights_by_fingerprint(capsys, clip_dir, image_paths,
+                                                                                  tmp_path):  # fmt: skip
+    """A bundle moved together with its model still loads (relative path); a model moved alone is named, and
+    --model points to it; a copy (new mtime, same bytes) passes after a full hash; changed weights are refused;
+    a format-1 bundle (absolute path, full hash only) still loads."""
+    import os
+    import shutil
+
+    project = tmp_path / "project"
+    shutil.copytree(clip_dir, project / "models" / "clip")
+    assert run_cli(capsys, "compress", project / "models" / "clip", "-o", project / "bundle").code == 0
+    record = json.loads((project / "bundle" / "reducer.json").read_text())
+    assert record["format_version"] == 2 and record["model"]["path"] == "../models/clip"
+    moved = shutil.move(project, tmp_path / "moved")
+    bundle, model = Path(moved) / "bundle", Path(moved) / "models" / "clip"
+    assert prumerge_cli.load(bundle).model_dir.resolve() == model.resolve()
+    elsewhere = shutil.move(model, tmp_path / "elsewhere")
+    assert_clean_error(run_cli(capsys, "inspect", bundle, image_paths[0]), "pass --model DIR")
+    assert run_cli(capsys, "inspect", bundle, image_paths[0], "--model", elsewhere).code == 0
+    weights = next(Path(elsewhere).glob("*.safetensors"))
+    os.utime(weights, ns=(1, 1))  # a copy: same bytes, new modification time
+    assert run_cli(capsys, "inspect", bundle, image_paths[0], "--model", elsewhere).code == 0
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    res = run_cli(capsys, "inspect", bundle, image_paths[0], "--model", elsewhere, "--full-hash")
+    assert_clean_error(res, "are not those the bundle was written for")
+    old = {**record, "format_version": 1, "model": {**record["model"], "path": str(clip_dir.resolve())}}
+    del old["model"]["fingerprints"], old["model"]["absolute_path"]
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "reducer.json").write_text(json.dumps(old))
+    assert prumerge_cli.load(tmp_path / "v1").model_dir == clip_dir.resolve()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..bundle import is_bundle, read_bundle
 from ..dynamic.bundle import is_dynamic
+from ..model_ref import resolve_model
 from ..reducers import PAD_INDEX, ReducedTokens
 from ..versions import cpu_name, package_versions
 from . import cost_model
@@ -55,7 +56,7 @@ def run_bench(
     dynamic = [t for t in targets if is_bundle(t) and is_dynamic(Path(t))]
     others, methods = [t for t in targets if t not in dynamic], settings.methods
     if not others:  # only predictor bundles: the encoder table shows their model's baseline
-        others, methods = [Path(read_bundle(dynamic[0])["model"]["path"])], ["none"]
+        others, methods = [resolve_model(read_bundle(dynamic[0])["model"], Path(dynamic[0]))], ["none"]
     with tempfile.TemporaryDirectory(prefix="prumerge-bench-") as workdir:
         tick("preparing variants")
         baseline, variants = build_variants(

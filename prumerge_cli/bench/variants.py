@@ -14,6 +14,7 @@ from ..bundle import is_bundle, read_bundle
 from ..encoder import ReducedVisionEncoder
 from ..errors import PrumergeError
 from ..exporters.onnx_export import OnnxOptions, export_onnx
+from ..model_ref import resolve_model
 from ..models.loading import load_model
 from ..reducers import ReducedTokens, build_reducer
 from ..runtime.ort import OrtEncoder, is_onnx_export, read_manifest
@@ -50,7 +51,7 @@ def target_specs(target: Path, methods: list[str]) -> list[Spec]:
     """A bundle or export names one method; a model directory takes `methods`."""
     if is_bundle(target):
         record = read_bundle(target)
-        return [Spec(Path(record["model"]["path"]), record["method"], record["params"])]
+        return [Spec(resolve_model(record["model"], target).resolve(), record["method"], record["params"])]
     if is_onnx_export(target):
         manifest = read_manifest(target)
         return [Spec(Path(manifest["source"]["model"]), manifest["method"], manifest["params"])]

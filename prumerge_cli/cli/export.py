@@ -52,6 +52,8 @@ def export(
     method: Annotated[str | None, typer.Option("--method", "-m", help="Override the bundle's method.")] = None,
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help=PARAM_HELP)] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing export directory.")] = False,
+    model: Annotated[Path | None, typer.Option(help="Where a bundle's model is (default: as recorded).")] = None,
+    full_hash: Annotated[bool, typer.Option(help="Check a bundle's model weights by their full hash.")] = False,
     prompt_tokens: Annotated[int, DECODE(help="Prompt length (image included) the KV buffers hold.")] = 320,
     new_tokens: Annotated[int, DECODE(help="Generated tokens the KV buffers leave room for.")] = 64,
 ) -> None:
@@ -71,7 +73,7 @@ def export(
     console = out_console()
     if is_bundle(target) and is_dynamic(target):
         options = DecodeOptions(batch or 1, prompt_tokens, new_tokens, plugins != "none", plugins == "aot", check)
-        export_decode(target, output, options, trt, precision, timing_cache, force, console)
+        export_decode(target, output, options, trt, precision, timing_cache, force, console, model, full_hash)
         return
     if trt:
         from ..exporters.trt_build import BatchProfile
@@ -81,7 +83,7 @@ def export(
         require_tensorrt()
         profile = BatchProfile(min_batch, opt_batch, max_batch)
         trt_options = TrtOptions(precision, profile, timing_cache, plugins)
-        encoder = open_encoder(target, method, parse_params(param))
+        encoder = open_encoder(target, method, parse_params(param), model, full_hash)
         with console.status(f"building a TensorRT engine ({precision}, plugins {trt_options.plugins})..."):
             manifest = export_trt(encoder, output, trt_options, force=force)
         console.print(
@@ -91,7 +93,7 @@ def export(
     from ..exporters.onnx_export import OnnxOptions, export_onnx
 
     options = OnnxOptions(opset, dtype, batch, max_batch, with_projector, check, plugins != "none", plugins == "aot")
-    encoder = open_encoder(target, method, parse_params(param))
+    encoder = open_encoder(target, method, parse_params(param), model, full_hash)
     with console.status(f"exporting {encoder.reducer.name} to ONNX (opset {opset}, {dtype})..."):
         manifest = export_onnx(encoder, output, options, force=force)
     print_manifest(console, output, manifest)
@@ -119,7 +121,8 @@ def print_manifest(console: Console, output: Path, manifest: dict) -> None:
 
 
 def export_decode(bundle: Path, output: Path, options: DecodeOptions, trt: bool, precision: str,
-                  timing_cache: Path | None, force: bool, console: Console) -> None:  # fmt: skip
+                  timing_cache: Path | None, force: bool, console: Console, model: Path | None = None,
+                  full_hash: bool = False) -> None:  # fmt: skip
     """The decode step of a predictor bundle, to ONNX or to a TensorRT engine."""
     from ..dynamic.bundle import load_dynamic
     from ..exporters.decode_export import export_decode_step
@@ -131,7 +134,7 @@ def export_decode(bundle: Path, output: Path, options: DecodeOptions, trt: bool,
         require_tensorrt()
     if options.batch < 1 or options.prompt_tokens < 2 or options.new_tokens < 1:
         raise PrumergeError("--batch, --prompt-tokens and --new-tokens must be positive")
-    dynamic, encoder = load_dynamic(bundle)
+    dynamic, encoder = load_dynamic(bundle, model_dir=model, full_hash=full_hash)
     image = encoder.encode_images([s.image for s in samples_of("test", 0, options.batch)], True)
     source = {"bundle": str(bundle.resolve()), "model": str(encoder.model_dir)}
     with console.status("exporting the sparse-KV decode step..."):

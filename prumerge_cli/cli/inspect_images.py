@@ -32,6 +32,8 @@ def inspect_images(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 8,
     backend: Annotated[str, typer.Option(help="torch (a bundle or model) or ort (an ONNX export).")] = "torch",
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads (default: all cores).")] = None,
+    model: Annotated[Path | None, typer.Option(help="Where a bundle's model is (default: as recorded).")] = None,
+    full_hash: Annotated[bool, typer.Option(help="Check a bundle's model weights by their full hash.")] = False,
 ) -> None:
     """Show how many visual tokens each image keeps; optionally draw which patches were kept and merged."""
     paths = collect_images(images)
@@ -42,7 +44,7 @@ def inspect_images(
 
         encoder = OrtEncoder(target, threads=threads)
     elif backend == "torch":
-        encoder = open_encoder(target, method, parse_params(param))
+        encoder = open_encoder(target, method, parse_params(param), model, full_hash)
     else:
         raise PrumergeError(f"unknown backend {backend!r}; choose torch or ort")
     rows: list[dict[str, Any]] = []

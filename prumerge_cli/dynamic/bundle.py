@@ -15,8 +15,9 @@ from .. import atomic
 from ..bundle import BUNDLE_FILE, FORMAT, FORMAT_VERSION, read_bundle
 from ..encoder import ReducedVisionEncoder
 from ..errors import PrumergeError
+from ..model_ref import model_record, resolve_model, verify_weights
 from ..models.loading import read_config
-from ..models.weights import hash_files, weight_files
+from ..models.weights import weight_files
 from ..versions import package_versions
 from .config import SparseConfig
 from .model import DynamicLlava
@@ -67,12 +68,7 @@ def write_dynamic_bundle(bundle_dir: Path, model_dir: Path, config: SparseConfig
         "params": {"vision_source": source},
         "sparse_config": config.to_dict(),
         "trained": trained,
-        "model": {
-            "path": str(model_dir.resolve()),
-            "model_type": "llava",
-            "weights": [f.name for f in files],
-            "sha256": hash_files(files),
-        },
+        "model": model_record(model_dir, bundle_dir, files, "llava"),
         "versions": package_versions(),
     }
     with atomic.atomic_dir(bundle_dir, force=force) as tmp:
@@ -86,17 +82,19 @@ def is_dynamic(bundle_dir: Path) -> bool:
     return read_bundle(bundle_dir).get("method") == METHOD
 
 
-def load_dynamic(bundle_dir: Path, verify: bool = True) -> tuple[DynamicLlava, ReducedVisionEncoder]:
-    """The model with its predictors, and the image side the bundle was trained with."""
+def load_dynamic(bundle_dir: Path, verify: bool = True, model_dir: Path | None = None,
+                 full_hash: bool = False) -> tuple[DynamicLlava, ReducedVisionEncoder]:  # fmt: skip
+    """The model with its predictors, and the image side the bundle was trained with (`model_dir` overrides
+    where the model is; weights checked as `bundle.load` does)."""
     from .training import load_trainable_state
 
     record = read_bundle(bundle_dir)
     if record.get("method") != METHOD:
         raise PrumergeError(f"{bundle_dir} is not a dynamic bundle")
-    model_dir = Path(record["model"]["path"])
+    model_dir = resolve_model(record["model"], Path(bundle_dir), model_dir)
     model, tokenizer = load_llava(model_dir)
-    if verify and hash_files(weight_files(model_dir)) != record["model"]["sha256"]:
-        raise PrumergeError(f"the weights in {model_dir} changed since bundle {bundle_dir} was written")
+    if verify:
+        verify_weights(record["model"], model_dir, weight_files(model_dir), full_hash)
     config = SparseConfig.from_dict(record["sparse_config"])
     source = record["params"]["vision_source"]
     predictors = Predictors(model.config.text_config.hidden_size, config)
