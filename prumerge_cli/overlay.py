@@ -7,7 +7,7 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from . import atomic
 from .reducers import ReducedTokens
@@ -30,37 +30,80 @@ def palette(count: int) -> list[tuple[int, int, int]]:
     ]
 
 
-def render_overlay(view: Image.Image, reduced: ReducedTokens, grid: tuple[int, int]) -> Image.Image:
-    """Kept patches at full brightness with a coloured frame; merged pruned patches tinted with their
-    centre's colour; patches that only feed the extra token darkened. `reduced` is one row."""
-    rows, cols = grid
-    scale = max(1, -(-MIN_SIDE // view.width))
-    view = view.resize((view.width * scale, view.height * scale), Image.Resampling.NEAREST)
-    ph, pw = view.height / rows, view.width / cols
+def patch_owners(reduced: ReducedTokens) -> tuple[list[int], dict[int, int]]:
+    """The kept patches (in output order) and, for each pruned patch merged into one, the slot of its centre."""
     kept = [int(i) for i in reduced.indices[0] if i >= 0]
-    colours = palette(len(kept))
     owner: dict[int, int] = {}
     if reduced.neighbours is not None:
         for slot in range(len(kept)):
             for nb in reduced.neighbours[0, slot].tolist():
                 if nb >= 0 and nb not in kept:
                     owner.setdefault(nb, slot)
+    return kept, owner
+
+
+def render_overlay(view: Image.Image, reduced: ReducedTokens, grid: tuple[int, int], title: str) -> Image.Image:
+    """Two panels under a title: the image untouched with every kept patch framed in its own colour, and the
+    merge map (each pruned patch that merged into a kept one filled with that patch's colour, patches that only
+    feed the extra token greyed), then a legend. `reduced` is one row."""
+    rows, cols = grid
+    scale = max(1, -(-MIN_SIDE // view.width))
+    view = view.convert("RGB").resize((view.width * scale, view.height * scale), Image.Resampling.NEAREST)
+    ph, pw = view.height / rows, view.width / cols
+    kept, owner = patch_owners(reduced)
+    colours = palette(len(kept))
+
+    def box(patch: int) -> tuple[int, int, int, int]:
+        r, c = divmod(patch, cols)
+        return round(c * pw), round(r * ph), round((c + 1) * pw) - 1, round((r + 1) * ph) - 1
+
+    framed = view.copy()
     base = np.asarray(view, dtype=np.float32)
-    out = base * 0.25
-    for patch in range(rows * cols):
-        r, c = divmod(patch, cols)
-        ys, xs = slice(round(r * ph), round((r + 1) * ph)), slice(round(c * pw), round((c + 1) * pw))
-        if patch in kept:
-            out[ys, xs] = base[ys, xs]
-        elif patch in owner:
-            out[ys, xs] = 0.45 * base[ys, xs] + 0.55 * np.array(colours[owner[patch]], dtype=np.float32)
-    image = Image.fromarray(out.clip(0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    for slot, patch in enumerate(kept):
-        r, c = divmod(patch, cols)
-        box = (round(c * pw), round(r * ph), round((c + 1) * pw) - 1, round((r + 1) * ph) - 1)
-        draw.rectangle(box, outline=colours[slot], width=max(1, scale))
-    return image
+    merged = base * 0.35 + 0.65 * 96
+    for patch, slot in owner.items():
+        x0, y0, x1, y1 = box(patch)
+        merged[y0 : y1 + 1, x0 : x1 + 1] = 0.3 * base[y0 : y1 + 1, x0 : x1 + 1] + 0.7 * np.array(colours[slot])
+    for patch in kept:
+        x0, y0, x1, y1 = box(patch)
+        merged[y0 : y1 + 1, x0 : x1 + 1] = base[y0 : y1 + 1, x0 : x1 + 1]
+    merge_map = Image.fromarray(merged.clip(0, 255).astype(np.uint8))
+    for panel in (framed, merge_map):
+        draw = ImageDraw.Draw(panel)
+        for slot, patch in enumerate(kept):
+            draw.rectangle(box(patch), outline=colours[slot], width=max(2, scale))
+    font = ImageFont.load_default(size=15)
+    gap, footer = 12, 30
+    width = 2 * view.width + 3 * gap
+    lines = wrap(title, font, width - 2 * gap)
+    header = 12 + 20 * len(lines)
+    canvas = Image.new("RGB", (width, view.height + header + footer), "white")
+    canvas.paste(framed, (gap, header))
+    canvas.paste(merge_map, (view.width + 2 * gap, header))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((gap, 6), "\n".join(lines), fill="black", font=font, spacing=5)
+    y = header + view.height + 8
+    x = gap
+    for swatch, outline, label in (
+        ("white", colours[0] if colours else "black", "kept patch (framed, its own colour)"),
+        (colours[0] if colours else "white", None, "pruned, merged into the kept patch of that colour"),
+        ((96, 96, 96), None, "pruned, only in the extra token"),
+    ):
+        draw.rectangle((x, y, x + 14, y + 14), fill=swatch, outline=outline or "black", width=2 if outline else 1)
+        draw.text((x + 20, y), label, fill="black", font=font)
+        x += 30 + round(draw.textlength(label, font=font))
+    return canvas
+
+
+def wrap(text: str, font: ImageFont.ImageFont, width: int) -> list[str]:
+    """`text` in lines no wider than `width` pixels, broken at spaces."""
+    lines = [""]
+    for word in text.split(" "):
+        candidate = f"{lines[-1]} {word}".strip()
+        if lines[-1] and font.getlength(candidate) > width:
+            lines.append(word)
+        else:
+            lines[-1] = candidate
+    return lines
 
 
 def save_png(image: Image.Image, path: Path) -> None:

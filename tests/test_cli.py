@@ -153,6 +153,7 @@ def test_outputs_are_checked_before_any_work_and_nothing_is_left_behind(capsys, 
     cases = [
         (("compress", clip_dir, "-o", a_file), "is a file"),
         (("compress", clip_dir, "-o", ".", "--force"), "current directory"),
+        (("compress", clip_dir, "--method", "dynamic", "--data", "d.json", "--images", ".", "-o", a_file), "is a file"),
         (("world", "-o", "/proc/prumerge-x", "--count", "1"), "cannot create /proc/prumerge-x"),
         (("export", clip_dir, "--onnx", "--batch", "0", "-o", "b0"), "--batch must be at least 1"),
         (("export", clip_dir, "--onnx", "--max-batch", "0", "-o", "m0"), "--max-batch must be at least 1"),
@@ -226,3 +227,30 @@ def test_bundles_find_their_model_relative_to_them_and_check_weights_by_fingerpr
     (tmp_path / "v1").mkdir()
     (tmp_path / "v1" / "reducer.json").write_text(json.dumps(old))
     assert prumerge_cli.load(tmp_path / "v1").model_dir == clip_dir.resolve()
+
+
+def test_overlays_of_same_named_images_do_not_overwrite_each_other(capsys, clip_dir, image_paths, tmp_path):
+    """a/img.png and b/img.png get two overlays; each shows the image untouched beside the merge map."""
+    import shutil
+
+    from prumerge_cli.overlay import MIN_SIDE, model_view
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+    shutil.copy(image_paths[0], tmp_path / "a" / "img.png")
+    shutil.copy(image_paths[1], tmp_path / "b" / "img.png")
+    res = run_cli(capsys, "inspect", clip_dir, tmp_path / "a", tmp_path / "b", "--overlay", tmp_path / "ov")
+    assert res.code == 0, res.err
+    assert sorted(p.name for p in (tmp_path / "ov").iterdir()) == ["a__img.png.overlay.png", "b__img.png.overlay.png"]
+    enc = prumerge_cli.ReducedVisionEncoder.from_pretrained(clip_dir, "prumerge")
+    view = model_view(open_image(tmp_path / "a" / "img.png"), enc.processor, enc.image_size)
+    scale = -(-MIN_SIDE // view.width)
+    shown = Image.open(tmp_path / "ov" / "a__img.png.overlay.png").convert("RGB")
+    assert shown.width > 2 * view.width * scale and shown.height > view.height * scale
+    kept = set(enc.encode_images([view]).indices[0].tolist())
+    pruned = next(p for p in range(enc.grid[0] * enc.grid[1]) if p not in kept)
+    r, c = divmod(pruned, enc.grid[1])
+    cell = view.width * scale // enc.grid[1]
+    x, y = c * cell + cell // 2, r * cell + cell // 2
+    top = shown.height - 30 - view.height * scale  # below the title
+    assert shown.getpixel((12 + x, top + y)) == view.convert("RGB").getpixel((x // scale, y // scale))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -67,7 +68,9 @@ def inspect_images(
                 )
                 if overlay is not None:
                     view = model_view(image, encoder.processor, encoder.image_size)
-                    views.append((path, render_overlay(view, row, encoder.grid)))
+                    title = overlay_title(path, encoder.reducer.name, encoder.reducer.params(), len(kept),
+                                          encoder.grid, rows[-1]["extra_token"])  # fmt: skip
+                    views.append((path, render_overlay(view, row, encoder.grid, title)))
             progress.advance(task, len(batch))
     n = encoder.grid[0] * encoder.grid[1]
     report = {
@@ -77,8 +80,9 @@ def inspect_images(
         "num_patches": n,
         "images": rows,
     }
-    for path, image in views:
-        save_png(image, overlay / f"{path.stem}.overlay.png")
+    names = overlay_names([path for path, _ in views])
+    for (_, image), name in zip(views, names, strict=True):
+        save_png(image, overlay / name)
     if json_path is not None:
         atomic.write_text(json_path, json.dumps(report, indent=2) + "\n")
     print_table(report)
@@ -97,3 +101,22 @@ def print_table(report: dict[str, Any]) -> None:
     table.add_section()
     table.add_row("mean", f"{mean:.1f}", "", f"{100 * mean / n:.1f}%")
     out_console().print(table)
+
+
+def overlay_title(path: Path, method: str, params: dict[str, Any], kept: int, grid: tuple[int, int],
+                  extra: bool) -> str:  # fmt: skip
+    """What an overlay shows: image, method and parameters, kept / total patches."""
+    settings = ", ".join(f"{k}={v}" for k, v in params.items() if v is not None)
+    tail = " + the extra token" if extra else ""
+    return f"{path.name}: {method} ({settings}), {kept}/{grid[0] * grid[1]} patches kept{tail}"
+
+
+def overlay_names(paths: list[Path]) -> list[str]:
+    """PNG names: `STEM.overlay.png`, or, where stems collide, the path below the images' common folder with
+    '__' for '/' (a/img.png and b/img.png -> a__img.png.overlay.png, b__img.png.overlay.png)."""
+    stems = [p.stem for p in paths]
+    if len(set(stems)) == len(stems):
+        return [f"{stem}.overlay.png" for stem in stems]
+    absolute = [p.resolve() for p in paths]
+    root = Path(os.path.commonpath([p.parent for p in absolute]))
+    return [str(p.relative_to(root)).replace(os.sep, "__") + ".overlay.png" for p in absolute]
