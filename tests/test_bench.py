@@ -47,6 +47,12 @@ def test_bench_bundle_and_export_on_two_backends(capsys, clip_dir, image_paths, 
     reduced = rows[2]
     assert reduced["tokens"]["max"] <= 145 and reduced["tokens"]["ratio"] < 1
     assert rows[2]["tokens"] == rows[3]["tokens"]  # torch and ORT keep the same tokens
+    assert [r["variant"] for r in rows[2:]] == [f"prumerge from {tmp_path / 'b'}"] * 2 + [
+        f"prumerge from {tmp_path / 'e'}"
+    ] * 2
+    for row in rows:  # a memory ratio only where the baseline's increase can be measured
+        ratio = row["by_batch"]["2"]["ratios"]["memory"]
+        assert (ratio is None) == (base["by_batch"]["2"]["memory"]["increase_mib"] < 1)
     assert -1 <= reduced["fidelity"]["mean_embedding_cosine"] <= 1
     for row in rows:
         for batch in ("1", "2"):
@@ -85,5 +91,7 @@ def test_bench_errors(capsys, clip_dir, siglip_dir, tmp_path):
     assert_clean_error(run_cli(capsys, "bench", clip_dir, "--backends", "gpu", *FAST), "unknown backend")
     assert_clean_error(run_cli(capsys, "bench", clip_dir, "--batch-sizes", "a,b"), "comma-separated")
     assert_clean_error(run_cli(capsys, "bench", tmp_path, *FAST), "not a model directory")
+    res = run_cli(capsys, "bench", clip_dir, "--images", tmp_path, "--synthetic", "2", *FAST)
+    assert_clean_error(res, "use either --images or --synthetic")
     if __import__("importlib.util").util.find_spec("tensorrt") is None:
         assert_clean_error(run_cli(capsys, "bench", clip_dir, "--backends", "trt", *FAST), "TensorRT is not installed")

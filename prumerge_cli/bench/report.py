@@ -30,7 +30,7 @@ def print_tables(report: dict[str, Any], console: Console) -> None:
             table.add_row(
                 row["variant"], row["backend"], f"{t['mean']:.1f} [{t['min']}-{t['max']}] x{t['ratio']:.2f}",
                 f"{b['latency_ms']['p50']:.1f} x{r['latency']:.2f}", f"{b['latency_ms']['p90']:.1f}",
-                f"{b['images_per_s']:.1f}", f"{b['memory']['increase_mib']:.0f}", fidelity_text(row["fidelity"]),
+                f"{b['images_per_s']:.1f}", memory_text(b), fidelity_text(row["fidelity"]),
             )  # fmt: skip
         console.print(table)
     if report["llm"]:
@@ -71,6 +71,12 @@ def print_dynamic(section: dict[str, Any], console: Console) -> None:
     console.print(table)
 
 
+def memory_text(by_batch: dict[str, Any]) -> str:
+    """The memory increase of a call, with its ratio to the baseline where that ratio means something."""
+    ratio = by_batch["ratios"]["memory"]
+    return f"{by_batch['memory']['increase_mib']:.1f}" + ("" if ratio is None else f" x{ratio:.2f}")
+
+
 def fidelity_text(fidelity: dict[str, Any]) -> str:
     """The fidelity figures a row has, short."""
     parts = []
@@ -84,43 +90,60 @@ def fidelity_text(fidelity: dict[str, Any]) -> str:
 
 
 def write_plot(report: dict[str, Any], path: Path) -> None:
-    """Latency (largest batch) and fidelity against visual tokens kept, one point per variant and backend."""
+    """Latency (largest batch; bars from the 10th to the 90th percentile) and fidelity against visual tokens
+    kept, one point per variant and backend, each labelled; a log latency axis only where the values span more
+    than a factor of 3."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     batch = str(max(report["settings"]["batch_sizes"]))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    latencies = []
     for backend, marker in (("torch", "o"), ("ort", "s"), ("trt", "^")):
         rows = [r for r in report["encoder"] if r["backend"] == backend]
-        if not rows:
-            continue
-        x = [r["tokens"]["mean"] for r in rows]
-        left.scatter(
-            x, [r["by_batch"][batch]["latency_ms"]["p50"] for r in rows], marker=marker, label=f"encoder {backend}"
-        )
-        for r, xi in zip(rows, x, strict=True):
-            left.annotate(r["variant"], (xi, r["by_batch"][batch]["latency_ms"]["p50"]), fontsize=7)
+        if rows:
+            points = [(r["tokens"]["mean"], r["by_batch"][batch]["latency_ms"], r["variant"]) for r in rows]
+            plot_points(left, points, marker, f"encoder {backend}", backend)
+            latencies += [lat["p50"] for _, lat, _ in points]
     llm = [r for r in report["llm"] if str(r["batch"]) == batch]
     if llm:
         tokens = {r["variant"]: r["tokens"]["mean"] for r in report["encoder"]}
-        left.scatter([tokens[r["variant"]] for r in llm], [r["prefill_ms"]["p50"] for r in llm], marker="x",
-                     label="LLM prefill")  # fmt: skip
-    left.set(xlabel="visual tokens kept (mean)", ylabel=f"p50 latency at batch {batch} (ms)", title="Latency",
-             yscale="log")  # fmt: skip
+        points = [(tokens[r["variant"]], r["prefill_ms"], r["variant"]) for r in llm]
+        plot_points(left, points, "x", "LLM prefill", "LLM")
+        latencies += [lat["p50"] for _, lat, _ in points]
+    log = max(latencies) / max(min(latencies), 1e-9) > 3
+    left.set(xlabel="visual tokens kept (mean)", ylabel=f"latency at batch {batch} (ms): p50, bars p10-p90",
+             title="Latency", yscale="log" if log else "linear")  # fmt: skip
+    if not log:
+        left.set_ylim(bottom=0)
     left.legend(fontsize=8)
     key, label = fidelity_axis(report)
     rows = [r for r in report["encoder"] if r["backend"] == "torch"] or report["encoder"]
     right.scatter([r["tokens"]["mean"] for r in rows], [r["fidelity"].get(key, float("nan")) for r in rows])
-    for r in rows:
-        right.annotate(r["variant"], (r["tokens"]["mean"], r["fidelity"].get(key, float("nan"))), fontsize=7)
+    for k, r in enumerate(rows):
+        right.annotate(r["variant"], (r["tokens"]["mean"], r["fidelity"].get(key, float("nan"))), fontsize=7,
+                       xytext=(4, 4 + 9 * (k % 3)), textcoords="offset points")  # fmt: skip
     right.set(xlabel="visual tokens kept (mean)", ylabel=label, title="Fidelity")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
     atomic.write_bytes(path, buf.getvalue())
+
+
+def plot_points(axes, points: list[tuple[float, dict[str, float], str]], marker: str, legend: str, tag: str) -> None:
+    """Median latencies with p10-p90 bars, each labelled 'variant (tag)', labels staggered so they do not overprint."""
+    x = [p[0] for p in points]
+    mid = [p[1]["p50"] for p in points]
+    low = [p[1]["p50"] - p[1].get("p10", p[1]["p50"]) for p in points]
+    high = [p[1]["p90"] - p[1]["p50"] for p in points]
+    axes.errorbar(x, mid, yerr=[low, high], fmt=marker, capsize=3, label=legend)
+    for k, (xi, yi, (_, _, name)) in enumerate(zip(x, mid, points, strict=True)):
+        axes.annotate(
+            f"{name} ({tag})", (xi, yi), fontsize=7, xytext=(5, -10 + 9 * (k % 3)), textcoords="offset points"
+        )
 
 
 def fidelity_axis(report: dict[str, Any]) -> tuple[str, str]:

@@ -155,11 +155,11 @@ def time_encoders(
         base = str(variants.index(baseline_of(variant, variants)))
         lat, base_lat = times[str(i)], times[base]
         row["by_batch"][str(batch)] = {
-            "latency_ms": {"p50": 1000 * lat.p50, "p90": 1000 * lat.p90},
+            "latency_ms": {"p10": 1000 * lat.p10, "p50": 1000 * lat.p50, "p90": 1000 * lat.p90},
             "images_per_s": batch / lat.p50,
             "memory": memory[str(i)],
             "ratios": {"latency": lat.p50 / base_lat.p50, "throughput": base_lat.p50 / lat.p50,
-                       "memory": memory[str(i)]["increase_mib"] / max(memory[base]["increase_mib"], 1e-9)},
+                       "memory": memory_ratio(memory[str(i)], memory[base])},
         }  # fmt: skip
 
 
@@ -233,7 +233,7 @@ def llm_row(v, base, batch, cases, times, sizes, shape_name, shape) -> dict[str,
 
 
 def _ms(latency: Latency) -> dict[str, float]:
-    return {"p50": 1000 * latency.p50, "p90": 1000 * latency.p90}
+    return {"p10": 1000 * latency.p10, "p50": 1000 * latency.p50, "p90": 1000 * latency.p90}
 
 
 def answer_fidelity(lm, variants: list[Variant], outputs: dict[int, ReducedTokens], s: BenchSettings) -> dict:
@@ -278,3 +278,11 @@ def embedded_accuracy(model_dir: Path, variants: list[Variant], s: BenchSettings
             score = vqa_accuracy(encoder, lm, images=s.vqa_images)
             scores[v.label] = {"vqa_accuracy": score.accuracy["overall"], "vqa_by_type": score.accuracy}
     return scores
+
+
+def memory_ratio(variant: dict[str, Any], baseline: dict[str, Any]) -> float | None:
+    """Variant / baseline memory increase; None where the baseline's increase is below 1 MiB (the resolution of
+    a process-wide reading: a ratio of two near-zero numbers means nothing)."""
+    if baseline["increase_mib"] < 1:
+        return None
+    return variant["increase_mib"] / baseline["increase_mib"]

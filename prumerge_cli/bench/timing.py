@@ -10,17 +10,18 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Latency:
-    """Seconds per call: median and 90th percentile over the measured rounds."""
+    """Seconds per call: median, 10th and 90th percentiles over the measured rounds."""
 
     p50: float
     p90: float
     samples: int
+    p10: float
 
     @classmethod
     def of(cls, seconds: list[float]) -> Latency:
         ordered = sorted(seconds)
-        p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
-        return cls(statistics.median(ordered), p90, len(ordered))
+        at = lambda q: ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]  # noqa: E731
+        return cls(statistics.median(ordered), at(0.9), len(ordered), at(0.1))
 
 
 def interleaved(

@@ -31,6 +31,7 @@ class Variant:
     backend: str
     run: Callable[[torch.Tensor], ReducedTokens]
     baseline: bool = False
+    source: str = ""
     label: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -45,16 +46,18 @@ class Spec:
     model_dir: Path
     method: str
     params: dict[str, Any]
+    source: str = ""  # the bundle or export it came from
 
 
 def target_specs(target: Path, methods: list[str]) -> list[Spec]:
     """A bundle or export names one method; a model directory takes `methods`."""
     if is_bundle(target):
         record = read_bundle(target)
-        return [Spec(resolve_model(record["model"], target).resolve(), record["method"], record["params"])]
+        model = resolve_model(record["model"], target).resolve()
+        return [Spec(model, record["method"], record["params"], str(target))]
     if is_onnx_export(target):
         manifest = read_manifest(target)
-        return [Spec(Path(manifest["source"]["model"]), manifest["method"], manifest["params"])]
+        return [Spec(Path(manifest["source"]["model"]), manifest["method"], manifest["params"], str(target))]
     if (target / "config.json").is_file():
         return [Spec(target.resolve(), m, {}) for m in methods]
     raise PrumergeError(f"{target} is not a model directory, a bundle or an ONNX export")
@@ -99,9 +102,20 @@ def build_variants(
                 options = OnnxOptions(max_batch=max_batch, with_projector=encoder.projector is not None, check=False)
                 export_onnx(encoder, out, options)
                 run = OrtEncoder(out, threads=threads)
-            variants.append(Variant(spec.method, encoder.reducer.params(), backend, run, baseline=i == 0))
+            variants.append(Variant(spec.method, encoder.reducer.params(), backend, run, i == 0, spec.source))
     assert baseline_encoder is not None
+    name_sources(variants)
     return baseline_encoder, variants
+
+
+def name_sources(variants: list[Variant]) -> None:
+    """Where targets give the same label (a bundle and its own export), add the target to each label."""
+    sources: dict[str, set[str]] = {}
+    for v in variants:
+        sources.setdefault(v.label, set()).add(v.source)
+    for v in variants:
+        if len(sources[v.label]) > 1 and v.source:
+            v.label = f"{v.label} from {v.source}"
 
 
 def _torch_runner(encoder: ReducedVisionEncoder) -> Callable[[torch.Tensor], ReducedTokens]:

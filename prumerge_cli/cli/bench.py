@@ -29,7 +29,9 @@ def bench(
         typer.Argument(help="Model directories, bundles (incl. predictor bundles) or ONNX exports (one model)."),
     ],
     images: Annotated[Path | None, typer.Option(help="A directory of images to measure on.")] = None,
-    synthetic: Annotated[int, typer.Option(help="Use N held-out images of the procedural world instead.")] = 8,
+    synthetic: Annotated[
+        int | None, typer.Option(help="Use N held-out images of the procedural world (default when no --images: 8).")
+    ] = None,
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8",
     backends: Annotated[str, typer.Option(help="Comma-separated: torch, ort, trt.")] = "torch",
     methods: Annotated[str, typer.Option(help="Methods to run on model-directory targets.")] = "prumerge",
@@ -84,8 +86,11 @@ def _read_lines(path: Path) -> list[str]:
         raise PrumergeError(f"cannot read prompts {path}: {exc}") from None
 
 
-def load_pixels(target: Path, images: Path | None, synthetic: int) -> tuple[torch.Tensor, str]:
+def load_pixels(target: Path, images: Path | None, synthetic: int | None) -> tuple[torch.Tensor, str]:
     """Preprocessed images from a directory, or held-out world images, with the target's processor."""
+    if images is not None and synthetic is not None:
+        raise PrumergeError("use either --images or --synthetic")
+    synthetic = 8 if synthetic is None else synthetic
     from ..bench.variants import target_specs
     from ..models.images import collect_images, open_image, preprocess
     from ..models.loading import load_model
