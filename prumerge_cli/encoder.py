@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .dtypes import canonical
 from .models.images import preprocess
 from .models.loading import LoadedModel, load_model
 from .models.tower import ScoreDtype, VisionTower
@@ -29,7 +30,7 @@ class ReducedVisionEncoder(nn.Module):
         model: LoadedModel,
         reducer: Reducer,
         model_dir: Path,
-        dtype: str = "float32",
+        dtype: str = "fp32",
         score_layer: int | None = None,
         score_dtype: ScoreDtype = "model",
     ):
@@ -40,7 +41,7 @@ class ReducedVisionEncoder(nn.Module):
         self.projector = model.projector
         self.processor = model.processor
         self.model_dir = model_dir
-        self.dtype_name = dtype
+        self.dtype_name = canonical(dtype)
         self.score_layer = score_layer
         self.score_dtype: ScoreDtype = score_dtype
 
@@ -50,7 +51,7 @@ class ReducedVisionEncoder(nn.Module):
         model_dir: str | Path,
         method: str = "prumerge",
         *,
-        dtype: str = "float32",
+        dtype: str = "fp32",
         attn_implementation: str = "sdpa",
         score_layer: int | None = None,
         score_dtype: ScoreDtype = "model",

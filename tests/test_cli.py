@@ -254,3 +254,15 @@ def test_overlays_of_same_named_images_do_not_overwrite_each_other(capsys, clip_
     x, y = c * cell + cell // 2, r * cell + cell // 2
     top = shown.height - 30 - view.height * scale  # below the title
     assert shown.getpixel((12 + x, top + y)) == view.convert("RGB").getpixel((x // scale, y // scale))
+
+
+def test_one_spelling_of_dtypes_with_long_names_as_aliases(capsys, clip_dir, tmp_path):
+    for name in ("fp16", "float16"):
+        assert run_cli(capsys, "compress", clip_dir, "--dtype", name, "-o", tmp_path / name).code == 0
+        assert json.loads((tmp_path / name / "reducer.json").read_text())["dtype"] == "fp16"
+    assert_clean_error(run_cli(capsys, "compress", clip_dir, "--dtype", "int4", "-o", tmp_path / "x"), "choose fp32")
+    res = run_cli(capsys, "compress", clip_dir, "--score-dtype", "bogus", "-o", tmp_path / "y")
+    assert_clean_error(res, "--score-dtype takes 'model' or 'fp32'")
+    res = run_cli(capsys, "export", clip_dir, "--onnx", "--dtype", "bf16", "-o", tmp_path / "z")
+    assert_clean_error(res, "unsupported dtype 'bf16'; choose fp32, fp16")
+    assert not any((tmp_path / n).exists() for n in "xyz")

@@ -10,11 +10,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .. import atomic
+from .. import atomic, dtypes
 from ..dynamic.compress import DynamicJob, run_dynamic
 from ..dynamic.config import SparseConfig
 from ..dynamic.training import TrainOptions
 from ..encoder import ReducedVisionEncoder
+from ..errors import PrumergeError
 from ..reducers import REDUCERS
 from . import app
 from .console import out_console
@@ -34,9 +35,9 @@ def compress(
         str, typer.Option("--method", "-m", help=f"Reducer: {', '.join(REDUCERS)}, or dynamic.")
     ] = "prumerge",
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help=PARAM_HELP)] = None,
-    dtype: Annotated[str, typer.Option(help="Tower dtype: float32, float16 or bfloat16.")] = "float32",
+    dtype: Annotated[str, typer.Option(help=f"Tower dtype: {dtypes.HELP}.")] = "fp32",
     score_layer: Annotated[int | None, typer.Option(help="Encoder layer whose q/k give scores and keys.")] = None,
-    score_dtype: Annotated[str, typer.Option(help="'model' (official) or 'float32' scores.")] = "model",
+    score_dtype: Annotated[str, typer.Option(help="'model' (official) or 'fp32' scores.")] = "model",
     force: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
     data: Annotated[Path | None, DYN(help="LLaVA conversation JSON to train on.")] = None,
     images: Annotated[Path | None, DYN(help="Directory the records' image paths are relative to.")] = None,
@@ -78,8 +79,10 @@ def compress(
         job = DynamicJob(model_dir, data, images, output, config, options, vision_source, resume, force)
         train_dynamic(job)
         return
-    if score_dtype not in ("model", "float32"):
-        raise typer.BadParameter("must be 'model' or 'float32'", param_hint="--score-dtype")
+    if score_dtype != "model" and dtypes.ALIASES.get(score_dtype, score_dtype) != "fp32":
+        raise PrumergeError(f"--score-dtype takes 'model' or 'fp32', got {score_dtype!r}")
+    score_dtype = "model" if score_dtype == "model" else "float32"
+    dtype = dtypes.canonical(dtype)
     console = out_console()
     with console.status(f"loading {model_dir} and checking {method}..."):
         encoder = ReducedVisionEncoder.from_pretrained(

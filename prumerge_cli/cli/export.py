@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .. import atomic
+from .. import atomic, dtypes
 from ..bundle import is_bundle
 from ..dynamic.bundle import is_dynamic
 from ..errors import PrumergeError
@@ -33,7 +33,9 @@ def export(
     onnx: Annotated[bool, typer.Option("--onnx", help="Export to ONNX (run by ONNX Runtime).")] = False,
     trt: Annotated[bool, typer.Option("--trt", help="Build TensorRT engines (needs TensorRT and a GPU).")] = False,
     opset: Annotated[int, typer.Option(help="ONNX opset, 18..23.")] = 18,
-    dtype: Annotated[str, typer.Option(help="fp32 or fp16.")] = "fp32",
+    dtype: Annotated[
+        str | None, typer.Option(help="fp32 or fp16 for ONNX (default fp32); fp32, fp16 or bf16 for TensorRT (fp16).")
+    ] = None,
     batch: Annotated[int | None, typer.Option(help="A fixed batch size (default: dynamic).")] = None,
     max_batch: Annotated[int, typer.Option(help="Largest batch of a dynamic export.")] = 8,
     with_projector: Annotated[bool, typer.Option(help="Append the LLaVA projector (outputs are LLM inputs).")] = False,
@@ -45,7 +47,6 @@ def export(
             "plugins: jit, aot (ahead-of-time kernels), or none (plugin-free graph). --plugins alone = jit."
         ),
     ] = "none",
-    precision: Annotated[str, typer.Option(help="TensorRT precision: fp32, fp16 or bf16.")] = "fp16",
     min_batch: Annotated[int, typer.Option(help="TensorRT profile: smallest batch.")] = 1,
     opt_batch: Annotated[int, typer.Option(help="TensorRT profile: batch to optimise for.")] = 1,
     timing_cache: Annotated[Path | None, typer.Option(help="TensorRT timing cache to read and update.")] = None,
@@ -63,6 +64,9 @@ def export(
     over static KV buffers, or with [bold]--plugins[/bold] one prumerge::SparseKVAttention node per layer."""
     if onnx == trt:
         raise PrumergeError("choose one of --onnx or --trt")
+    dtype = dtypes.canonical(
+        dtype or ("fp16" if trt else "fp32"), ("fp32", "fp16", "bf16") if trt else ("fp32", "fp16")
+    )
     if plugins not in PLUGIN_MODES:
         raise PrumergeError(f"--plugins takes {', '.join(PLUGIN_MODES)}, got {plugins!r}")
     if batch is not None and batch < 1:
@@ -73,7 +77,7 @@ def export(
     console = out_console()
     if is_bundle(target) and is_dynamic(target):
         options = DecodeOptions(batch or 1, prompt_tokens, new_tokens, plugins != "none", plugins == "aot", check)
-        export_decode(target, output, options, trt, precision, timing_cache, force, console, model, full_hash)
+        export_decode(target, output, options, trt, dtype, timing_cache, force, console, model, full_hash)
         return
     if trt:
         from ..exporters.trt_build import BatchProfile
@@ -82,9 +86,9 @@ def export(
 
         require_tensorrt()
         profile = BatchProfile(min_batch, opt_batch, max_batch)
-        trt_options = TrtOptions(precision, profile, timing_cache, plugins)
+        trt_options = TrtOptions(dtype, profile, timing_cache, plugins)
         encoder = open_encoder(target, method, parse_params(param), model, full_hash)
-        with console.status(f"building a TensorRT engine ({precision}, plugins {trt_options.plugins})..."):
+        with console.status(f"building a TensorRT engine ({dtype}, plugins {trt_options.plugins})..."):
             manifest = export_trt(encoder, output, trt_options, force=force)
         console.print(
             f"wrote {output}/model.plan for {manifest['gpu']['name']} (TensorRT {manifest['versions']['tensorrt']})"

@@ -7,8 +7,9 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
+from ..dtypes import torch_dtype
 from ..errors import PrumergeError
-from ..models.loading import DTYPES, read_config
+from ..models.loading import read_config
 from .splice import LmBatch
 
 
@@ -23,11 +24,11 @@ class LlavaLm:
         self.eos_id = tokenizer.eos_token_id
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, dtype: str = "float32") -> LlavaLm:
+    def from_pretrained(cls, model_dir: str | Path, dtype: str = "fp32") -> LlavaLm:
         """Load a LLaVA checkpoint and its tokenizer, offline."""
         if read_config(Path(model_dir)).get("model_type") != "llava":
             raise PrumergeError(f"{model_dir} is not a LLaVA checkpoint")
-        model = LlavaForConditionalGeneration.from_pretrained(str(model_dir), dtype=DTYPES[dtype]).eval()
+        model = LlavaForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch_dtype(dtype)).eval()
         return cls(model, AutoTokenizer.from_pretrained(str(model_dir)))
 
     def hidden(self, batch: LmBatch) -> torch.Tensor:

@@ -13,13 +13,13 @@ from transformers import AutoImageProcessor, CLIPVisionConfig, CLIPVisionModel, 
 from transformers.models.llava.configuration_llava import LlavaConfig
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
+from ..dtypes import torch_dtype
 from ..errors import PrumergeError
 from ..jsonfiles import read_json_object
 from .weights import read_tensors, weight_files
 
 Family = Literal["clip", "siglip"]
 SUPPORTED = ("clip", "clip_vision_model", "siglip", "siglip_vision_model", "llava")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -48,15 +48,14 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     )
 
 
-def load_model(model_dir: str | Path, dtype: str = "float32", attn_implementation: str = "sdpa") -> LoadedModel:
+def load_model(model_dir: str | Path, dtype: str = "fp32", attn_implementation: str = "sdpa") -> LoadedModel:
     """Load the vision tower of a CLIP, SigLIP or LLaVA checkpoint (and LLaVA's projector), offline."""
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     model_type = config.get("model_type")
     if model_type not in SUPPORTED:
         raise PrumergeError(f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED)}")
-    if dtype not in DTYPES:
-        raise PrumergeError(f"unsupported dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    weights_dtype = torch_dtype(dtype)
     try:
         vision_config, feature_layer, llava = _vision_config(config)
     except (TypeError, ValueError, KeyError) as exc:
@@ -73,8 +72,8 @@ def load_model(model_dir: str | Path, dtype: str = "float32", attn_implementatio
     if llava is not None:
         projector = LlavaMultiModalProjector(llava)
         _load_state(projector, read_tensors(files, _projector_key), model_dir)
-        projector = projector.to(DTYPES[dtype]).eval().requires_grad_(False)
-    vision = vision.to(DTYPES[dtype]).eval().requires_grad_(False)
+        projector = projector.to(weights_dtype).eval().requires_grad_(False)
+    vision = vision.to(weights_dtype).eval().requires_grad_(False)
     return LoadedModel(
         model_type, family, vision, projector, feature_layer, _processor(model_dir, family, vision_config), files
     )
