@@ -155,7 +155,7 @@ def test_outputs_are_checked_before_any_work_and_nothing_is_left_behind(capsys, 
         (("compress", clip_dir, "-o", ".", "--force"), "current directory"),
         (("compress", clip_dir, "--method", "dynamic", "--data", "d.json", "--images", ".", "-o", a_file), "is a file"),
         (("world", "-o", "/proc/prumerge-x", "--count", "1"), "cannot create /proc/prumerge-x"),
-        (("export", clip_dir, "--onnx", "--batch", "0", "-o", "b0"), "--batch must be at least 1"),
+        (("export", clip_dir, "--onnx", "--batch-size", "0", "-o", "b0"), "--batch-size must be at least 1"),
         (("export", clip_dir, "--onnx", "--max-batch", "0", "-o", "m0"), "--max-batch must be at least 1"),
     ]
     for args, words in cases:

@@ -47,7 +47,7 @@ def test_ort_encoder_equals_torch_on_images(plus_export, image_paths):
 
 
 def test_fixed_batch_export_runs_any_batch_in_chunks(capsys, clip_dir, image_paths, tmp_path):
-    res = run_cli(capsys, "export", clip_dir, "--onnx", "-o", tmp_path / "fixed", "--batch", "2", "-m", "prumerge")
+    res = run_cli(capsys, "export", clip_dir, "--onnx", "-o", tmp_path / "fixed", "--batch-size", "2", "-m", "prumerge")
     assert res.code == 0, res.err
     manifest = json.loads((tmp_path / "fixed" / "manifest.json").read_text())
     assert manifest["batch"] == {"fixed": 2} and manifest["kmax"] == 145

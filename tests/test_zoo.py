@@ -51,7 +51,7 @@ def test_prumerge_on_the_embedded_model_keeps_few_tokens(lm):
 
 
 def test_demo_runs_every_method(capsys, tmp_path):
-    res = run_cli(capsys, "demo", "-o", tmp_path / "demo", "--images", "6", "--iters", "1", "--batch", "2")
+    res = run_cli(capsys, "demo", "-o", tmp_path / "demo", "--num-images", "6", "--iters", "1", "--batch-size", "2")
     assert res.code == 0, res.err
     rows = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert [r["method"] for r in rows] == ["none", "prumerge", "prumerge+", "topk", "random", "pool"]

@@ -19,8 +19,8 @@ def demo(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where bundles and ONNX exports go.")] = Path(
         "demo-out"
     ),
-    images: Annotated[int, typer.Option(min=1, help="Held-out images to score (6 questions each).")] = 200,
-    batch: Annotated[int, typer.Option(min=1, help="Batch size of the latency measurements.")] = 8,
+    num_images: Annotated[int, typer.Option(min=1, help="Held-out images to score (6 questions each).")] = 200,
+    batch_size: Annotated[int, typer.Option(min=1, help="Batch size of the latency measurements.")] = 8,
     iters: Annotated[int, typer.Option(min=1, help="Measured timing rounds.")] = 10,
     model: Annotated[
         Path, typer.Option(help="A LLaVA checkpoint of the world (default: the embedded one).")
@@ -32,6 +32,6 @@ def demo(
 
     atomic.check_output(output, force)
     console = out_console()
-    rows = run_demo(model, output, images, batch, iters, console)
-    print_rows(rows, images, batch, console)
+    rows = run_demo(model, output, num_images, batch_size, iters, console)
+    print_rows(rows, num_images, batch_size, console)
     atomic.write_text(output / "demo.json", json.dumps(rows, indent=2) + "\n")

@@ -36,7 +36,7 @@ def export(
     dtype: Annotated[
         str | None, typer.Option(help="fp32 or fp16 for ONNX (default fp32); fp32, fp16 or bf16 for TensorRT (fp16).")
     ] = None,
-    batch: Annotated[int | None, typer.Option(help="A fixed batch size (default: dynamic).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="A fixed batch size (default: dynamic).")] = None,
     max_batch: Annotated[int, typer.Option(help="Largest batch of a dynamic export.")] = 8,
     with_projector: Annotated[bool, typer.Option(help="Append the LLaVA projector (outputs are LLM inputs).")] = False,
     check: Annotated[bool, typer.Option(help="Check ONNX Runtime against PyTorch.")] = True,
@@ -69,14 +69,14 @@ def export(
     )
     if plugins not in PLUGIN_MODES:
         raise PrumergeError(f"--plugins takes {', '.join(PLUGIN_MODES)}, got {plugins!r}")
-    if batch is not None and batch < 1:
-        raise PrumergeError(f"--batch must be at least 1, got {batch}")
+    if batch_size is not None and batch_size < 1:
+        raise PrumergeError(f"--batch-size must be at least 1, got {batch_size}")
     if max_batch < 1:
         raise PrumergeError(f"--max-batch must be at least 1, got {max_batch}")
     atomic.check_output(output, force)
     console = out_console()
     if is_bundle(target) and is_dynamic(target):
-        options = DecodeOptions(batch or 1, prompt_tokens, new_tokens, plugins != "none", plugins == "aot", check)
+        options = DecodeOptions(batch_size or 1, prompt_tokens, new_tokens, plugins != "none", plugins == "aot", check)
         export_decode(target, output, options, trt, dtype, timing_cache, force, console, model, full_hash)
         return
     if trt:
@@ -96,7 +96,9 @@ def export(
         return
     from ..exporters.onnx_export import OnnxOptions, export_onnx
 
-    options = OnnxOptions(opset, dtype, batch, max_batch, with_projector, check, plugins != "none", plugins == "aot")
+    options = OnnxOptions(
+        opset, dtype, batch_size, max_batch, with_projector, check, plugins != "none", plugins == "aot"
+    )
     encoder = open_encoder(target, method, parse_params(param), model, full_hash)
     with console.status(f"exporting {encoder.reducer.name} to ONNX (opset {opset}, {dtype})..."):
         manifest = export_onnx(encoder, output, options, force=force)
@@ -137,7 +139,7 @@ def export_decode(bundle: Path, output: Path, options: DecodeOptions, trt: bool,
 
         require_tensorrt()
     if options.batch < 1 or options.prompt_tokens < 2 or options.new_tokens < 1:
-        raise PrumergeError("--batch, --prompt-tokens and --new-tokens must be positive")
+        raise PrumergeError("--batch-size, --prompt-tokens and --new-tokens must be positive")
     dynamic, encoder = load_dynamic(bundle, model_dir=model, full_hash=full_hash)
     image = encoder.encode_images([s.image for s in samples_of("test", 0, options.batch)], True)
     source = {"bundle": str(bundle.resolve()), "model": str(encoder.model_dir)}
