@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .devices import module_device
 from .dtypes import canonical
 from .models.images import preprocess
 from .models.loading import LoadedModel, load_model
@@ -64,7 +65,9 @@ class ReducedVisionEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor, project: bool = False) -> ReducedTokens:
-        """Reduce a batch of preprocessed images; `project=True` applies the LLaVA projector."""
+        """Reduce a batch of preprocessed images (moved to the encoder's device); `project=True` applies the LLaVA
+        projector."""
+        pixel_values = pixel_values.to(module_device(self))
         signals = self.tower(pixel_values, with_scores=self.reducer.needs_scores, score_dtype=self.score_dtype)
         out = self.reducer(signals)
         if project and self.projector is not None:

@@ -266,3 +266,25 @@ def test_one_spelling_of_dtypes_with_long_names_as_aliases(capsys, clip_dir, tmp
     res = run_cli(capsys, "export", clip_dir, "--onnx", "--dtype", "bf16", "-o", tmp_path / "z")
     assert_clean_error(res, "unsupported dtype 'bf16'; choose fp32, fp16")
     assert not any((tmp_path / n).exists() for n in "xyz")
+
+
+def test_commands_on_the_cpu_create_tensors_on_the_cpu_only(capsys, clip_dir, image_paths, tmp_path):
+    """The device audit (a torch function mode recording where every tensor a torch function returns lives)
+    around each command run with --device cpu; a device that is not there is refused in one line."""
+    from prumerge_cli.devices import DeviceAudit
+
+    runs = [
+        ("compress", clip_dir, "-o", tmp_path / "b", "--device", "cpu"),
+        ("inspect", tmp_path / "b", image_paths[0], "--device", "cpu"),
+        ("bench", tmp_path / "b", "--images", image_paths[0].parent, "--iters", "1", "--warmup", "0",
+         "--batch-sizes", "1", "--llm-shape", "vicuna-7b:layers=1", "--device", "cpu"),
+    ]  # fmt: skip
+    for args in runs:
+        with DeviceAudit() as audit:
+            res = run_cli(capsys, *args)
+        assert res.code == 0, (args, res.err)
+        assert audit.seen == {"cpu"}, (args[0], audit.seen)
+    if not torch.cuda.is_available():
+        res = run_cli(capsys, "inspect", tmp_path / "b", image_paths[0], "--device", "cuda")
+        assert_clean_error(res, "no CUDA device is visible")
+    assert_clean_error(run_cli(capsys, "compress", clip_dir, "-o", tmp_path / "c", "--device", "tpu"), "device")

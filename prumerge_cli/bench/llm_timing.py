@@ -21,23 +21,24 @@ class PrefillCase:
     position_ids: torch.Tensor
 
 
-def random_llm(shape: LlmShape, seed: int = 0) -> LlamaModel:
-    """A Llama decoder of `shape` with random weights, in fp32 (CPU) or fp16 (GPU)."""
+def random_llm(shape: LlmShape, device: torch.device, seed: int = 0) -> LlamaModel:
+    """A Llama decoder of `shape` with random weights on `device`, in fp32 (CPU) or fp16 (CUDA)."""
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.intermediate,
                          num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
                          num_key_value_heads=shape.kv_heads, vocab_size=256, max_position_embeddings=4096)  # fmt: skip
-    dtype = torch.float16 if torch.cuda.is_available() else torch.float32
-    return LlamaModel(config).to(dtype).eval()
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    return LlamaModel(config).to(device, dtype).eval()
 
 
-def synthetic_case(hidden: int, batch: int, visual_tokens: int, text_tokens: int, dtype: torch.dtype) -> PrefillCase:
-    """Random embeddings for `visual_tokens` + `text_tokens` positions (shapes are what matter)."""
+def synthetic_case(hidden: int, batch: int, visual_tokens: int, text_tokens: int, dtype: torch.dtype,
+                   device: torch.device) -> PrefillCase:  # fmt: skip
+    """Random embeddings for `visual_tokens` + `text_tokens` positions on `device` (shapes are what matter)."""
     gen = torch.Generator().manual_seed(0)
     length = visual_tokens + text_tokens
-    embeds = torch.randn(batch, length, hidden, generator=gen).to(dtype) * 0.02
-    mask = torch.ones(batch, length, dtype=torch.long)
-    return PrefillCase(embeds, mask, torch.arange(length).expand(batch, -1))
+    embeds = (torch.randn(batch, length, hidden, generator=gen) * 0.02).to(device, dtype)
+    mask = torch.ones(batch, length, dtype=torch.long, device=device)
+    return PrefillCase(embeds, mask, torch.arange(length, device=device).expand(batch, -1))
 
 
 def kv_bytes(cache: DynamicCache) -> int:

@@ -31,15 +31,16 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def peak_memory(fn: Callable[[], object]) -> dict[str, float | str]:
-    """Run `fn` once and report its peak memory in MiB, and what was measured."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+def peak_memory(fn: Callable[[], object], device: torch.device) -> dict[str, float | str]:
+    """Run `fn` once and report its peak memory in MiB, and what was measured: CUDA's allocator for a run on a
+    CUDA device, the process's resident memory for a CPU run."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
         fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
         return {"kind": "cuda_peak_allocated", "peak_mib": peak / 2**20, "increase_mib": (peak - before) / 2**20}
     per_call = _reset_peak_rss()
     before = _status_kib("VmRSS") or 0

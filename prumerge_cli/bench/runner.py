@@ -45,6 +45,7 @@ class BenchSettings:
     max_new_tokens: int = 8
     dynamic_tokens: int = 48
     vqa_images: int = 100
+    device: str = "cpu"  # where the torch variants and the LLM run
 
 
 def run_bench(
@@ -60,7 +61,13 @@ def run_bench(
     with tempfile.TemporaryDirectory(prefix="prumerge-bench-") as workdir:
         tick("preparing variants")
         baseline, variants = build_variants(
-            others, methods, settings.backends, max(settings.batch_sizes), Path(workdir), settings.threads
+            others,
+            methods,
+            settings.backends,
+            max(settings.batch_sizes),
+            Path(workdir),
+            settings.threads,
+            torch.device(settings.device),
         )
         with torch.no_grad():
             outputs = {id(v): run_all(v, pixels, max(settings.batch_sizes)) for v in variants}
@@ -148,9 +155,9 @@ def time_encoders(
     rows: list[dict], variants: list[Variant], pixels: torch.Tensor, batch: int, s: BenchSettings
 ) -> None:
     """Interleaved latency, throughput and peak memory of every variant at one batch size."""
-    fns = {str(i): (lambda v=v: v.run(pixels)) for i, v in enumerate(variants)}
+    fns = {str(i): (lambda v=v: finished(v.run(pixels), v.device)) for i, v in enumerate(variants)}
     times = interleaved(fns, iters=s.iters, warmup=s.warmup)
-    memory = {str(i): peak_memory(fn) for i, fn in fns.items()}
+    memory = {str(i): peak_memory(fns[str(i)], v.device) for i, v in enumerate(variants)}
     for i, (row, variant) in enumerate(zip(rows, variants, strict=True)):
         base = str(variants.index(baseline_of(variant, variants)))
         lat, base_lat = times[str(i)], times[base]
@@ -174,11 +181,12 @@ def llm_section(
         from ..lm.llava_lm import LlavaLm
 
         lm = LlavaLm.from_pretrained(s.llm)
+        lm.model.to(s.device)
         decoder, shape_name, shape = lm.model.model.language_model, str(s.llm), None
     else:
         lm = None
         shape_name, shape = cost_model.shape_named(s.llm_shape)
-        decoder = random_llm(shape)
+        decoder = random_llm(shape, torch.device(s.device))
     rows = []
     for batch in s.batch_sizes:
         tick(f"timing the LLM at batch {batch}")
@@ -210,7 +218,7 @@ def llm_case(variant, outputs, pixels, batch, lm, shape, dtype, s: BenchSettings
         b = splice(lm.embed, lm.bos_id, reduced, lm.encode([s.prompts[0]]) * batch)
         return PrefillCase(b.inputs_embeds, b.attention_mask, b.position_ids)
     visual = round(float(out.lengths[rows].float().mean()))
-    return synthetic_case(shape.hidden, batch, visual, cost_model.LLAVA_TEXT_TOKENS, dtype)
+    return synthetic_case(shape.hidden, batch, visual, cost_model.LLAVA_TEXT_TOKENS, dtype, torch.device(s.device))
 
 
 def llm_row(v, base, batch, cases, times, sizes, shape_name, shape) -> dict[str, Any]:
@@ -286,3 +294,10 @@ def memory_ratio(variant: dict[str, Any], baseline: dict[str, Any]) -> float | N
     if baseline["increase_mib"] < 1:
         return None
     return variant["increase_mib"] / baseline["increase_mib"]
+
+
+def finished(result: object, device: torch.device) -> object:
+    """`result` once the device has finished computing it (CUDA runs are asynchronous; CPU runs are not)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..bundle import is_bundle, read_bundle
+from ..devices import module_device
 from ..encoder import ReducedVisionEncoder
 from ..errors import PrumergeError
 from ..exporters.onnx_export import OnnxOptions, export_onnx
@@ -32,6 +33,7 @@ class Variant:
     run: Callable[[torch.Tensor], ReducedTokens]
     baseline: bool = False
     source: str = ""
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     label: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -64,9 +66,16 @@ def target_specs(target: Path, methods: list[str]) -> list[Spec]:
 
 
 def build_variants(
-    targets: list[Path], methods: list[str], backends: list[str], max_batch: int, workdir: Path, threads: int | None
+    targets: list[Path],
+    methods: list[str],
+    backends: list[str],
+    max_batch: int,
+    workdir: Path,
+    threads: int | None,
+    device: torch.device,
 ) -> tuple[ReducedVisionEncoder, list[Variant]]:
-    """The baseline and every target's variant on every backend; ONNX exports are made in `workdir`."""
+    """The baseline and every target's variant on every backend (torch on `device`, ONNX Runtime on the CPU,
+    TensorRT on the GPU); ONNX exports are made in `workdir`."""
     unknown = sorted(set(backends) - set(BACKENDS))
     if unknown:
         raise PrumergeError(f"unknown backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}")
@@ -80,15 +89,16 @@ def build_variants(
         raise PrumergeError(f"bench compares variants of one model; the targets use {len(models)}")
     model_dir = models.pop()
     specs = [Spec(model_dir, "none", {}), *(s for s in specs if s.method != "none")]
-    model = load_model(model_dir)  # one copy of the weights, shared by every variant
+    model = load_model(model_dir)  # one copy of the weights, shared by every variant (exports are made on the CPU)
     variants = []
     baseline_encoder = None
     for i, spec in enumerate(specs):
         encoder = ReducedVisionEncoder(model, build_reducer(spec.method, **spec.params), model_dir)
         baseline_encoder = baseline_encoder or encoder
         for backend in backends:
+            where = torch.device("cpu")
             if backend == "torch":
-                run = _torch_runner(encoder)
+                run, where = _torch_runner(encoder, device), device
             elif backend == "trt":
                 from ..exporters.trt_build import BatchProfile
                 from ..exporters.trt_export import TrtOptions, export_trt
@@ -96,13 +106,13 @@ def build_variants(
 
                 out = workdir / f"{i}-{spec.method}-trt"
                 export_trt(encoder, out, TrtOptions(profile=BatchProfile(1, max_batch, max_batch)))
-                run = TrtEncoder(out)
+                run, where = TrtEncoder(out), torch.device("cuda")
             else:
                 out = workdir / f"{i}-{spec.method}"
                 options = OnnxOptions(max_batch=max_batch, with_projector=encoder.projector is not None, check=False)
                 export_onnx(encoder, out, options)
                 run = OrtEncoder(out, threads=threads)
-            variants.append(Variant(spec.method, encoder.reducer.params(), backend, run, i == 0, spec.source))
+            variants.append(Variant(spec.method, encoder.reducer.params(), backend, run, i == 0, spec.source, where))
     assert baseline_encoder is not None
     name_sources(variants)
     return baseline_encoder, variants
@@ -118,8 +128,12 @@ def name_sources(variants: list[Variant]) -> None:
             v.label = f"{v.label} from {v.source}"
 
 
-def _torch_runner(encoder: ReducedVisionEncoder) -> Callable[[torch.Tensor], ReducedTokens]:
+def _torch_runner(encoder: ReducedVisionEncoder, device: torch.device) -> Callable[[torch.Tensor], ReducedTokens]:
+    """The encoder on `device`; exports share its weights, so it moves there only for its own run."""
+
     def run(pixels: torch.Tensor) -> ReducedTokens:
+        if module_device(encoder) != device:
+            encoder.to(device)
         return encoder(pixels, project=True)
 
     return run

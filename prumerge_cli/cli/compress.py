@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .. import atomic, dtypes
+from .. import atomic, devices, dtypes
 from ..dynamic.compress import DynamicJob, run_dynamic
 from ..dynamic.config import SparseConfig
 from ..dynamic.training import TrainOptions
@@ -39,6 +39,7 @@ def compress(
     score_layer: Annotated[int | None, typer.Option(help="Encoder layer whose q/k give scores and keys.")] = None,
     score_dtype: Annotated[str, typer.Option(help="'model' (official) or 'fp32' scores.")] = "model",
     force: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
+    device: Annotated[str, typer.Option(help=f"Where the model runs: {devices.HELP}.")] = "cpu",
     data: Annotated[Path | None, DYN(help="LLaVA conversation JSON to train on.")] = None,
     images: Annotated[Path | None, DYN(help="Directory the records' image paths are relative to.")] = None,
     vision_keep: Annotated[float, DYN(help="Image-token keep rate (training target and prefill top-k).")] = 0.2,
@@ -66,6 +67,7 @@ def compress(
     With [bold]--method dynamic[/bold], train Dynamic-LLaVA predictors on a LLaVA checkpoint instead
     (`torchrun --nproc-per-node N $(which prumerge) compress ...` trains data-parallel)."""
     atomic.check_output(output, force)
+    where = devices.resolve_device(device)
     if method == "dynamic":
         if data is None or images is None:
             raise typer.BadParameter("--method dynamic needs --data and --images", param_hint="--data")
@@ -88,6 +90,7 @@ def compress(
         encoder = ReducedVisionEncoder.from_pretrained(
             model_dir, method, dtype=dtype, score_layer=score_layer, score_dtype=score_dtype, **parse_params(param)
         )
+        encoder.to(where)
         side = encoder.tower.vision.config.image_size
         probe = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(0))
         encoder(probe)

@@ -11,7 +11,7 @@ import typer
 from rich.progress import Progress
 from rich.table import Table
 
-from .. import atomic
+from .. import atomic, devices
 from ..errors import PrumergeError
 from ..models.images import collect_images, open_image
 from ..overlay import model_view, render_overlay, save_png
@@ -35,8 +35,10 @@ def inspect_images(
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads (default: all cores).")] = None,
     model: Annotated[Path | None, typer.Option(help="Where a bundle's model is (default: as recorded).")] = None,
     full_hash: Annotated[bool, typer.Option(help="Check a bundle's model weights by their full hash.")] = False,
+    device: Annotated[str, typer.Option(help=f"Where the model runs: {devices.HELP}.")] = "cpu",
 ) -> None:
     """Show how many visual tokens each image keeps; optionally draw which patches were kept and merged."""
+    where = devices.resolve_device(device)
     paths = collect_images(images)
     if backend == "ort":
         if method or param:
@@ -45,7 +47,7 @@ def inspect_images(
 
         encoder = OrtEncoder(target, threads=threads)
     elif backend == "torch":
-        encoder = open_encoder(target, method, parse_params(param), model, full_hash)
+        encoder = open_encoder(target, method, parse_params(param), model, full_hash).to(where)
     else:
         raise PrumergeError(f"unknown backend {backend!r}; choose torch or ort")
     rows: list[dict[str, Any]] = []
