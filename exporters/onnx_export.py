@@ -195,6 +195,8 @@ def check_parity(module: ExportModule, model_path: Path, sample: torch.Tensor, o
     got = session.run(list(OUTPUTS), {"pixel_values": sample.numpy()})
     with torch.no_grad():
         want = [t.numpy() for t in module(sample)]
+    if not np.isfinite(want[0]).all():
+        raise PrumergeError("the model gives NaN or Inf features on the check images; check its weights")
     scale = float(np.abs(want[0]).max()) or 1.0
     agree, worst = [], 0.0
     for b, n in enumerate(want[1]):

@@ -288,3 +288,18 @@ def test_commands_on_the_cpu_create_tensors_on_the_cpu_only(capsys, clip_dir, im
         res = run_cli(capsys, "inspect", tmp_path / "b", image_paths[0], "--device", "cuda")
         assert_clean_error(res, "no CUDA device is visible")
     assert_clean_error(run_cli(capsys, "compress", clip_dir, "-o", tmp_path / "c", "--device", "tpu"), "device")
+
+
+def test_a_model_with_nan_weights_is_a_clean_error(capsys, clip_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "nan-clip"
+    shutil.copytree(clip_dir, broken)
+    weights = next(broken.glob("*.safetensors"))
+    state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in load_file(weights).items()}
+    save_file(state, weights)
+    assert_clean_error(run_cli(capsys, "compress", broken, "-o", tmp_path / "b"), "NaN or Inf")
+    assert_clean_error(run_cli(capsys, "export", broken, "--onnx", "-o", tmp_path / "e"), "NaN or Inf")
+    assert not (tmp_path / "b").exists() and not (tmp_path / "e").exists()

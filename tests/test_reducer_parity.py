@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from prumerge_cli.errors import PrumergeError
 from prumerge_cli.reducers import EXTRA_INDEX, PAD_INDEX, TowerSignals, build_reducer
 
 from .official_reference import merge, reference_reduce, select
@@ -99,7 +100,7 @@ def test_fewer_tokens_than_knn_plus_one():
 def test_nan_features_raise():
     signals = synthetic_signals(batch=1, n=64)
     signals.features[0, 3, 0] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(PrumergeError, match="NaN"):
         build_reducer("prumerge")(signals)
 
 

@@ -9,6 +9,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..errors import PrumergeError
+
 EXTRA_INDEX = -1
 """`indices` value of the merged "extra" token (the attention-weighted sum of pruned patches)."""
 
@@ -92,4 +94,4 @@ class Reducer(abc.ABC):
 def check_finite(features: torch.Tensor) -> None:
     """Raise a clear error on NaN or Inf features instead of returning garbage selections."""
     if not bool(torch.isfinite(features).all()):
-        raise ValueError("vision features contain NaN or Inf; check the input images and the model weights")
+        raise PrumergeError("vision features contain NaN or Inf; check the input images and the model weights")
