@@ -39,7 +39,9 @@ def compress(
     score_layer: Annotated[int | None, typer.Option(help="Encoder layer whose q/k give scores and keys.")] = None,
     score_dtype: Annotated[str, typer.Option(help="'model' (official) or 'fp32' scores.")] = "model",
     force: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
-    device: Annotated[str, typer.Option(help=f"Where the model runs: {devices.HELP}.")] = "cpu",
+    device: Annotated[
+        str, typer.Option(help=f"Where the model runs: {devices.HELP} (dynamic: cuda = one GPU per torchrun process).")
+    ] = "cpu",
     data: Annotated[Path | None, DYN(help="LLaVA conversation JSON to train on.")] = None,
     images: Annotated[Path | None, DYN(help="Directory the records' image paths are relative to.")] = None,
     vision_keep: Annotated[float, DYN(help="Image-token keep rate (training target and prefill top-k).")] = 0.2,
@@ -78,7 +80,7 @@ def compress(
         options = TrainOptions(steps=steps, batch_size=batch_size, lr=lr, llm_lr=llm_lr,
                                train_projector=train_projector, train_llm=train_llm, distill_kl=distill_kl,
                                distill_prumerge=distill_prumerge, save_every=save_every, seed=seed)  # fmt: skip
-        job = DynamicJob(model_dir, data, images, output, config, options, vision_source, resume, force)
+        job = DynamicJob(model_dir, data, images, output, config, options, vision_source, resume, force, where.type)
         train_dynamic(job)
         return
     if score_dtype != "model" and dtypes.ALIASES.get(score_dtype, score_dtype) != "fp32":

@@ -33,6 +33,7 @@ class DynamicJob:
     vision_source: str = "predictor"
     resume: bool = False
     force: bool = False
+    device_type: str = "cpu"  # "cuda": one GPU per process (its local rank)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -55,7 +56,7 @@ def run_dynamic(job: DynamicJob, console: Console, on_step=None) -> list[StepLog
         raise PrumergeError(f"{job.output} exists; pass --force to replace it")
     if job.options.steps < 1 or job.options.batch_size < 1 or job.options.save_every < 1:
         raise PrumergeError("--steps, --batch-size and --save-every must be positive")
-    rank = init_rank()
+    rank = init_rank(job.device_type)
     try:
         torch.manual_seed(job.options.seed)
         model, tokenizer = load_llava(job.model_dir)

@@ -23,11 +23,14 @@ class Rank:
         return self.rank == 0
 
 
-def init_rank() -> Rank:
-    """Join the process group when launched by `torchrun` (WORLD_SIZE > 1); a single process otherwise."""
+def init_rank(device_type: str = "cpu") -> Rank:
+    """Join the process group when launched by `torchrun` (WORLD_SIZE > 1); a single process otherwise. With
+    `device_type` "cuda", each process takes the GPU of its local rank (and makes it the current device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(f"cuda:{local}" if device_type == "cuda" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world == 1:
         return Rank(0, 1, device)
     if not dist.is_initialized():
