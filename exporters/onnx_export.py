@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .. import atomic
+from ..devices import module_device
 from ..encoder import ReducedVisionEncoder, project_tokens
 from ..errors import PrumergeError
 from ..models.tower import ScoreDtype
@@ -156,7 +157,7 @@ def export_onnx(
 
         table = translation_table(options.aot)
     side = encoder.image_size
-    sample = sample_pixels(options.batch or SAMPLE_BATCH, side, dtype)
+    sample = sample_pixels(options.batch or SAMPLE_BATCH, side, dtype).to(module_device(encoder))
     dynamic = None
     if options.batch is None:
         dynamic = {"pixel_values": {0: torch.export.Dim("batch", min=1, max=max(2, options.max_batch))}}
@@ -192,9 +193,9 @@ def check_parity(module: ExportModule, model_path: Path, sample: torch.Tensor, o
 
     dtype = options.dtype
     session = create_session(model_path, threads=None, plugins=options.plugins)
-    got = session.run(list(OUTPUTS), {"pixel_values": sample.numpy()})
+    got = session.run(list(OUTPUTS), {"pixel_values": sample.cpu().numpy()})
     with torch.no_grad():
-        want = [t.numpy() for t in module(sample)]
+        want = [t.cpu().numpy() for t in module(sample)]
     if not np.isfinite(want[0]).all():
         raise PrumergeError("the model gives NaN or Inf features on the check images; check its weights")
     scale = float(np.abs(want[0]).max()) or 1.0

@@ -34,7 +34,8 @@ def module_device(module: torch.nn.Module) -> torch.device:
 
 
 class DeviceAudit(TorchFunctionMode):
-    """Records the device types of every tensor a torch function returns while it is active."""
+    """Records the device types of every tensor a torch function returns while it is active ("meta" tensors,
+    which hold no data and which the ONNX exporter traces with, are not counted)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -43,6 +44,6 @@ class DeviceAudit(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
         for value in result if isinstance(result, tuple | list) else (result,):
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and value.device.type != "meta":
                 self.seen.add(value.device.type)
         return result

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .. import atomic, dtypes
+from .. import atomic, devices, dtypes
 from ..bundle import is_bundle
 from ..dynamic.bundle import is_dynamic
 from ..errors import PrumergeError
@@ -55,6 +55,7 @@ def export(
     force: Annotated[bool, typer.Option(help="Replace an existing export directory.")] = False,
     model: Annotated[Path | None, typer.Option(help="Where a bundle's model is (default: as recorded).")] = None,
     full_hash: Annotated[bool, typer.Option(help="Check a bundle's model weights by their full hash.")] = False,
+    device: Annotated[str, typer.Option(help=f"Where the model is traced and checked: {devices.HELP}.")] = "cpu",
     prompt_tokens: Annotated[int, DECODE(help="Prompt length (image included) the KV buffers hold.")] = 320,
     new_tokens: Annotated[int, DECODE(help="Generated tokens the KV buffers leave room for.")] = 64,
 ) -> None:
@@ -74,6 +75,7 @@ def export(
     if max_batch < 1:
         raise PrumergeError(f"--max-batch must be at least 1, got {max_batch}")
     atomic.check_output(output, force)
+    where = devices.resolve_device(device)
     console = out_console()
     if is_bundle(target) and is_dynamic(target):
         options = DecodeOptions(batch_size or 1, prompt_tokens, new_tokens, plugins != "none", plugins == "aot", check)
@@ -99,7 +101,7 @@ def export(
     options = OnnxOptions(
         opset, dtype, batch_size, max_batch, with_projector, check, plugins != "none", plugins == "aot"
     )
-    encoder = open_encoder(target, method, parse_params(param), model, full_hash)
+    encoder = open_encoder(target, method, parse_params(param), model, full_hash).to(where)
     with console.status(f"exporting {encoder.reducer.name} to ONNX (opset {opset}, {dtype})..."):
         manifest = export_onnx(encoder, output, options, force=force)
     print_manifest(console, output, manifest)
