@@ -15,9 +15,11 @@ def open_encoder(
     params: dict[str, Any] | None = None,
     model_dir: Path | None = None,
     full_hash: bool = False,
+    dtype: str | None = None,
 ) -> ReducedVisionEncoder:
     """An encoder from a bundle (optionally with another method or parameters, its model elsewhere, its weights
-    checked by their full hash) or from a model directory."""
+    checked by their full hash, another dtype) or from a model directory."""
     if is_bundle(target):
-        return load(target, method, params, model_dir=model_dir, full_hash=full_hash)
-    return ReducedVisionEncoder.from_pretrained(target, method or "prumerge", **(params or {}))
+        options = {} if dtype is None else {"dtype": dtype}
+        return load(target, method, params, model_dir=model_dir, full_hash=full_hash, **options)
+    return ReducedVisionEncoder.from_pretrained(target, method or "prumerge", dtype=dtype or "fp32", **(params or {}))

@@ -275,7 +275,7 @@ def test_commands_on_the_cpu_create_tensors_on_the_cpu_only(capsys, clip_dir, im
 
     runs = [
         ("compress", clip_dir, "-o", tmp_path / "b", "--device", "cpu"),
-        ("inspect", tmp_path / "b", image_paths[0], "--device", "cpu"),
+        ("inspect", tmp_path / "b", image_paths[0], "--device", "cpu", "--dtype", "bf16"),
         ("export", tmp_path / "b", "--onnx", "-o", tmp_path / "e", "--device", "cpu"),
         ("bench", tmp_path / "b", "--images", image_paths[0].parent, "--iters", "1", "--warmup", "0",
          "--batch-sizes", "1", "--llm-shape", "vicuna-7b:layers=1", "--device", "cpu"),

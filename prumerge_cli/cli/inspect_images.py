@@ -11,7 +11,7 @@ import typer
 from rich.progress import Progress
 from rich.table import Table
 
-from .. import atomic, devices
+from .. import atomic, devices, dtypes
 from ..errors import PrumergeError
 from ..models.images import collect_images, open_image
 from ..overlay import model_view, render_overlay, save_png
@@ -36,9 +36,13 @@ def inspect_images(
     model: Annotated[Path | None, typer.Option(help="Where a bundle's model is (default: as recorded).")] = None,
     full_hash: Annotated[bool, typer.Option(help="Check a bundle's model weights by their full hash.")] = False,
     device: Annotated[str, typer.Option(help=f"Where the model runs: {devices.HELP}.")] = "cpu",
+    dtype: Annotated[
+        str | None, typer.Option(help=f"Tower dtype: {dtypes.HELP} (default: the bundle's, or fp32).")
+    ] = None,
 ) -> None:
     """Show how many visual tokens each image keeps; optionally draw which patches were kept and merged."""
     where = devices.resolve_device(device)
+    dtype = None if dtype is None else dtypes.canonical(dtype)
     paths = collect_images(images)
     if backend == "ort":
         if method or param:
@@ -47,7 +51,7 @@ def inspect_images(
 
         encoder = OrtEncoder(target, threads=threads)
     elif backend == "torch":
-        encoder = open_encoder(target, method, parse_params(param), model, full_hash).to(where)
+        encoder = open_encoder(target, method, parse_params(param), model, full_hash, dtype).to(where)
     else:
         raise PrumergeError(f"unknown backend {backend!r}; choose torch or ort")
     rows: list[dict[str, Any]] = []
