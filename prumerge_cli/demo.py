@@ -15,6 +15,7 @@ from rich.table import Table
 
 from . import atomic
 from .bench.timing import Latency, interleaved
+from .devices import finished, module_device
 from .encoder import ReducedVisionEncoder
 from .errors import PrumergeError
 from .exporters.onnx_export import OnnxOptions, export_onnx
@@ -48,12 +49,15 @@ def fixed_budget_params(prumerge_tokens: float) -> dict[str, dict[str, Any]]:
 
 
 def run_demo(
-    model: Path, out: Path, images: int, timing_batch: int, iters: int, console: Console
-) -> list[dict[str, Any]]:
-    """Build every variant of `model` under `out`, then time them together; returns the table's rows."""
+    model: Path, out: Path, images: int, timing_batch: int, iters: int, console: Console,
+    device: torch.device = torch.device("cpu"),
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Build every variant of `model` under `out` (exported on the CPU, scored and timed with the torch encoders and
+    the LLM on `device`), then time them together; returns the table's rows."""
     if not (model / "config.json").is_file():
         raise PrumergeError(f"no model at {model}; the embedded one is trained by `make zoo`")
     lm = LlavaLm.from_pretrained(model)
+    lm.model.to(device)
     variants: list[Variant] = []
     with atomic.atomic_dir(out, force=True) as tmp, Progress(console=console, transient=True) as bar:
         task = bar.add_task("compress, export, score", total=6)
@@ -63,6 +67,7 @@ def run_demo(
             encoder = ReducedVisionEncoder.from_pretrained(model, method, **params)
             encoder.save(tmp / "bundles" / method)
             export_onnx(encoder, tmp / "onnx" / method, OnnxOptions(with_projector=True, max_batch=timing_batch))
+            encoder.to(device)
             variant = Variant(method, params, encoder, None, vqa_accuracy(encoder, lm, images=images))  # type: ignore[arg-type]
             variants.append(variant)
             bar.advance(task)
@@ -89,9 +94,10 @@ def time_variants(variants: list[Variant], lm: LlavaLm, batch: int, iters: int) 
     for v in variants:
         reduced = v.encoder(pixels, project=True)
         prefills = [splice(lm.embed, lm.bos_id, reduced.row(i), [question]) for i in range(batch)]
-        fns[f"{v.method}/torch"] = lambda v=v: v.encoder(pixels, project=True)
+        device = module_device(v.encoder)
+        fns[f"{v.method}/torch"] = lambda v=v, d=device: finished(v.encoder(pixels, project=True), d)
         fns[f"{v.method}/ort"] = lambda v=v: v.ort(pixels)
-        fns[f"{v.method}/prefill"] = lambda bs=prefills: [lm.next_token_logits(b) for b in bs]
+        fns[f"{v.method}/prefill"] = lambda bs=prefills, d=device: finished([lm.next_token_logits(b) for b in bs], d)
     with torch.no_grad():
         return interleaved(fns, iters=iters, warmup=2)
 

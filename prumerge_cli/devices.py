@@ -27,6 +27,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def finished(result: object, device: torch.device) -> object:
+    """`result` once `device` has finished computing it (CUDA runs are asynchronous; CPU runs are not)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result
+
+
 def module_device(module: torch.nn.Module) -> torch.device:
     """The device of a module's first parameter (cpu for a module without parameters)."""
     parameter = next(module.parameters(), None)

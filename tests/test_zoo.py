@@ -51,8 +51,14 @@ def test_prumerge_on_the_embedded_model_keeps_few_tokens(lm):
 
 
 def test_demo_runs_every_method(capsys, tmp_path):
-    res = run_cli(capsys, "demo", "-o", tmp_path / "demo", "--num-images", "6", "--iters", "1", "--batch-size", "2")
+    """Every method compressed, exported and scored, on --device cpu with nothing created elsewhere."""
+    from prumerge_cli.devices import DeviceAudit
+
+    with DeviceAudit() as audit:
+        res = run_cli(capsys, "demo", "-o", tmp_path / "demo", "--num-images", "6", "--iters", "1", "--batch-size",
+                      "2", "--device", "cpu")  # fmt: skip
     assert res.code == 0, res.err
+    assert audit.seen == {"cpu"}
     rows = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert [r["method"] for r in rows] == ["none", "prumerge", "prumerge+", "topk", "random", "pool"]
     assert rows[0]["tokens_ratio"] == 1.0 and rows[0]["torch_ratio"] == 1.0

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..bundle import is_bundle, read_bundle
+from ..devices import finished
 from ..dynamic.bundle import is_dynamic
 from ..model_ref import resolve_model
 from ..reducers import PAD_INDEX, ReducedTokens
@@ -294,10 +295,3 @@ def memory_ratio(variant: dict[str, Any], baseline: dict[str, Any]) -> float | N
     if baseline["increase_mib"] < 1:
         return None
     return variant["increase_mib"] / baseline["increase_mib"]
-
-
-def finished(result: object, device: torch.device) -> object:
-    """`result` once the device has finished computing it (CUDA runs are asynchronous; CPU runs are not)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return result

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .. import atomic
+from .. import atomic, devices
 from ..zoo import LLAVA_DIR
 from . import app
 from .console import out_console
@@ -26,12 +26,14 @@ def demo(
         Path, typer.Option(help="A LLaVA checkpoint of the world (default: the embedded one).")
     ] = LLAVA_DIR,
     force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    device: Annotated[str, typer.Option(help=f"Where the torch encoders and the LLM run: {devices.HELP}.")] = "cpu",
 ) -> None:
     """Compress the embedded LLaVA with every method, export each to ONNX, and compare them in one table."""
     from ..demo import print_rows, run_demo
 
     atomic.check_output(output, force)
+    where = devices.resolve_device(device)
     console = out_console()
-    rows = run_demo(model, output, num_images, batch_size, iters, console)
+    rows = run_demo(model, output, num_images, batch_size, iters, console, where)
     print_rows(rows, num_images, batch_size, console)
     atomic.write_text(output / "demo.json", json.dumps(rows, indent=2) + "\n")
