@@ -29,8 +29,11 @@ def write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     if path.is_dir():
         raise PrumergeError(f"{path} is a directory; a file is needed")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise PrumergeError(f"cannot write {path}: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -40,6 +43,25 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def check_file_output(path: str | Path | None) -> None:
+    """Refuse, before any work, a file output that cannot be written: a directory, or a place where no file can be
+    created (tried for real, then removed). None is no output."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise PrumergeError(f"{path} is a directory; a file is needed")
+    parent = path.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".prumerge-probe.", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise PrumergeError(f"cannot write {path}: {exc.strerror} in {parent}") from None
 
 
 def check_output(target: str | Path, force: bool = False) -> Path:

@@ -157,6 +157,8 @@ def test_outputs_are_checked_before_any_work_and_nothing_is_left_behind(capsys, 
         (("world", "-o", "/proc/prumerge-x", "--count", "1"), "cannot create /proc/prumerge-x"),
         (("export", clip_dir, "--onnx", "--batch-size", "0", "-o", "b0"), "--batch-size must be at least 1"),
         (("export", clip_dir, "--onnx", "--max-batch", "0", "-o", "m0"), "--max-batch must be at least 1"),
+        (("inspect", clip_dir, a_file, "--json", "/proc/prumerge-r.json"), "cannot write /proc/prumerge-r.json"),
+        (("bench", clip_dir, "--json", tmp_path), "is a directory; a file is needed"),
     ]
     for args, words in cases:
         res = run_cli(capsys, *args)

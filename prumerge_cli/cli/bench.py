@@ -9,7 +9,7 @@ import torch
 import typer
 from rich.progress import Progress
 
-from .. import devices
+from .. import atomic, devices
 from ..errors import PrumergeError
 from . import app
 from .console import out_console
@@ -60,6 +60,8 @@ def bench(
 
     if llm is not None and llm_shape is not None:
         raise PrumergeError("use either --llm or --llm-shape")
+    atomic.check_file_output(json_path)
+    atomic.check_file_output(plot)
     settings = BenchSettings(
         batch_sizes=parse_list(batch_sizes, int), backends=parse_list(backends), methods=parse_list(methods),
         warmup=warmup, iters=iters, threads=threads, llm=llm, llm_shape=llm_shape, vqa_images=vqa_images,

@@ -42,6 +42,9 @@ def inspect_images(
 ) -> None:
     """Show how many visual tokens each image keeps; optionally draw which patches were kept and merged."""
     where = devices.resolve_device(device)
+    atomic.check_file_output(json_path)
+    if overlay is not None and overlay.exists() and not overlay.is_dir():
+        raise PrumergeError(f"{overlay} is a file; --overlay needs a directory")
     dtype = None if dtype is None else dtypes.canonical(dtype)
     paths = collect_images(images)
     if backend == "ort":
