@@ -4,6 +4,7 @@ check it against PyTorch with ONNX Runtime, and write the export directory atomi
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -150,7 +151,10 @@ def export_onnx(
     # hundreds of small terms drift): half-precision exports run the tower in fp16 but score, select and
     # merge in fp32, which costs little and makes results reproducible across runtimes.
     score_dtype: ScoreDtype = "float32" if options.dtype == "fp16" else encoder.score_dtype
-    module = ExportModule(encoder, options.with_projector, score_dtype, options.plugins).to(dtype).eval()
+    module = ExportModule(encoder, options.with_projector, score_dtype, options.plugins)
+    if next(module.parameters()).dtype != dtype:  # cast a copy: the caller's encoder keeps its own dtype
+        module = copy.deepcopy(module)
+    module = module.to(dtype).eval()
     table = None
     if options.plugins:
         from ..plugins.onnx_ops import translation_table

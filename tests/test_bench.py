@@ -95,3 +95,16 @@ def test_bench_errors(capsys, clip_dir, siglip_dir, tmp_path):
     assert_clean_error(res, "use either --images or --synthetic")
     if __import__("importlib.util").util.find_spec("tensorrt") is None:
         assert_clean_error(run_cli(capsys, "bench", clip_dir, "--backends", "trt", *FAST), "TensorRT is not installed")
+
+
+def test_bench_in_half_precision_keeps_each_variant_in_its_dtype(capsys, clip_dir, tmp_path):
+    """--dtype fp16: the torch tower runs in fp16 and the ONNX export is an fp16 graph (exporting never casts the
+    shared tower in place); bf16 is refused outside the torch backend."""
+    report_path = tmp_path / "bench.json"
+    res = run_cli(capsys, "bench", clip_dir, "--dtype", "fp16", "--backends", "torch,ort", "--synthetic", "2",
+                  "--json", report_path, *FAST)  # fmt: skip
+    assert res.code == 0, res.err
+    rows = json.loads(report_path.read_text())["encoder"]
+    assert {r["backend"] for r in rows} == {"torch", "ort"} and rows[0]["tokens"]["mean"] == 576
+    res = run_cli(capsys, "bench", clip_dir, "--dtype", "bf16", "--backends", "torch,ort", *FAST)
+    assert_clean_error(res, "bf16 runs on the torch backend only")

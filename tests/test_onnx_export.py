@@ -64,6 +64,7 @@ def test_fp16_export_passes_its_parity_check(clip_dir, tmp_path):
     parity = manifest["parity"]
     assert parity["passed"] and parity["lengths_equal"] and parity["kept_agreement"] >= 0.9
     assert manifest["score_dtype"] == "float32" and manifest["inputs"][0]["dtype"] == "fp16"
+    assert {p.dtype for p in encoder.parameters()} == {torch.float32}  # the exporter cast a copy, not the encoder
 
 
 def test_export_with_projector_gives_llm_inputs(llava_dir, image_paths, tmp_path):

@@ -47,6 +47,7 @@ class BenchSettings:
     dynamic_tokens: int = 48
     vqa_images: int = 100
     device: str = "cpu"  # where the torch variants and the LLM run
+    dtype: str = "fp32"  # the vision tower's (and its exports') dtype
 
 
 def run_bench(
@@ -69,6 +70,7 @@ def run_bench(
             Path(workdir),
             settings.threads,
             torch.device(settings.device),
+            settings.dtype,
         )
         with torch.no_grad():
             outputs = {id(v): run_all(v, pixels, max(settings.batch_sizes)) for v in variants}
@@ -181,7 +183,7 @@ def llm_section(
     if s.llm is not None:
         from ..lm.llava_lm import LlavaLm
 
-        lm = LlavaLm.from_pretrained(s.llm)
+        lm = LlavaLm.from_pretrained(s.llm, "fp16" if torch.device(s.device).type == "cuda" else "fp32")
         lm.model.to(s.device)
         decoder, shape_name, shape = lm.model.model.language_model, str(s.llm), None
     else:

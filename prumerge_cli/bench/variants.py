@@ -73,12 +73,15 @@ def build_variants(
     workdir: Path,
     threads: int | None,
     device: torch.device,
+    dtype: str = "fp32",
 ) -> tuple[ReducedVisionEncoder, list[Variant]]:
     """The baseline and every target's variant on every backend (torch on `device`, ONNX Runtime on the CPU,
     TensorRT on the GPU); ONNX exports are made in `workdir`."""
     unknown = sorted(set(backends) - set(BACKENDS))
     if unknown:
         raise PrumergeError(f"unknown backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}")
+    if dtype == "bf16" and set(backends) - {"torch"}:
+        raise PrumergeError("bf16 runs on the torch backend only (ONNX Runtime and TensorRT exports are fp32 or fp16)")
     if "trt" in backends:
         from ..exporters.trt_support import require_tensorrt
 
@@ -89,7 +92,7 @@ def build_variants(
         raise PrumergeError(f"bench compares variants of one model; the targets use {len(models)}")
     model_dir = models.pop()
     specs = [Spec(model_dir, "none", {}), *(s for s in specs if s.method != "none")]
-    model = load_model(model_dir)  # one copy of the weights, shared by every variant (exports are made on the CPU)
+    model = load_model(model_dir, dtype)  # one copy of the weights, shared by every variant (exported on the CPU)
     variants = []
     baseline_encoder = None
     for i, spec in enumerate(specs):
@@ -109,7 +112,8 @@ def build_variants(
                 run, where = TrtEncoder(out), torch.device("cuda")
             else:
                 out = workdir / f"{i}-{spec.method}"
-                options = OnnxOptions(max_batch=max_batch, with_projector=encoder.projector is not None, check=False)
+                options = OnnxOptions(dtype=dtype, max_batch=max_batch, with_projector=encoder.projector is not None,
+                                      check=False)  # fmt: skip
                 export_onnx(encoder, out, options)
                 run = OrtEncoder(out, threads=threads)
             variants.append(Variant(spec.method, encoder.reducer.params(), backend, run, i == 0, spec.source, where))

@@ -9,7 +9,7 @@ import torch
 import typer
 from rich.progress import Progress
 
-from .. import atomic, devices
+from .. import atomic, devices, dtypes
 from ..errors import PrumergeError
 from . import app
 from .console import out_console
@@ -53,6 +53,7 @@ def bench(
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG plot of latency and fidelity against tokens.")] = None,
     device: Annotated[str, typer.Option(help=f"Where the model runs: {devices.HELP}.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help=f"Vision tower dtype: {dtypes.HELP} (bf16: torch backend only).")] = "fp32",
 ) -> None:
     """Measure every variant of one model next to its unreduced baseline, interleaved, on each backend."""
     from ..bench.report import print_tables, write_json, write_plot
@@ -65,7 +66,7 @@ def bench(
     settings = BenchSettings(
         batch_sizes=parse_list(batch_sizes, int), backends=parse_list(backends), methods=parse_list(methods),
         warmup=warmup, iters=iters, threads=threads, llm=llm, llm_shape=llm_shape, vqa_images=vqa_images,
-        dynamic_tokens=new_tokens, device=str(devices.resolve_device(device)),
+        dynamic_tokens=new_tokens, device=str(devices.resolve_device(device)), dtype=dtypes.canonical(dtype),
     )  # fmt: skip
     if not settings.batch_sizes or min(settings.batch_sizes) < 1:
         raise PrumergeError("batch sizes must be positive integers")
