@@ -50,10 +50,10 @@ def fixed_budget_params(prumerge_tokens: float) -> dict[str, dict[str, Any]]:
 
 def run_demo(
     model: Path, out: Path, images: int, timing_batch: int, iters: int, console: Console,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = torch.device("cpu"), dtype: str = "fp32",
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Build every variant of `model` under `out` (exported on the CPU, scored and timed with the torch encoders and
-    the LLM on `device`), then time them together; returns the table's rows."""
+    the LLM on `device`, the towers in `dtype`), then time them together; returns the table's rows."""
     if not (model / "config.json").is_file():
         raise PrumergeError(f"no model at {model}; the embedded one is trained by `make zoo`")
     lm = LlavaLm.from_pretrained(model)
@@ -64,7 +64,7 @@ def run_demo(
 
         def add(method: str, params: dict[str, Any]) -> Variant:
             bar.update(task, description=f"{method}: compress, export --onnx, score")
-            encoder = ReducedVisionEncoder.from_pretrained(model, method, **params)
+            encoder = ReducedVisionEncoder.from_pretrained(model, method, dtype=dtype, **params)
             encoder.save(tmp / "bundles" / method)
             export_onnx(encoder, tmp / "onnx" / method, OnnxOptions(with_projector=True, max_batch=timing_batch))
             encoder.to(device)

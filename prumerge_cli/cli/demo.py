@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .. import atomic, devices
+from .. import atomic, devices, dtypes
 from ..zoo import LLAVA_DIR
 from . import app
 from .console import out_console
@@ -27,13 +27,15 @@ def demo(
     ] = LLAVA_DIR,
     force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     device: Annotated[str, typer.Option(help=f"Where the torch encoders and the LLM run: {devices.HELP}.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help=f"Vision tower dtype: {dtypes.HELP}.")] = "fp32",
 ) -> None:
     """Compress the embedded LLaVA with every method, export each to ONNX, and compare them in one table."""
     from ..demo import print_rows, run_demo
 
     atomic.check_output(output, force)
     where = devices.resolve_device(device)
+    dtype = dtypes.canonical(dtype)
     console = out_console()
-    rows = run_demo(model, output, num_images, batch_size, iters, console, where)
+    rows = run_demo(model, output, num_images, batch_size, iters, console, where, dtype)
     print_rows(rows, num_images, batch_size, console)
     atomic.write_text(output / "demo.json", json.dumps(rows, indent=2) + "\n")
