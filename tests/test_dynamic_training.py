@@ -88,10 +88,15 @@ def test_distillation_and_trained_projector_change_the_run(llava_deep_dir, world
 
 
 def test_prumerge_vision_source_trains_only_the_output_predictor(llava_deep_dir, world, tmp_path, capsys):
+    from prumerge_cli.devices import DeviceAudit
+
     data, images = world
-    result = run_cli(capsys, "compress", llava_deep_dir, "-o", tmp_path / "pm", *DYNAMIC_ARGS, "--data", data,
-                     "--images", images, "--steps", 2, "--vision-source", "prumerge")  # fmt: skip
+    with DeviceAudit() as audit:  # training on --device cpu creates nothing elsewhere
+        result = run_cli(capsys, "compress", llava_deep_dir, "-o", tmp_path / "pm", *DYNAMIC_ARGS, "--data", data,
+                         "--images", images, "--steps", 2, "--vision-source", "prumerge",
+                         "--device", "cpu")  # fmt: skip
     assert result.code == 0, result.err
+    assert audit.seen == {"cpu"}
     dynamic, encoder = load_dynamic(tmp_path / "pm")
     assert not dynamic.vision and encoder.reducer.name == "prumerge"
 
