@@ -217,7 +217,7 @@ def llm_case(variant, outputs, pixels, batch, lm, shape, dtype, s: BenchSettings
     if lm is not None:
         from ..lm.splice import splice
 
-        reduced = ReducedTokens(out.tokens[rows], out.lengths[rows], out.indices[rows])
+        reduced = select_rows(out, rows, lm.embed.weight.device)
         b = splice(lm.embed, lm.bos_id, reduced, lm.encode([s.prompts[0]]) * batch)
         return PrefillCase(b.inputs_embeds, b.attention_mask, b.position_ids)
     visual = round(float(out.lengths[rows].float().mean()))
@@ -259,7 +259,7 @@ def answer_fidelity(lm, variants: list[Variant], outputs: dict[int, ReducedToken
     for v in variants:
         out = outputs[id(v)]
         images = torch.arange(len(out.lengths)).repeat_interleave(len(prompts))
-        reduced = ReducedTokens(out.tokens[images], out.lengths[images], out.indices[images])
+        reduced = select_rows(out, images, lm.embed.weight.device)
         batch = splice(lm.embed, lm.bos_id, reduced, prompts * len(out.lengths))
         logprobs[id(v)] = lm.next_token_logits(batch).float().log_softmax(-1)
         answers[id(v)] = lm.greedy(batch, s.max_new_tokens)
@@ -297,3 +297,10 @@ def memory_ratio(variant: dict[str, Any], baseline: dict[str, Any]) -> float | N
     if baseline["increase_mib"] < 1:
         return None
     return variant["increase_mib"] / baseline["increase_mib"]
+
+
+def select_rows(out: ReducedTokens, rows: torch.Tensor, device: torch.device) -> ReducedTokens:
+    """Rows `rows` of a reduced batch, on `device` (an ONNX Runtime variant's outputs are on the CPU, the LLM may
+    not be)."""
+    rows = rows.to(out.tokens.device)
+    return ReducedTokens(out.tokens[rows].to(device), out.lengths[rows].to(device), out.indices[rows].to(device))
