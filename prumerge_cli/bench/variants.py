@@ -11,7 +11,6 @@ from typing import Any
 import torch
 
 from ..bundle import is_bundle, read_bundle
-from ..devices import module_device
 from ..encoder import ReducedVisionEncoder
 from ..errors import PrumergeError
 from ..exporters.onnx_export import OnnxOptions, export_onnx
@@ -101,7 +100,7 @@ def build_variants(
         for backend in backends:
             where = torch.device("cpu")
             if backend == "torch":
-                run, where = _torch_runner(encoder, device), device
+                run, where = _torch_runner(encoder), device
             elif backend == "trt":
                 from ..exporters.trt_build import BatchProfile
                 from ..exporters.trt_export import TrtOptions, export_trt
@@ -118,6 +117,9 @@ def build_variants(
                 run = OrtEncoder(out, threads=threads)
             variants.append(Variant(spec.method, encoder.reducer.params(), backend, run, i == 0, spec.source, where))
     assert baseline_encoder is not None
+    model.vision.to(device)  # every export is made: the shared weights go where the torch variants run
+    if model.projector is not None:
+        model.projector.to(device)
     name_sources(variants)
     return baseline_encoder, variants
 
@@ -132,12 +134,8 @@ def name_sources(variants: list[Variant]) -> None:
             v.label = f"{v.label} from {v.source}"
 
 
-def _torch_runner(encoder: ReducedVisionEncoder, device: torch.device) -> Callable[[torch.Tensor], ReducedTokens]:
-    """The encoder on `device`; exports share its weights, so it moves there only for its own run."""
-
+def _torch_runner(encoder: ReducedVisionEncoder) -> Callable[[torch.Tensor], ReducedTokens]:
     def run(pixels: torch.Tensor) -> ReducedTokens:
-        if module_device(encoder) != device:
-            encoder.to(device)
         return encoder(pixels, project=True)
 
     return run

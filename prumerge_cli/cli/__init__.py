@@ -16,7 +16,6 @@ from ..errors import PrumergeError
 app = typer.Typer(
     name="prumerge",
     help="Reduce the visual tokens of LLaVA-style models, export the result, and benchmark it.",
-    no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
