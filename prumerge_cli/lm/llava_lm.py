@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -49,21 +50,43 @@ class LlavaLm:
         """Token ids without specials."""
         return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
-    def greedy(self, batch: LmBatch, max_new_tokens: int) -> list[list[int]]:
-        """Greedy continuations (ids, up to and excluding `</s>`) of every row, with a KV cache."""
+    def stream(self, batch: LmBatch, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+               generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:  # fmt: skip
+        """The next token of every row, step by step, with a KV cache: greedy at temperature 0, else sampled
+        from the `top_p` nucleus of the tempered distribution (with `generator`)."""
         decoder = self.model.model.language_model
         out = decoder(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
                       position_ids=batch.position_ids, use_cache=True)  # fmt: skip
-        rows = torch.arange(len(batch.last))
-        token = self.model.lm_head(out.last_hidden_state[rows, batch.last]).argmax(-1)
-        cache, mask, position = out.past_key_values, batch.attention_mask, batch.last
-        steps = [token]
+        rows = torch.arange(len(batch.last), device=batch.last.device)
+        token = pick(self.model.lm_head(out.last_hidden_state[rows, batch.last]), temperature, top_p, generator)
+        cache, mask, position = out.cache, batch.attention_mask, batch.last
+        yield token
         for _ in range(max_new_tokens - 1):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             position = position + 1
             out = decoder(inputs_embeds=self.embed(token)[:, None], attention_mask=mask,
-                          position_ids=position[:, None], past_key_values=cache, use_cache=True)  # fmt: skip
-            token = self.model.lm_head(out.last_hidden_state[:, -1]).argmax(-1)
-            steps.append(token)
-        ids = torch.stack(steps, dim=1).tolist()
-        return [row[: row.index(self.eos_id)] if self.eos_id in row else row for row in ids]
+                          position_ids=position[:, None], cache=cache, use_cache=True)  # fmt: skip
+            token = pick(self.model.lm_head(out.last_hidden_state[:, -1]), temperature, top_p, generator)
+            yield token
+
+    def greedy(self, batch: LmBatch, max_new_tokens: int) -> list[list[int]]:
+        """Greedy continuations (ids, up to and excluding `</s>`) of every row, with a KV cache."""
+        ids = torch.stack(list(self.stream(batch, max_new_tokens)), dim=1).tolist()
+        return [self.until_eos(row) for row in ids]
+
+    def until_eos(self, ids: list[int]) -> list[int]:
+        """`ids` up to and excluding the first `</s>`."""
+        return ids[: ids.index(self.eos_id)] if self.eos_id in ids else ids
+
+
+def pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """[B] next tokens from [B, V] logits: arg-max at temperature 0, else a sample from the smallest set of most
+    likely tokens whose probability reaches `top_p`."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = (logits.float() / temperature).softmax(-1)
+    ordered, order = probs.sort(-1, descending=True)
+    outside = ordered.cumsum(-1) - ordered > top_p  # tokens after the nucleus is full
+    ordered = ordered.masked_fill(outside, 0.0)
+    choice = torch.multinomial(ordered.cpu(), 1, generator=generator).to(logits.device)
+    return order.gather(-1, choice)[:, 0]

@@ -31,18 +31,21 @@ def splice(
     image: ReducedTokens,
     texts: list[list[int]],
     targets: list[list[bool]] | None = None,
+    prefixes: list[list[int]] | None = None,
 ) -> LmBatch:
     """Build the batch; `image.tokens` must already be in the LM's embedding space (projected).
 
     `targets[b][j]` marks text token j of row b as a training target (e.g. the answer words and `</s>`).
+    `prefixes[b]` are text tokens between `<s>` and the image (a chat template's "USER: ").
     """
     device = image.tokens.device
     rows, labels, lasts = [], [], []
     for b, text in enumerate(texts):
         ids = torch.tensor(text, dtype=torch.long, device=device)
-        n_img = int(image.lengths[b])
-        bos = embed(torch.tensor([bos_id], device=device))
-        rows.append(torch.cat([bos, image.tokens[b, :n_img].to(embed.weight.dtype), embed(ids)]))
+        before = torch.tensor([bos_id, *(prefixes[b] if prefixes else [])], dtype=torch.long, device=device)
+        n_img = int(image.lengths[b]) + len(before) - 1
+        rows.append(torch.cat([embed(before), image.tokens[b, : int(image.lengths[b])].to(embed.weight.dtype),
+                               embed(ids)]))  # fmt: skip
         lasts.append(len(rows[-1]) - 1)
         label = torch.full((len(rows[-1]),), IGNORE, dtype=torch.long, device=device)
         if targets is not None:

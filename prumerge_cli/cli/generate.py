@@ -1,0 +1,97 @@
+"""`prumerge generate`: ask a compressed model a question about an image (or many, from a JSONL file)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import Progress
+
+from .. import atomic, devices
+from ..errors import PrumergeError
+from . import app
+from .console import out_console
+
+
+@app.command()
+def generate(
+    bundle: Annotated[Path, typer.Argument(help="A bundle of a LLaVA checkpoint (prumerge compress).")],
+    image: Annotated[Path | None, typer.Option(help="The image to ask about.")] = None,
+    prompt: Annotated[str | None, typer.Option(help="The question.")] = None,
+    batch: Annotated[
+        Path | None, typer.Option(help='JSONL of {"image": PATH, "prompt": TEXT} records to answer instead.')
+    ] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="JSONL of answers (with --batch).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Records per forward pass (with --batch).")] = 8,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate.")] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 for greedy decoding, else sampling.")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus of the sampled distribution.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the sampling.")] = 0,
+    device: Annotated[str, typer.Option(help=f"Where the model runs: {devices.HELP}.")] = "cpu",
+    model: Annotated[Path | None, typer.Option(help="Where the bundle's model is (default: as recorded).")] = None,
+) -> None:
+    """Ask the compressed model: the answer is streamed as it is generated, then one line with the visual
+    tokens kept and the prefill and per-token decode times."""
+    from ..generate import Asker, Decoding
+    from ..models.images import open_image
+
+    single = image is not None or prompt is not None
+    if single == (batch is not None) or (single and (image is None or prompt is None)):
+        raise PrumergeError("give --image and --prompt, or --batch FILE.jsonl")
+    if batch is not None and output is None:
+        raise PrumergeError("--batch needs --output FILE.jsonl for the answers")
+    atomic.check_file_output(output)
+    where = devices.resolve_device(device)
+    records = read_records(batch) if batch is not None else [{"image": str(image), "prompt": prompt}]
+    pictures = [open_image(Path(r["image"])) for r in records]
+    decoding = Decoding(max_new_tokens, temperature, top_p, seed)
+    asker = Asker(bundle, where, model)
+    if batch is None:
+        shown: list[int] = []
+
+        def show(token: int) -> None:
+            before = asker.lm.tokenizer.decode(shown)
+            shown.append(token)
+            sys.stdout.write(asker.lm.tokenizer.decode(shown)[len(before) :])
+            sys.stdout.flush()
+
+        (answer,) = asker.ask(pictures, [prompt], decoding, on_token=show)
+        print()
+        out_console().print(f"[dim]{answer.visual_tokens} visual tokens kept; prefill {1000 * answer.prefill_s:.1f} "
+                            f"ms, decode {1000 * answer.decode_s_per_token:.1f} ms/token[/dim]")  # fmt: skip
+        return
+    lines = []
+    with Progress(console=out_console(), transient=True) as progress:
+        task = progress.add_task("answering", total=len(records))
+        for start in range(0, len(records), batch_size):
+            chunk = records[start : start + batch_size]
+            answers = asker.ask(pictures[start : start + batch_size], [r["prompt"] for r in chunk], decoding)
+            for record, answer in zip(chunk, answers, strict=True):
+                lines.append(json.dumps({**record, "answer": answer.text, "visual_tokens": answer.visual_tokens}))
+            progress.advance(task, len(chunk))
+    atomic.write_text(output, "\n".join(lines) + "\n")
+    out_console().print(f"wrote {len(lines)} answers to {output}")
+
+
+def read_records(path: Path) -> list[dict]:
+    """The JSONL records, each with an image path and a prompt; paths are relative to the file."""
+    try:
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PrumergeError(f"cannot read {path}: {exc}") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise PrumergeError(f"{path}:{number} is not JSON") from None
+        if not isinstance(record, dict) or not isinstance(record.get("image"), str) or "prompt" not in record:
+            raise PrumergeError(f'{path}:{number} needs "image" (a path) and "prompt"')
+        image = Path(record["image"])
+        records.append({**record, "image": str(image if image.is_absolute() else path.parent / image)})
+    if not records:
+        raise PrumergeError(f"{path} has no records")
+    return records

@@ -1,0 +1,89 @@
+"""Ask a compressed model questions about images: a training-free bundle's encoder feeding its LLaVA's LM, with
+greedy or sampled decoding streamed token by token, and prefill / decode times."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .bundle import load, read_bundle
+from .devices import finished, module_device
+from .errors import PrumergeError
+from .lm.llava_lm import LlavaLm
+from .lm.prompts import prompt_ids
+from .lm.splice import splice
+
+
+@dataclass
+class Answer:
+    """One answer, the visual tokens its image kept, and the time to the first token and per later token."""
+
+    text: str
+    token_ids: list[int]
+    visual_tokens: int
+    prefill_s: float = 0.0
+    decode_s_per_token: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """Greedy at temperature 0; otherwise nucleus sampling with `top_p`, from `seed`."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+class Asker:
+    """A bundle's reduced encoder and its LLaVA's LM, on one device."""
+
+    def __init__(self, bundle: str | Path, device: torch.device = torch.device("cpu"), model_dir: Path | None = None):
+        record = read_bundle(bundle)
+        if record["method"] == "dynamic":
+            raise PrumergeError(f"{bundle} holds learned predictors; `prumerge generate` runs training-free bundles")
+        self.encoder = load(bundle, model_dir=model_dir).to(device)
+        if self.encoder.projector is None:
+            raise PrumergeError(f"the model of {bundle} is a vision tower alone; generate needs a LLaVA checkpoint")
+        self.lm = LlavaLm.from_pretrained(self.encoder.model_dir)
+        self.lm.model.to(device)
+
+    def ask(self, images: list[Image.Image], questions: list[str], decoding: Decoding,
+            on_token: Callable[[int], None] | None = None) -> list[Answer]:  # fmt: skip
+        """Answer each (image, question) pair, batched; `on_token(id)` sees row 0's tokens as they come."""
+        device = module_device(self.encoder)
+        with torch.no_grad():
+            reduced = self.encoder.encode_images(images, project=True)
+            parts = [prompt_ids(self.lm.tokenizer, q) for q in questions]
+            batch = splice(self.lm.embed, self.lm.bos_id, reduced, [after for _, after in parts],
+                           prefixes=[before for before, _ in parts])  # fmt: skip
+            generator = torch.Generator().manual_seed(decoding.seed)
+            steps, times, ended = [], [], torch.zeros(len(images), dtype=torch.bool)
+            start = time.perf_counter()
+            stream = self.lm.stream(batch, decoding.max_new_tokens, decoding.temperature, decoding.top_p, generator)
+            for token in timed(stream, device, times):
+                steps.append(token)
+                if on_token is not None and not ended[0] and int(token[0]) != self.lm.eos_id:
+                    on_token(int(token[0]))
+                ended |= token.cpu() == self.lm.eos_id
+                if bool(ended.all()):
+                    break
+        ids = [self.lm.until_eos(row) for row in torch.stack(steps, 1).tolist()]
+        prefill = times[0] - start
+        decode = (times[-1] - times[0]) / max(1, len(times) - 1)
+        return [Answer(self.lm.tokenizer.decode(row), row, int(n), prefill, decode)
+                for row, n in zip(ids, reduced.lengths.tolist(), strict=True)]  # fmt: skip
+
+
+def timed(tokens: Iterator[torch.Tensor], device: torch.device, times: list[float]) -> Iterator[torch.Tensor]:
+    """The tokens, noting when each was ready."""
+    for token in tokens:
+        finished(token, device)
+        times.append(time.perf_counter())
+        yield token
