@@ -3,6 +3,7 @@
 from .bundle import load
 from .encoder import ReducedVisionEncoder
 from .errors import PrumergeError
+from .patch import patch, unpatch
 from .reducers import EXTRA_INDEX, PAD_INDEX, ReducedTokens, build_reducer
 
 __all__ = [
@@ -13,4 +14,6 @@ __all__ = [
     "ReducedVisionEncoder",
     "build_reducer",
     "load",
+    "patch",
+    "unpatch",
 ]
