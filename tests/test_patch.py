@@ -83,6 +83,6 @@ def test_patch_refuses_what_it_cannot_reduce(stock):
     )  # fmt: skip
     with pytest.raises(prumerge_cli.PrumergeError, match="image-newline"):
         prumerge_cli.patch(LlavaNextForConditionalGeneration(tiny), "prumerge")
-    with pytest.raises(prumerge_cli.PrumergeError, match="unknown method .bogus."):
+    with pytest.raises(prumerge_cli.PrumergeError, match="unknown method 'bogus'"):
         prumerge_cli.patch(model, "bogus")
     assert type(model) is LlavaForConditionalGeneration
