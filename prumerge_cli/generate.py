@@ -1,5 +1,6 @@
-"""Ask a compressed model questions about images: a training-free bundle's encoder feeding its LLaVA's LM, with
-greedy or sampled decoding streamed token by token, and prefill / decode times."""
+"""Ask a compressed model questions about images: a training-free bundle's encoder feeding its LLaVA's LM (greedy
+or sampled decoding), or a Dynamic-LLaVA bundle's predictors with their sparse KV cache (greedy), streamed token
+by token, with prefill / decode times."""
 
 from __future__ import annotations
 
@@ -42,16 +43,23 @@ class Decoding:
 
 
 class Asker:
-    """A bundle's reduced encoder and its LLaVA's LM, on one device."""
+    """A bundle's reduced encoder and its LLaVA's LM (with the predictors of a Dynamic-LLaVA bundle), on one
+    device."""
 
     def __init__(self, bundle: str | Path, device: torch.device = torch.device("cpu"), model_dir: Path | None = None):
-        record = read_bundle(bundle)
-        if record["method"] == "dynamic":
-            raise PrumergeError(f"{bundle} holds learned predictors; `prumerge generate` runs training-free bundles")
-        self.encoder = load(bundle, model_dir=model_dir).to(device)
-        if self.encoder.projector is None:
-            raise PrumergeError(f"the model of {bundle} is a vision tower alone; generate needs a LLaVA checkpoint")
-        self.lm = LlavaLm.from_pretrained(self.encoder.model_dir)
+        self.dynamic = None
+        if read_bundle(bundle)["method"] == "dynamic":
+            from .dynamic.bundle import load_dynamic
+
+            self.dynamic, self.encoder = load_dynamic(Path(bundle), model_dir=model_dir)
+            self.lm = self.dynamic.lm
+            self.dynamic.predictors.to(device)
+        else:
+            self.encoder = load(bundle, model_dir=model_dir)
+            if self.encoder.projector is None:
+                raise PrumergeError(f"the model of {bundle} is a vision tower alone; generate needs a LLaVA checkpoint")
+            self.lm = LlavaLm.from_pretrained(self.encoder.model_dir)
+        self.encoder.to(device)
         self.lm.model.to(device)
 
     def ask(self, images: list[Image.Image], questions: list[str], decoding: Decoding,
@@ -61,13 +69,9 @@ class Asker:
         with torch.no_grad():
             reduced = self.encoder.encode_images(images, project=True)
             parts = [prompt_ids(self.lm.tokenizer, q) for q in questions]
-            batch = splice(self.lm.embed, self.lm.bos_id, reduced, [after for _, after in parts],
-                           prefixes=[before for before, _ in parts])  # fmt: skip
-            generator = torch.Generator().manual_seed(decoding.seed)
             steps, times, ended = [], [], torch.zeros(len(images), dtype=torch.bool)
             start = time.perf_counter()
-            stream = self.lm.stream(batch, decoding.max_new_tokens, decoding.temperature, decoding.top_p, generator)
-            for token in timed(stream, device, times):
+            for token in timed(self.tokens(reduced, parts, decoding), device, times):
                 steps.append(token)
                 if on_token is not None and not ended[0] and int(token[0]) != self.lm.eos_id:
                     on_token(int(token[0]))
@@ -75,10 +79,23 @@ class Asker:
                 if bool(ended.all()):
                     break
         ids = [self.lm.until_eos(row) for row in torch.stack(steps, 1).tolist()]
+        if self.dynamic is not None and self.dynamic.vision:  # the image tokens the predictor keeps at prefill
+            reduced.lengths = torch.tensor([self.dynamic.config.vision_keep(int(n)) for n in reduced.lengths])
         prefill = times[0] - start
         decode = (times[-1] - times[0]) / max(1, len(times) - 1)
         return [Answer(self.lm.tokenizer.decode(row), row, int(n), prefill, decode)
                 for row, n in zip(ids, reduced.lengths.tolist(), strict=True)]  # fmt: skip
+
+    def tokens(self, reduced, parts: list[tuple[list[int], list[int]]], decoding: Decoding) -> Iterator[torch.Tensor]:
+        """The next token of every row, step by step."""
+        texts = [after for _, after in parts]
+        if self.dynamic is not None:
+            if decoding.temperature > 0 or any(before for before, _ in parts):
+                raise PrumergeError("a Dynamic-LLaVA bundle decodes greedily, with the plain template")
+            return (token for token, _ in self.dynamic.stream(reduced, texts, decoding.max_new_tokens))
+        batch = splice(self.lm.embed, self.lm.bos_id, reduced, texts, prefixes=[before for before, _ in parts])
+        generator = torch.Generator().manual_seed(decoding.seed)
+        return self.lm.stream(batch, decoding.max_new_tokens, decoding.temperature, decoding.top_p, generator)
 
 
 def timed(tokens: Iterator[torch.Tensor], device: torch.device, times: list[float]) -> Iterator[torch.Tensor]:

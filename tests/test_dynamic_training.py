@@ -148,3 +148,27 @@ def test_bench_reports_kv_bytes_and_decode_step_against_dense(llava_deep_dir, wo
         assert r["decode_step_ms"]["dense"] > 0 and r["prefill_ms"]["ratio"] > 0
         assert 0.0 <= r["fidelity"]["greedy_agreement"] <= 1.0
     assert report["encoder"][0]["baseline"]  # the model's own baseline row is there too
+
+
+def test_generate_answers_with_a_predictor_bundle(llava_deep_dir, world, tmp_path, capsys):
+    """`prumerge generate` on a Dynamic-LLaVA bundle: the streamed greedy answer is the sparse-KV generation's."""
+    from prumerge_cli.generate import Asker, Decoding
+    from prumerge_cli.models.images import open_image
+
+    data, images = world
+    result = run_cli(capsys, "compress", llava_deep_dir, "-o", tmp_path / "d", *DYNAMIC_ARGS, "--data", data,
+                     "--images", images, "--steps", 2)  # fmt: skip
+    assert result.code == 0, result.err
+    picture = next(images.glob("*.png"))
+    asker = Asker(tmp_path / "d")
+    (answer,) = asker.ask([open_image(picture)], ["what color"], Decoding(max_new_tokens=5))
+    reduced = asker.encoder.encode_images([open_image(picture)], project=True)
+    expected = asker.dynamic.generate(reduced, asker.lm.encode(["what color"]), 5).texts(asker.lm.eos_id)[0]
+    assert answer.token_ids == expected
+    assert answer.visual_tokens == asker.dynamic.config.vision_keep(int(reduced.lengths[0]))
+    res = run_cli(capsys, "generate", tmp_path / "d", "--image", picture, "--prompt", "what color",
+                  "--max-new-tokens", 5)  # fmt: skip
+    assert res.code == 0, res.err
+    assert f"{answer.visual_tokens} visual tokens kept" in res.out
+    res = run_cli(capsys, "generate", tmp_path / "d", "--image", picture, "--prompt", "x", "--temperature", 1)
+    assert res.code == 2 and "decodes greedily" in res.err

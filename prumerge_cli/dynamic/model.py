@@ -5,6 +5,7 @@ only the loop around them (rotary positions, masks, compaction) is ours."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -188,16 +189,26 @@ class DynamicLlava:
             return self._generate_cached(image, texts, max_new_tokens)
         return self._generate_uncached(image, texts, max_new_tokens)
 
-    def _generate_cached(self, image: ReducedTokens, texts: list[list[int]], max_new_tokens: int) -> Generation:
+    def stream(self, image: ReducedTokens, texts: list[list[int]], max_new_tokens: int,
+               cache_out: list | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:  # fmt: skip
+        """Greedy tokens step by step with the sparse KV cache: (next token [B], the previous token's keep
+        decision [B] or None for the first); `cache_out` receives the cache."""
         batch = splice(self.lm.embed, self.lm.bos_id, image, texts)
         cache = self.new_cache(batch, image.lengths, max_new_tokens)
+        if cache_out is not None:
+            cache_out.append(cache)
         token = self.prefill(batch, image.lengths, cache).logits.argmax(-1)
-        tokens, kept = [token], []
+        yield token, None
         for _ in range(max_new_tokens - 1):
             logits, keep = self.decode_step(token, cache)
             token = logits.argmax(-1)
-            tokens.append(token)
-            kept.append(keep)
+            yield token, keep
+
+    def _generate_cached(self, image: ReducedTokens, texts: list[list[int]], max_new_tokens: int) -> Generation:
+        caches: list = []
+        steps = list(self.stream(image, texts, max_new_tokens, caches))
+        tokens, kept = [t for t, _ in steps], [k for _, k in steps[1:]]
+        cache = caches[0]
         return Generation(torch.stack(tokens, 1), _stack(kept, len(texts)), cache.dense.clone(), cache.sparse.clone())
 
     def _generate_uncached(self, image: ReducedTokens, texts: list[list[int]], max_new_tokens: int) -> Generation:
