@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,7 +29,6 @@ class Answer:
     visual_tokens: int
     prefill_s: float = 0.0
     decode_s_per_token: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

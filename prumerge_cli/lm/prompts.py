@@ -14,8 +14,8 @@ def prompt_ids(tokenizer, question: str) -> tuple[list[int], list[int]]:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if tokenizer.bos_token and text.startswith(tokenizer.bos_token):
         text = text[len(tokenizer.bos_token) :]
-    before, _, after = text.partition(IMAGE)
-    if not _:
+    before, found, after = text.partition(IMAGE)
+    if not found:  # a template that places no image marker: the question follows the image
         before, after = "", text
     encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
     return encode(before), encode(after)
