@@ -151,3 +151,28 @@ def test_compact_keeps_order_and_pads():
     keep = torch.tensor([[True, False, True, True], [False, True, False, False]])
     index, valid = compact(keep)
     assert index.tolist() == [[0, 2, 3], [1, 0, 0]] and valid.tolist() == [[True] * 3, [True, False, False]]
+
+
+@pytest.mark.parametrize("chunk", [5, 64])
+def test_chunked_masked_softmax_equals_the_materialised_one(chunk):
+    """Outputs and gradients (q, k, v and the policy, whose straight-through gradient trains the predictors) of
+    the chunked form equal autograd through the `[B, H, T, T]` form, at fp64 precision."""
+    from prumerge_cli.dynamic.attention import ChunkedPolicyAttention, causal_mask, policy_softmax
+
+    torch.manual_seed(0)
+    b, h, t, d = 2, 3, 37, 8
+    q, k, v = (torch.randn(b, h, t, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    valid = torch.ones(b, t, dtype=torch.bool)
+    valid[1, 30:] = False
+    allowed = causal_mask(valid)
+    policy = (torch.rand(b, t) > 0.5).double().requires_grad_(True)
+    reference = policy_softmax((q @ k.transpose(-1, -2)) * 0.3, allowed, policy) @ v
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, policy)]
+    chunked = ChunkedPolicyAttention.apply(*leaves[:3], leaves[3], allowed, 0.3, chunk)
+    torch.testing.assert_close(chunked, reference, rtol=0, atol=1e-12)
+    weights = torch.randn_like(reference)
+    (reference * weights).sum().backward()
+    (chunked * weights).sum().backward()
+    for original, ours in zip((q, k, v, policy), leaves, strict=True):
+        assert original.grad.abs().max() > 0.1
+        torch.testing.assert_close(ours.grad, original.grad, rtol=0, atol=1e-12)

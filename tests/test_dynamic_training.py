@@ -119,17 +119,87 @@ def test_bad_input_is_one_clean_line(llava_deep_dir, tmp_path, capsys, monkeypat
     assert not (tmp_path / "out").exists()
 
 
-def test_torchrun_data_parallel(llava_deep_dir, world, tmp_path):
+def compress_args(llava_deep_dir, world, output, *extra) -> list[str]:
     data, images = world
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    cmd = [torchrun, "--nproc-per-node", "2", "--master-port", "29531", "-m", "prumerge_cli", "compress",
-           str(llava_deep_dir), "-o", str(tmp_path / "ddp"), *map(str, DYNAMIC_ARGS), "--data", str(data),
-           "--images", str(images), "--steps", "4", "--save-every", "2"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    return ["compress", str(llava_deep_dir), "-o", str(output), *map(str, DYNAMIC_ARGS), "--data", str(data),
+            "--images", str(images), "--train-projector", *map(str, extra)]  # fmt: skip
+
+
+def torchrun(args: list[str], port: int) -> subprocess.CompletedProcess:
+    launcher = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [launcher, "--nproc-per-node", "2", "--master-port", str(port), "-m", "prumerge_cli", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    history = json.loads((tmp_path / "ddp" / "training.json").read_text())
-    assert [h["step"] for h in history] == [0, 1, 2, 3] and all(h["loss"] == h["loss"] for h in history)
+    return proc
+
+
+def trained_weights(bundle) -> dict[str, torch.Tensor]:
+    return load_file(bundle / "predictors.safetensors")
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], start: dict[str, torch.Tensor]):
+    """Equal within fp32 rounding, and both moved on from `start`."""
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+    assert any((a[k] - start[k]).abs().max() > 1e-4 for k in a)
+
+
+def test_two_processes_train_what_one_process_trains_on_the_whole_batch(llava_deep_dir, world, tmp_path, capsys):
+    """Global step = 4 samples, 3 steps: one process with batch 4 = one process accumulating 2 x 2 = two
+    `torchrun` processes with 2 each; and a 2-process run stopped after 2 steps and resumed = the straight one."""
+    one = compress_args(llava_deep_dir, world, tmp_path / "one", "--steps", 3, "--batch-size", 4)
+    assert run_cli(capsys, *one).code == 0
+    accumulated = compress_args(llava_deep_dir, world, tmp_path / "acc", "--steps", 3, "--grad-accum", 2)
+    assert run_cli(capsys, *accumulated).code == 0
+    start = compress_args(llava_deep_dir, world, tmp_path / "start", "--steps", 3, "--batch-size", 4, "--stop-after", 1)
+    assert run_cli(capsys, *start).code == 0  # its checkpoint holds the weights after step 0
+    after_one = load_file(tmp_path / ".start.checkpoint" / "trainable.safetensors")
+    torchrun(compress_args(llava_deep_dir, world, tmp_path / "ddp", "--steps", 3), 29531)
+    reference = trained_weights(tmp_path / "one")
+    assert_same_weights(trained_weights(tmp_path / "acc"), reference, after_one)
+    assert_same_weights(trained_weights(tmp_path / "ddp"), reference, after_one)
+    ddp_log = json.loads((tmp_path / "ddp" / "training.json").read_text())
+    one_log = json.loads((tmp_path / "one" / "training.json").read_text())
+    assert [h["loss"] for h in ddp_log] == pytest.approx([h["loss"] for h in one_log], rel=1e-5)
+
+    resumed = compress_args(llava_deep_dir, world, tmp_path / "res", "--steps", 3)
+    proc = torchrun([*resumed, "--stop-after", 2], 29532)
+    assert "rerun with --resume" in proc.stdout and not (tmp_path / "res").exists()
+    torchrun([*resumed, "--resume"], 29533)
+    assert_same_weights(trained_weights(tmp_path / "res"), trained_weights(tmp_path / "ddp"), after_one)
+    assert json.loads((tmp_path / "res" / "training.json").read_text()) == ddp_log
+
+
+def test_ranks_see_different_samples_and_gumbel_draws():
+    from prumerge_cli.dynamic.distributed import Rank
+    from prumerge_cli.dynamic.sampling import gumbel_noise, sample_positions
+
+    ranks = [Rank(r, 2, torch.device("cpu")) for r in range(2)]
+    shares = [sample_positions(5, 1, 3, 2, rank) for rank in ranks]
+    assert sorted(shares[0] + shares[1]) == list(range(66, 72))  # step 5, micro-batch 1 of 2, 6 samples
+    draws = [gumbel_noise(0, p, 4, 7) for p in (shares[0][0], shares[1][0])]
+    assert not torch.equal(draws[0][0], draws[1][0]) and not torch.equal(draws[0][1], draws[1][1])
+    assert all(torch.equal(a, b) for a, b in zip(gumbel_noise(0, 66, 4, 7), gumbel_noise(0, 66, 4, 7), strict=True))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (("--lr", 2e-3), "lr"),
+        (("--batch-size", 3), "batch_size"),
+        (("--vision-keep", 0.3), "sparse_config"),
+        (("--data", "other"), "data"),
+    ],
+)
+def test_resume_refuses_changed_settings(llava_deep_dir, world, tmp_path, capsys, change, message):
+    other = write_llava_json(tmp_path / "other", "train", 5)
+    change = tuple(other if c == "other" else c for c in change)
+    args = compress_args(llava_deep_dir, world, tmp_path / "out", "--steps", 3, "--stop-after", 1)
+    assert run_cli(capsys, *args).code == 0
+    result = run_cli(capsys, *args, *change, "--resume")
+    assert result.code == 2 and "other settings" in result.err and message in result.err
+    assert not (tmp_path / "out").exists()
 
 
 def test_bench_reports_kv_bytes_and_decode_step_against_dense(llava_deep_dir, world, tmp_path, capsys):

@@ -58,6 +58,16 @@ def compress(
     llm_lr: Annotated[float, DYN(help="Projector / LM learning rate when they are trained.")] = 5e-6,
     train_projector: Annotated[bool, DYN(help="Train the projector too.")] = False,
     train_llm: Annotated[bool, DYN(help="Train the LM too.")] = False,
+    official: Annotated[bool, DYN(help="The official recipe: train the LM and projector at --llm-lr too.")] = False,
+    mask_loss_weight: Annotated[float, DYN(help="λ, the weight of the keep-rate losses.")] = 100.0,
+    grad_accum: Annotated[int, DYN(help="Micro-batches accumulated per optimizer step.")] = 1,
+    precision: Annotated[str, DYN(help="fp32, bf16 (autocast), or fp16 (autocast, a loss scaler; GPU).")] = "fp32",
+    gradient_checkpointing: Annotated[bool, DYN(help="Recompute the LM layers' activations in backward.")] = False,
+    template: Annotated[str, DYN(help="Conversation template: plain (the embedded model's) or vicuna_v1.")] = "plain",
+    skip_missing_images: Annotated[bool, DYN(help="Leave out records whose image is missing or unreadable.")] = False,
+    stop_after: Annotated[
+        int | None, DYN(help="Checkpoint and stop after N steps of this run (time-limited jobs); --resume goes on.")
+    ] = None,
     distill_kl: Annotated[float, DYN(help="Weight of KL to the full-token model's next-token distribution.")] = 0.0,
     distill_prumerge: Annotated[float, DYN(help="Weight of BCE to PruMerge's kept patches.")] = 0.0,
     save_every: Annotated[int, DYN(help="Checkpoint every N steps.")] = 50,
@@ -76,11 +86,14 @@ def compress(
         config = SparseConfig(sparse_layer=sparse_layer, d_model=predictor_width, nhead=predictor_heads,
                               dim_feedforward=4 * predictor_width, num_layers=predictor_blocks,
                               vision_keep_rate=vision_keep, output_keep_rate=output_keep,
-                              output_len_for_training=output_min_len)  # fmt: skip
-        options = TrainOptions(steps=steps, batch_size=batch_size, lr=lr, llm_lr=llm_lr,
-                               train_projector=train_projector, train_llm=train_llm, distill_kl=distill_kl,
-                               distill_prumerge=distill_prumerge, save_every=save_every, seed=seed)  # fmt: skip
-        job = DynamicJob(model_dir, data, images, output, config, options, vision_source, resume, force, where.type)
+                              output_len_for_training=output_min_len, mask_loss_weight=mask_loss_weight)  # fmt: skip
+        options = TrainOptions(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, llm_lr=llm_lr,
+                               train_projector=train_projector or official, train_llm=train_llm or official,
+                               distill_kl=distill_kl, distill_prumerge=distill_prumerge, save_every=save_every,
+                               seed=seed, precision=dtypes.canonical(precision), stop_after=stop_after,
+                               gradient_checkpointing=gradient_checkpointing)  # fmt: skip
+        job = DynamicJob(model_dir, data, images, output, config, options, vision_source, template,
+                         skip_missing_images, resume, force, where.type)  # fmt: skip
         train_dynamic(job)
         return
     if score_dtype != "model" and dtypes.ALIASES.get(score_dtype, score_dtype) != "fp32":
@@ -119,6 +132,8 @@ def train_dynamic(job: DynamicJob) -> None:
         Console(stderr=True).print(f"interrupted; checkpoints are in {job.checkpoint_dir}: rerun with --resume")
         raise typer.Exit(130) from None
     last = history[-1]
+    if len(history) < job.options.steps:
+        return
     if not any(h.output_rows for h in history):
         console.print(f"[yellow]warning:[/yellow] no final answer reached --output-min-len "
                       f"{job.config.output_len_for_training} tokens: the output predictor is untrained")  # fmt: skip

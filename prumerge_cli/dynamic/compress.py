@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -12,8 +13,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from ..errors import PrumergeError
 from .bundle import load_llava, vision_encoder, write_dynamic_bundle
+from .checkpoints import file_digest
 from .config import SparseConfig
-from .data import load_examples
+from .data import Dataset, load_examples
 from .distributed import barrier, init_rank, shutdown
 from .model import DynamicLlava
 from .predictors import Predictors
@@ -31,9 +33,17 @@ class DynamicJob:
     config: SparseConfig
     options: TrainOptions
     vision_source: str = "predictor"
+    template: str = "plain"
+    skip_missing_images: bool = False
     resume: bool = False
     force: bool = False
     device_type: str = "cpu"  # "cuda": one GPU per process (its local rank)
+
+    def settings(self, data: Dataset) -> dict[str, Any]:
+        """The data, model and method settings a resume must not change (training options are added by the
+        trainer)."""
+        return {"data": file_digest(self.data), "examples": len(data.examples), "template": self.template,
+                "vision_source": self.vision_source, "sparse_config": self.config.to_dict()}  # fmt: skip
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -54,18 +64,18 @@ def run_dynamic(job: DynamicJob, console: Console, on_step=None) -> list[StepLog
     """Train (or resume) and write the bundle; `on_step(log)` is called after every step."""
     if job.output.exists() and not job.force:
         raise PrumergeError(f"{job.output} exists; pass --force to replace it")
-    if job.options.steps < 1 or job.options.batch_size < 1 or job.options.save_every < 1:
-        raise PrumergeError("--steps, --batch-size and --save-every must be positive")
     rank = init_rank(job.device_type)
     try:
         torch.manual_seed(job.options.seed)
         model, tokenizer = load_llava(job.model_dir)
         model.to(rank.device)
-        examples = load_examples(job.data, job.images, tokenizer)
+        data = load_examples(job.data, job.images, tokenizer, job.template, job.skip_missing_images)
+        if rank.main:
+            report_data(data, console)
         predictors = Predictors(model.config.text_config.hidden_size, job.config, job.options.seed).to(rank.device)
         dynamic = DynamicLlava(model, tokenizer, predictors, vision=job.vision_source == "predictor")
         encoder = vision_encoder(job.model_dir, job.vision_source, model).to(rank.device)
-        trainer = Trainer(dynamic, encoder, examples, job.options, rank, job.checkpoint_dir)
+        trainer = Trainer(dynamic, encoder, data.examples, job.options, rank, job.checkpoint_dir, job.settings(data))
         if job.resume:
             start = trainer.resume()
             if rank.main:
@@ -83,7 +93,11 @@ def run_dynamic(job: DynamicJob, console: Console, on_step=None) -> list[StepLog
                     on_step(log)
 
             history = trainer.run(report)
-        if rank.main:
+        if not trainer.finished:
+            if rank.main:
+                console.print(f"stopped after step {len(history)} of {job.options.steps}; the checkpoint is in "
+                              f"{job.checkpoint_dir}: rerun with --resume")  # fmt: skip
+        elif rank.main:
             trained = ["predictors", *(["projector"] if job.options.train_projector else []),
                        *(["llm"] if job.options.train_llm else [])]  # fmt: skip
             write_dynamic_bundle(job.output, job.model_dir, job.config, job.vision_source,
@@ -94,6 +108,16 @@ def run_dynamic(job: DynamicJob, console: Console, on_step=None) -> list[StepLog
         return history
     finally:
         shutdown(rank)
+
+
+def report_data(data: Dataset, console: Console) -> None:
+    """Say once what was left out of the data."""
+    if data.text_only:
+        console.print(f"{data.text_only} text-only records skipped (Dynamic-LLaVA trains on image records, as the "
+                      f"official recipe does)")  # fmt: skip
+    if data.missing_images:
+        console.print(f"[yellow]warning:[/yellow] {data.missing_images} records skipped: their image is missing or "
+                      f"unreadable")  # fmt: skip
 
 
 def remove_checkpoint(checkpoint_dir: Path) -> None:

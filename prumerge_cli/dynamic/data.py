@@ -1,25 +1,49 @@
-"""Training data in LLaVA's conversation JSON format: one image per record, alternating human/gpt turns.
-Template `plain` (the embedded model's): `<s> <image> q1 a1 </s> q2 a2 </s> ...`, loss on answers and `</s>`."""
+"""Training data in LLaVA's conversation JSON format (mix665k style): records with one image and alternating
+human/gpt turns. Text-only records are skipped, as the official Dynamic-LLaVA data loader does
+(`requires_image=True`). Two conversation templates:
+
+- `plain` (the embedded model's): `<s> <image> q1 a1 </s> q2 a2 </s> ...`;
+- `vicuna_v1` (LLaVA-1.5's): `<s> SYSTEM USER: <image>\\n q1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>...`.
+
+The loss is on the answers and their `</s>`."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
 
 from ..errors import PrumergeError
 
 IMAGE_PLACEHOLDER = "<image>"
+TEMPLATES = ("plain", "vicuna_v1")
+VICUNA_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
 
 
 @dataclass(frozen=True)
 class Example:
-    """Token ids after the image, which of them are targets, and where the final answer starts."""
+    """Token ids after the image, which of them are targets, where the final answer starts, and the template's
+    tokens between `<s>` and the image."""
 
     image: Path
     text: list[int]
     targets: list[bool]
     answer_start: int
+    prefix: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """The usable examples and what was left out."""
+
+    examples: list[Example]
+    text_only: int = 0
+    missing_images: int = 0
 
 
 def read_records(data_file: Path) -> list[dict]:
@@ -35,36 +59,87 @@ def read_records(data_file: Path) -> list[dict]:
     return records
 
 
-def tokenize_record(record: object, images: Path, tokenizer, where: str) -> Example:
-    """One record -> `Example`; `where` names the record in error messages."""
+def _turn_pieces(template: str, index: int, value: str) -> str:
+    """The text a human turn (even index) or a gpt turn (odd index) contributes after the image."""
+    if index % 2:
+        return value.strip() if template == "plain" else " " + value.strip()
+    question = value.replace(IMAGE_PLACEHOLDER, "").strip()
+    if template == "plain":
+        return question
+    return ("\n" if index == 0 else "USER: ") + question + " ASSISTANT:"
+
+
+def template_prefix(template: str, tokenizer) -> list[int]:
+    """Tokens between `<s>` and the image for `template`."""
+    if template not in TEMPLATES:
+        raise PrumergeError(f"unknown template {template!r}; choose {' or '.join(TEMPLATES)}")
+    if template == "plain":
+        return []
+    return tokenizer(f"{VICUNA_SYSTEM} USER:", add_special_tokens=False)["input_ids"]
+
+
+def tokenize_record(record: object, images: Path, tokenizer, where: str, template: str = "plain") -> Example:
+    """One image record -> `Example`; `where` names the record in error messages."""
     if not isinstance(record, dict) or "image" not in record or "conversations" not in record:
         raise PrumergeError(f"{where}: a record needs 'image' and 'conversations'")
-    turns = record["conversations"]
-    if not isinstance(turns, list) or not turns or len(turns) % 2:
-        raise PrumergeError(f"{where}: 'conversations' must alternate human and gpt turns")
-    image = images / str(record["image"])
-    if not image.is_file():
-        raise PrumergeError(f"{where}: image {image} does not exist")
+    turns = _check_turns(record["conversations"], where)
     text: list[int] = []
     targets: list[bool] = []
     answer_start = 0
+    for i, value in enumerate(turns):
+        ids = tokenizer(_turn_pieces(template, i, value), add_special_tokens=False)["input_ids"]
+        if i % 2:
+            ids = [*ids, tokenizer.eos_token_id]
+            answer_start = len(text)
+        text += ids
+        targets += [i % 2 == 1] * len(ids)
+    return Example(images / str(record["image"]), text, targets, answer_start, template_prefix(template, tokenizer))
+
+
+def _check_turns(turns: object, where: str) -> list[str]:
+    if not isinstance(turns, list) or not turns or len(turns) % 2:
+        raise PrumergeError(f"{where}: 'conversations' must alternate human and gpt turns")
+    values = []
     for i, turn in enumerate(turns):
         speaker, value = (turn.get("from"), turn.get("value")) if isinstance(turn, dict) else (None, None)
         if speaker != ("human" if i % 2 == 0 else "gpt") or not isinstance(value, str):
             raise PrumergeError(f"{where}: turn {i} must be from {'human' if i % 2 == 0 else 'gpt'} with a text value")
-        if i % 2 == 0:
-            ids = tokenizer(value.replace(IMAGE_PLACEHOLDER, "").strip(), add_special_tokens=False)["input_ids"]
-        else:
-            ids = [*tokenizer(value.strip(), add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
-            answer_start = len(text)
-        text += ids
-        targets += [i % 2 == 1] * len(ids)
-    return Example(image, text, targets, answer_start)
+        values.append(value)
+    return values
 
 
-def load_examples(data_file: Path, images: Path, tokenizer) -> list[Example]:
-    """Every record of `data_file`, images resolved under `images`."""
+def readable_image(path: Path) -> bool:
+    """Whether `path` is a file PIL recognises as an image (its header only is read)."""
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        return True
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return False
+
+
+def load_examples(data_file: Path, images: Path, tokenizer, template: str = "plain",
+                  skip_missing_images: bool = False) -> Dataset:  # fmt: skip
+    """The image records of `data_file`, images resolved under `images`. Missing or unreadable images are an
+    error naming their count, unless `skip_missing_images`, which leaves those records out."""
     if not images.is_dir():
         raise PrumergeError(f"image directory {images} does not exist")
     records = read_records(data_file)
-    return [tokenize_record(r, images, tokenizer, f"{data_file.name} record {i}") for i, r in enumerate(records)]
+    examples, text_only, bad = [], 0, []
+    for i, record in enumerate(records):
+        where = f"{data_file.name} record {i}"
+        if isinstance(record, dict) and "image" not in record and "conversations" in record:
+            _check_turns(record["conversations"], where)
+            text_only += 1
+            continue
+        example = tokenize_record(record, images, tokenizer, where, template)
+        if readable_image(example.image):
+            examples.append(example)
+        else:
+            bad.append(example.image)
+    if bad and not skip_missing_images:
+        raise PrumergeError(f"{len(bad)} of {len(records)} records name a missing or unreadable image (first: "
+                            f"{bad[0]}); pass --skip-missing-images to train without them")  # fmt: skip
+    if not examples:
+        raise PrumergeError(f"{data_file} has no record with a readable image to train on")
+    return Dataset(examples, text_only, len(bad))

@@ -48,3 +48,12 @@ def shutdown(rank: Rank) -> None:
     """Leave the process group."""
     if rank.world > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_reduce_sum(values: torch.Tensor, rank: Rank) -> torch.Tensor:
+    """The sum over processes of a small CPU tensor (itself alone)."""
+    if rank.world == 1:
+        return values
+    moved = values.to(rank.device)
+    dist.all_reduce(moved)
+    return moved.cpu()

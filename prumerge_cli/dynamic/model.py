@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers import LlavaForConditionalGeneration
 
 from ..errors import PrumergeError
@@ -33,6 +32,25 @@ class Prefill:
     logits: torch.Tensor
     keep: torch.Tensor
     states: torch.Tensor
+
+
+@dataclass
+class GumbelNoise:
+    """Gumbel(0, 1) draws `[B, N, 2]` for the image span and `[B, T, 2]` for the whole sequence."""
+
+    image: torch.Tensor
+    text: torch.Tensor
+
+
+def hard_gumbel_keep(logits: torch.Tensor, tau: float, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Hard Gumbel-softmax sample of channel 0 (keep) with the straight-through gradient, in fp32;
+    `F.gumbel_softmax(hard=True)` with the Gumbel draws given (or drawn here from the global generator)."""
+    logits = logits.float()
+    if noise is None:
+        noise = -torch.empty_like(logits).exponential_().log()
+    soft = ((logits + noise.to(logits.device)) / tau).softmax(-1)
+    hard = torch.zeros_like(soft).scatter_(-1, soft.argmax(-1, keepdim=True), 1.0)
+    return (hard - soft.detach() + soft)[..., 0]
 
 
 @dataclass
@@ -233,26 +251,27 @@ class DynamicLlava:
         upper = len(self.decoder.layers) - self.layer
         return int(self.layer * dense.sum() + upper * sparse.sum()) * per_token
 
-    def train_forward(
-        self, batch: LmBatch, image_lengths: torch.Tensor, answers: torch.Tensor, tau: float
-    ) -> TrainForward:
+    def train_forward(self, batch: LmBatch, image_lengths: torch.Tensor, answers: torch.Tensor, tau: float,
+                      image_start: int = IMAGE_START, noise: GumbelNoise | None = None) -> TrainForward:  # fmt: skip
         """The masked form on the whole sequence: hard Gumbel-softmax masks (straight-through) for the image
-        span and for the `answers [B, T]` span of rows whose answer is at least LEN^OT long; masked softmax in
-        every layer from `l` on. Nothing is removed, so every label keeps its loss."""
+        span (from `image_start`) and for the `answers [B, T]` span of rows whose answer is at least LEN^OT
+        long; masked softmax in every layer from `l` on. Nothing is removed, so every label keeps its loss.
+        `noise` fixes the Gumbel draws (drawn from the global generator otherwise)."""
         valid = batch.attention_mask.bool()
         mask = causal_mask(valid)
         states = self._run(batch.inputs_embeds, batch.position_ids, mask, False)
         policy = torch.ones(states.shape[:2], dtype=states.dtype, device=states.device)
         image_mask = image_logits = None
         if self.vision:
-            n = self._image_span(image_lengths)
-            image_logits = self.predictors.vision(states[:, IMAGE_START : IMAGE_START + n])
-            image_mask = F.gumbel_softmax(image_logits.float(), tau=tau, hard=True)[..., 0]
-            policy = torch.cat([policy[:, :IMAGE_START], image_mask.to(policy.dtype), policy[:, IMAGE_START + n :]], 1)
+            span = slice(image_start, image_start + self._image_span(image_lengths))
+            image_logits = self.predictors.vision(states[:, span])
+            image_mask = hard_gumbel_keep(image_logits, tau, None if noise is None else noise.image)
+            policy = torch.cat([policy[:, : span.start], image_mask.to(policy.dtype), policy[:, span.stop :]], 1)
         output_sparse = answers & (answers.sum(1, keepdim=True) >= self.config.output_len_for_training)
         output_mask = torch.ones_like(policy)
         if self.output and bool(output_sparse.any()):
-            output_mask = F.gumbel_softmax(self.predictors.text(states).float(), tau=tau, hard=True)[..., 0]
+            text_logits = self.predictors.text(states)
+            output_mask = hard_gumbel_keep(text_logits, tau, None if noise is None else noise.text)
             policy = torch.where(output_sparse, output_mask.to(policy.dtype), policy)
         hidden = self._run(states, batch.position_ids, mask, True, policy=policy)
         return TrainForward(self.lm.model.lm_head(hidden), image_mask, image_logits, output_mask, output_sparse)

@@ -1,40 +1,45 @@
 """Training of the predictors (optionally the projector and LM too): hard Gumbel-softmax with the
-straight-through estimator, masked softmax in layers >= l, keep-rate losses, optional distillation, exact
-resume from checkpoints, and `torchrun` data parallelism through the same entry point."""
+straight-through estimator, masked softmax in layers >= l, keep-rate losses, optional distillation, mixed
+precision, gradient accumulation and checkpointing, exact resume, and `torchrun` data parallelism.
+
+Every loss term is normalised by its count over the whole global step (all processes, all accumulated
+micro-batches), and the Gumbel noise of a sample depends on its place in the run only, so N processes, one
+process accumulating N micro-batches and one process with an N times larger batch train the same weights."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .. import atomic
 from ..encoder import ReducedVisionEncoder, project_tokens
 from ..errors import PrumergeError
 from ..lm.splice import IGNORE, LmBatch, splice
 from ..models.images import open_image, preprocess
 from ..reducers import ReducedTokens, build_reducer
+from .checkpoints import load_checkpoint, save_checkpoint
 from .data import Example
-from .distributed import Rank
-from .model import IMAGE_START, DynamicLlava, TrainForward
+from .distributed import Rank, all_reduce_sum
+from .model import IMAGE_START, DynamicLlava, GumbelNoise, TrainForward
+from .sampling import example_index, gumbel_noise, learning_rate_scale, sample_positions, temperature
 
-CHECKPOINT_WEIGHTS = "trainable.safetensors"
-CHECKPOINT_STATE = "state.pt"
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
 class TrainOptions:
-    """Steps, batch, learning rates, what is trained, distillation weights, checkpointing and seed."""
+    """Steps, batch, learning rates, what is trained, distillation weights, precision, checkpointing, seed."""
 
     steps: int = 300
     batch_size: int = 8
+    grad_accum: int = 1
     lr: float = 2e-4
     llm_lr: float = 5e-6
     train_projector: bool = False
@@ -44,11 +49,29 @@ class TrainOptions:
     save_every: int = 50
     warmup: float = 0.03
     seed: int = 0
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    stop_after: int | None = None
+
+    def __post_init__(self) -> None:
+        if min(self.steps, self.batch_size, self.grad_accum, self.save_every) < 1:
+            raise PrumergeError("--steps, --batch-size, --grad-accum and --save-every must be positive")
+        if self.precision not in PRECISIONS:
+            raise PrumergeError(f"--precision takes {', '.join(PRECISIONS)}; got {self.precision!r}")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise PrumergeError("--stop-after must be positive")
+
+    def settings(self) -> dict[str, Any]:
+        """What a resume must not change (how often to save or when to stop may change)."""
+        record = asdict(self)
+        for key in ("save_every", "stop_after", "gradient_checkpointing"):
+            del record[key]
+        return record
 
 
 @dataclass
 class StepLog:
-    """What one step reports."""
+    """What one step reports (over the whole global batch)."""
 
     step: int
     loss: float
@@ -67,30 +90,21 @@ class Trainee(nn.Module):
         self.predictors = dynamic.predictors
         self.model = dynamic.lm.model
 
-    def forward(self, batch: LmBatch, image_lengths: torch.Tensor, answers: torch.Tensor, tau: float) -> TrainForward:
-        return self.dynamic.train_forward(batch, image_lengths, answers, tau)
+    def forward(self, batch: LmBatch, lengths: torch.Tensor, answers: torch.Tensor, tau: float, image_start: int,
+                noise: GumbelNoise) -> TrainForward:  # fmt: skip
+        return self.dynamic.train_forward(batch, lengths, answers, tau, image_start, noise)
 
 
-def temperature(step: int, steps: int) -> float:
-    """Gumbel temperature: 0.1 ** (step / steps), from 1 down to 0.1."""
-    return 0.1 ** (step / steps)
+@dataclass
+class MicroBatch:
+    """One process's share of one micro-batch, ready for the forward."""
 
-
-def learning_rate_scale(step: int, steps: int, warmup: float) -> float:
-    """Linear warm-up then cosine decay."""
-    ramp = max(1, int(steps * warmup))
-    return min(1.0, (step + 1) / ramp) * 0.5 * (1 + math.cos(math.pi * step / steps))
-
-
-def batch_indices(step: int, size: int, examples: int, seed: int, rank: Rank) -> list[int]:
-    """This rank's share of global batch `step`: a seeded reshuffle per epoch, ranks interleaved."""
-    out = []
-    for j in range(rank.rank, size * rank.world, rank.world):
-        position = step * size * rank.world + j
-        epoch, offset = divmod(position, examples)
-        order = torch.randperm(examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        out.append(int(order[offset]))
-    return out
+    batch: LmBatch
+    lengths: torch.Tensor
+    answers: torch.Tensor
+    image_start: int
+    noise: GumbelNoise
+    prumerge_target: torch.Tensor | None
 
 
 def trainable_parameters(dynamic: DynamicLlava, options: TrainOptions) -> dict[str, list[nn.Parameter]]:
@@ -134,22 +148,29 @@ class Trainer:
     """Runs the optimisation; `run` returns the per-step log (including steps restored from a checkpoint)."""
 
     def __init__(self, dynamic: DynamicLlava, encoder: ReducedVisionEncoder, examples: list[Example],
-                 options: TrainOptions, rank: Rank, checkpoint_dir: Path):  # fmt: skip
+                 options: TrainOptions, rank: Rank, checkpoint_dir: Path,
+                 settings: dict[str, Any] | None = None):  # fmt: skip
         self.dynamic = dynamic
         self.encoder = encoder
         self.examples = examples
         self.options = options
         self.rank = rank
         self.checkpoint_dir = checkpoint_dir
+        self.settings = {**(settings or {}), **options.settings(), "world": rank.world}
         self.prumerge = build_reducer("prumerge") if options.distill_prumerge > 0 else None
         if self.prumerge is not None and not dynamic.vision:
             raise PrumergeError("--distill-prumerge needs the vision predictor (vision source 'predictor')")
+        if options.precision == "fp16" and rank.device.type != "cuda":
+            raise PrumergeError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
         groups = trainable_parameters(dynamic, options)
+        if options.gradient_checkpointing:
+            dynamic.lm.model.gradient_checkpointing_enable({"use_reentrant": False})
         self.params = groups["predictors"] + groups["model"]
         param_groups = [{"params": groups["predictors"], "lr": options.lr, "base": options.lr}]
         if groups["model"]:
             param_groups.append({"params": groups["model"], "lr": options.llm_lr, "base": options.llm_lr})
         self.optimizer = torch.optim.AdamW(param_groups, weight_decay=0.0)
+        self.scaler = torch.amp.GradScaler(rank.device.type, enabled=options.precision == "fp16")
         trainee = Trainee(dynamic)
         self.module: nn.Module = trainee
         if rank.world > 1:
@@ -160,11 +181,23 @@ class Trainer:
         self.history: list[StepLog] = []
         self.start = 0
 
-    def inputs(self, step: int) -> tuple[LmBatch, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Spliced batch, image lengths, final-answer mask and (for PruMerge distillation) the target mask."""
-        picked = [self.examples[i] for i in batch_indices(step, self.options.batch_size, len(self.examples),
-                                                           self.options.seed, self.rank)]  # fmt: skip
-        pixels = preprocess(self.encoder.processor, [open_image(e.image) for e in picked]).to(self.rank.device)
+    def picked(self, step: int, micro: int, rank: Rank | None = None) -> list[tuple[int, Example]]:
+        """(place in the run, example) of a rank's share (this rank's by default) of a micro-batch."""
+        opt = self.options
+        positions = sample_positions(step, micro, opt.batch_size, opt.grad_accum, rank or self.rank)
+        return [(p, self.examples[example_index(p, len(self.examples), opt.seed)]) for p in positions]
+
+    def global_counts(self, step: int) -> tuple[int, int]:
+        """(labelled tokens, samples) of the whole global step, the denominators of every loss term."""
+        samples = [e for m in range(self.options.grad_accum) for r in range(self.rank.world)
+                   for _, e in self.picked(step, m, Rank(r, self.rank.world, self.rank.device))]  # fmt: skip
+        return sum(sum(e.targets) for e in samples), len(samples)
+
+    def inputs(self, step: int, micro: int) -> MicroBatch:
+        """Spliced batch, image lengths, final-answer mask, Gumbel noise and the PruMerge target mask."""
+        picked = self.picked(step, micro)
+        examples = [e for _, e in picked]
+        pixels = preprocess(self.encoder.processor, [open_image(e.image) for e in examples]).to(self.rank.device)
         with torch.no_grad():
             signals = self.encoder.tower(pixels, with_scores=self.encoder.reducer.needs_scores or bool(self.prumerge))
             reduced = self.encoder.reducer(signals)
@@ -176,72 +209,125 @@ class Trainer:
         projector = self.dynamic.lm.model.model.multi_modal_projector
         image = ReducedTokens(project_tokens(projector, reduced.tokens, reduced.lengths), reduced.lengths,
                               reduced.indices)  # fmt: skip
-        batch = splice(self.dynamic.lm.embed, self.dynamic.lm.bos_id, image, [e.text for e in picked],
-                       [e.targets for e in picked])  # fmt: skip
-        ar = torch.arange(batch.inputs_embeds.shape[1], device=pixels.device)[None, :]
-        start = torch.tensor(
-            [IMAGE_START + int(n) + e.answer_start for n, e in zip(image.lengths, picked, strict=True)]
-        )
-        end = torch.tensor([IMAGE_START + int(n) + len(e.text) for n, e in zip(image.lengths, picked, strict=True)])
-        answers = (ar >= start[:, None].to(ar.device)) & (ar < end[:, None].to(ar.device))
-        return batch, image.lengths, answers, target
+        prefix = examples[0].prefix
+        batch = splice(self.dynamic.lm.embed, self.dynamic.lm.bos_id, image, [e.text for e in examples],
+                       [e.targets for e in examples], [e.prefix for e in examples])  # fmt: skip
+        image_start = IMAGE_START + len(prefix)
+        width = batch.inputs_embeds.shape[1]
+        ar = torch.arange(width, device=pixels.device)[None, :]
+        after = [image_start + int(n) for n in image.lengths]
+        start = torch.tensor([a + e.answer_start for a, e in zip(after, examples, strict=True)], device=ar.device)
+        end = torch.tensor([a + len(e.text) for a, e in zip(after, examples, strict=True)], device=ar.device)
+        answers = (ar >= start[:, None]) & (ar < end[:, None])
+        return MicroBatch(batch, image.lengths, answers, image_start,
+                          self.noise(picked, image.lengths, width), target)  # fmt: skip
 
-    def loss(self, step: int) -> tuple[torch.Tensor, StepLog]:
-        """The training loss of global step `step` on this rank's share."""
+    def noise(self, picked: list[tuple[int, Example]], lengths: torch.Tensor, width: int) -> GumbelNoise:
+        """Each sample's own Gumbel draws, padded to the batch."""
+        draws = [gumbel_noise(self.options.seed, p, int(n), width) for (p, _), n in zip(picked, lengths, strict=True)]
+        pad = lambda parts: torch.nn.utils.rnn.pad_sequence(parts, batch_first=True).to(self.rank.device)  # noqa: E731
+        return GumbelNoise(pad([i for i, _ in draws]), pad([t for _, t in draws]))
+
+    def micro_loss(self, step: int, micro: int, tokens: int, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's part of the global loss for one micro-batch (scaled so that DDP's mean over processes
+        gives the global loss), and its statistics [loss, ce sum, image keep sum, image rows, output keep sum,
+        output rows] for the log."""
         opt, cfg = self.options, self.dynamic.config
-        batch, lengths, answers, target = self.inputs(step)
-        out: TrainForward = self.module(batch, lengths, answers, temperature(step, opt.steps))
-        ce = F.cross_entropy(out.logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE)
-        loss = ce
-        image_keep = output_keep = 1.0
+        m = self.inputs(step, micro)
+        dtype = PRECISIONS[opt.precision]
+        with torch.autocast(self.rank.device.type, dtype=dtype, enabled=dtype is not None):
+            out: TrainForward = self.module(m.batch, m.lengths, m.answers, temperature(step, opt.steps),
+                                            m.image_start, m.noise)  # fmt: skip
+        labels = m.batch.labels.flatten()
+        ce_sum = F.cross_entropy(out.logits.flatten(0, 1).float(), labels, ignore_index=IGNORE, reduction="sum")
+        loss = ce_sum / tokens
+        zero = ce_sum.new_zeros(())
+        image_sum = image_rows = output_sum = zero
         if out.image_mask is not None:
             ratio = out.image_mask.mean(1)
-            loss = loss + cfg.mask_loss_weight * ((cfg.vision_keep_rate - ratio) ** 2).mean()
-            image_keep = float(ratio.detach().mean())
+            loss = loss + cfg.mask_loss_weight * ((cfg.vision_keep_rate - ratio) ** 2).sum() / samples
+            image_sum, image_rows = ratio.detach().sum(), zero + len(ratio)
         rows = out.output_sparse.any(1)
         if bool(rows.any()):
             counted = out.output_sparse.to(out.output_mask.dtype)
             ratio = (out.output_mask * counted).sum(1) / counted.sum(1).clamp_min(1)
             gap = torch.where(rows, (cfg.output_keep_rate - ratio) ** 2, torch.zeros_like(ratio))
-            loss = loss + cfg.mask_loss_weight * gap.mean()
-            output_keep = float(ratio.detach()[rows].mean())
+            loss = loss + cfg.mask_loss_weight * gap.sum() / samples
+            output_sum = ratio.detach()[rows].sum()
         if opt.distill_kl > 0:
-            loss = loss + opt.distill_kl * self.distillation_kl(batch, out.logits)
-        if target is not None and out.image_logits is not None:
+            loss = loss + opt.distill_kl * self.distillation_kl(m.batch, out.logits) / tokens
+        if m.prumerge_target is not None and out.image_logits is not None:
             keep_p = torch.softmax(out.image_logits.float(), -1)[..., 0]
-            loss = loss + opt.distill_prumerge * F.binary_cross_entropy(keep_p, target)
-        return loss, StepLog(step, loss.item(), ce.item(), image_keep, output_keep, int(rows.sum()))
+            bce = F.binary_cross_entropy(keep_p, m.prumerge_target, reduction="sum") / keep_p.shape[1]
+            loss = loss + opt.distill_prumerge * bce / samples
+        stats = torch.stack([loss.detach(), ce_sum.detach(), image_sum, image_rows, output_sum, zero + rows.sum()])
+        return loss * self.rank.world, stats
 
     def distillation_kl(self, batch: LmBatch, logits: torch.Tensor) -> torch.Tensor:
-        """KL(full-token model || sparse model) of the next-token distributions at the labelled positions."""
+        """Summed KL(full-token model || sparse model) of the next-token distributions at labelled positions."""
         with torch.no_grad():
             teacher = self.dynamic.lm.logits(batch)
         where = batch.labels != IGNORE
         student = torch.log_softmax(logits[where].float(), -1)
-        return F.kl_div(student, torch.log_softmax(teacher[where].float(), -1), log_target=True, reduction="batchmean")
+        return F.kl_div(student, torch.log_softmax(teacher[where].float(), -1), log_target=True, reduction="sum")
+
+    @contextmanager
+    def gradient_sync(self, enabled: bool) -> Iterator[None]:
+        """Skip DDP's gradient all-reduce on accumulating micro-batches."""
+        if enabled or not isinstance(self.module, DistributedDataParallel):
+            with nullcontext():
+                yield
+        else:
+            with self.module.no_sync():
+                yield
+
+    def train_step(self, step: int) -> StepLog:
+        """One optimizer step over `grad_accum` micro-batches."""
+        opt = self.options
+        scale = learning_rate_scale(step, opt.steps, opt.warmup)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base"] * scale
+        tokens, samples = self.global_counts(step)
+        tokens = max(tokens, 1)
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = torch.zeros(6, dtype=torch.float64)
+        for micro in range(opt.grad_accum):
+            with self.gradient_sync(micro == opt.grad_accum - 1):
+                loss, part = self.micro_loss(step, micro, tokens, samples)
+                self.scaler.scale(loss).backward()
+            stats += part.double().cpu()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        loss, ce, image_sum, image_rows, output_sum, output_rows = all_reduce_sum(stats, self.rank).tolist()
+        return StepLog(step, loss, ce / tokens, image_sum / image_rows if image_rows else 1.0,
+                       output_sum / output_rows if output_rows else 1.0, int(output_rows))  # fmt: skip
 
     def run(self, on_step: Callable[[StepLog], None] | None = None) -> list[StepLog]:
-        """Train from `self.start` to the last step, checkpointing every `save_every` steps."""
+        """Train from `self.start` to the last step (or `stop_after` steps), checkpointing every `save_every`
+        steps and when stopping early."""
         opt = self.options
         self.dynamic.predictors.train()
         self.dynamic.lm.model.train(opt.train_llm)
-        for step in range(self.start, opt.steps):
-            scale = learning_rate_scale(step, opt.steps, opt.warmup)
-            for group in self.optimizer.param_groups:
-                group["lr"] = group["base"] * scale
-            loss, log = self.loss(step)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-            self.optimizer.step()
+        if opt.gradient_checkpointing:  # transformers checkpoints a layer only in training mode (no dropout here)
+            self.dynamic.decoder.layers.train()
+        last = opt.steps if opt.stop_after is None else min(opt.steps, self.start + opt.stop_after)
+        for step in range(self.start, last):
+            log = self.train_step(step)
             self.history.append(log)
-            if (step + 1) % opt.save_every == 0 and step + 1 < opt.steps:
+            if ((step + 1) % opt.save_every == 0 and step + 1 < opt.steps) or step + 1 == last < opt.steps:
                 self.save_checkpoint(step + 1)
             if on_step is not None:
                 on_step(log)
         self.dynamic.predictors.eval()
         self.dynamic.lm.model.eval()
         return self.history
+
+    @property
+    def finished(self) -> bool:
+        """Whether every step has run."""
+        return len(self.history) == self.options.steps
 
     def rng_states(self) -> list[dict[str, torch.Tensor]]:
         """Every rank's random-number state (CPU, and CUDA when on a GPU), in rank order."""
@@ -255,33 +341,26 @@ class Trainer:
         return gathered
 
     def save_checkpoint(self, next_step: int) -> None:
-        """Weights (safetensors) and optimizer / RNG / step / log (tensors and plain values only)."""
+        """Weights (safetensors) and optimizer / scaler / RNG / step / log / settings."""
         rng = self.rng_states()
         if not self.rank.main:
             return
-        with atomic.atomic_dir(self.checkpoint_dir, force=True) as tmp:
-            save_file(trainable_state(self.dynamic, self.options), str(tmp / CHECKPOINT_WEIGHTS))
-            state = {
-                "next_step": next_step,
-                "optimizer": self.optimizer.state_dict(),
-                "rng": rng,
-                "history": [vars(h) for h in self.history],
-                "steps": self.options.steps,
-            }
-            torch.save(state, tmp / CHECKPOINT_STATE)
+        state = {
+            "next_step": next_step,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng,
+            "history": [vars(h) for h in self.history],
+            "settings": self.settings,
+        }
+        save_checkpoint(self.checkpoint_dir, trainable_state(self.dynamic, self.options), state)
 
     def resume(self) -> int:
         """Restore the latest checkpoint; returns the step training continues from."""
-        weights, state_file = self.checkpoint_dir / CHECKPOINT_WEIGHTS, self.checkpoint_dir / CHECKPOINT_STATE
-        if not weights.is_file() or not state_file.is_file():
-            raise PrumergeError(f"--resume: no checkpoint in {self.checkpoint_dir}")
-        state = torch.load(state_file, weights_only=True)
-        if state["steps"] != self.options.steps:
-            raise PrumergeError(f"--resume: the checkpoint was for {state['steps']} steps, not {self.options.steps}")
-        load_trainable_state(self.dynamic, load_file(str(weights)))
+        weights, state = load_checkpoint(self.checkpoint_dir, self.settings)
+        load_trainable_state(self.dynamic, weights)
         self.optimizer.load_state_dict(state["optimizer"])
-        if len(state["rng"]) != self.rank.world:
-            raise PrumergeError(f"--resume: the checkpoint was written by {len(state['rng'])} processes")
+        self.scaler.load_state_dict(state["scaler"])
         rng = state["rng"][self.rank.rank]
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng:
