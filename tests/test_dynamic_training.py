@@ -242,3 +242,44 @@ def test_generate_answers_with_a_predictor_bundle(llava_deep_dir, world, tmp_pat
     assert f"{answer.visual_tokens} visual tokens kept" in res.out
     res = run_cli(capsys, "generate", tmp_path / "d", "--image", picture, "--prompt", "x", "--temperature", 1)
     assert res.code == 2 and "decodes greedily" in res.err
+
+
+def test_mix665k_style_records_and_templates(llava_deep_dir, world, tmp_path):
+    """Text-only records are skipped (the official loader trains on image records); a missing image stops the
+    run unless --skip-missing-images; vicuna_v1 puts its system prompt and `USER:` before the image."""
+    from transformers import AutoTokenizer
+
+    from prumerge_cli.dynamic.data import VICUNA_SYSTEM, load_examples
+    from prumerge_cli.errors import PrumergeError
+
+    data, images = world
+    records = json.loads(data.read_text())[:2]
+    records.append({"id": "t", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yes"}]})
+    records.append({**records[0], "image": "absent.png"})
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text(json.dumps(records))
+    tokenizer = AutoTokenizer.from_pretrained(llava_deep_dir)
+    with pytest.raises(PrumergeError, match="1 of 4 records name a missing or unreadable image"):
+        load_examples(mixed, images, tokenizer)
+    plain = load_examples(mixed, images, tokenizer, skip_missing_images=True)
+    assert (len(plain.examples), plain.text_only, plain.missing_images) == (2, 1, 1)
+    vicuna = load_examples(mixed, images, tokenizer, "vicuna_v1", skip_missing_images=True).examples[0]
+    assert vicuna.prefix == tokenizer(f"{VICUNA_SYSTEM} USER:", add_special_tokens=False)["input_ids"] != []
+    answer = vicuna.text[vicuna.answer_start :]
+    assert all(vicuna.targets[vicuna.answer_start :])
+    final = records[0]["conversations"][-1]["value"]
+    assert answer == [*tokenizer(f" {final}", add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    assert vicuna.text[: vicuna.answer_start] != plain.examples[0].text[: plain.examples[0].answer_start]
+
+
+def test_gradient_checkpointing_is_exact_and_bf16_trains(llava_deep_dir, world, tmp_path):
+    base = run_dynamic(job(llava_deep_dir, world, tmp_path / "a", steps=2, train_llm=True), Console(quiet=True))
+    ckpt = run_dynamic(job(llava_deep_dir, world, tmp_path / "b", steps=2, train_llm=True,
+                           gradient_checkpointing=True), Console(quiet=True))  # fmt: skip
+    assert [h.loss for h in ckpt] == pytest.approx([h.loss for h in base], rel=1e-6)
+    a, b = trained_weights(tmp_path / "a"), trained_weights(tmp_path / "b")
+    assert any(k.startswith("model.model.language_model.layers.3") for k in a)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7)
+    bf16 = run_dynamic(job(llava_deep_dir, world, tmp_path / "c", steps=2, precision="bf16"), Console(quiet=True))
+    assert all(abs(h.ce - f.ce) < 0.1 * f.ce for h, f in zip(bf16, base, strict=True)) and bf16[0].ce != base[0].ce

@@ -5,11 +5,13 @@ only the loop around them (rotary positions, masks, compaction) is ours."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from transformers import LlavaForConditionalGeneration
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from ..errors import PrumergeError
 from ..lm.llava_lm import LlavaLm
@@ -20,6 +22,9 @@ from .cache import SparseKVCache
 from .compaction import compact, gather_tokens
 from .config import SparseConfig
 from .predictors import Predictors, keep_decision, keep_score
+
+CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(LlamaDecoderLayer.forward).parameters else "past_key_values"
+"""What a decoder layer calls its KV cache: `past_key_values` until transformers 5.2x renamed it."""
 
 IMAGE_START = 1
 """Spliced rows are `<s> image text`: the image span starts at position 1."""
@@ -115,10 +120,10 @@ class DynamicLlava:
         """Decoder layers below (`upper=False`) or from (`upper=True`) the sparse layer."""
         rotary = self.decoder.rotary_emb(h, positions)
         layers = self.decoder.layers[self.layer :] if upper else self.decoder.layers[: self.layer]
-        extra = {} if policy is None else {"policy": policy}
+        extra = {CACHE_ARGUMENT: cache} if policy is None else {"policy": policy, CACHE_ARGUMENT: cache}
         with dynamic_attention_on(self.decoder.config):
             for layer in layers:
-                h = layer(h, attention_mask=mask, position_embeddings=rotary, past_key_values=cache, **extra)
+                h = layer(h, attention_mask=mask, position_embeddings=rotary, **extra)
         return self.decoder.norm(h) if upper else h
 
     def _image_span(self, image_lengths: torch.Tensor) -> int:

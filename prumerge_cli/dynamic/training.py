@@ -24,6 +24,7 @@ from ..errors import PrumergeError
 from ..lm.splice import IGNORE, LmBatch, splice
 from ..models.images import open_image, preprocess
 from ..reducers import ReducedTokens, build_reducer
+from .attention import dynamic_attention_on
 from .checkpoints import load_checkpoint, save_checkpoint
 from .data import Example
 from .distributed import Rank, all_reduce_sum
@@ -180,6 +181,7 @@ class Trainer:
             self.module = DistributedDataParallel(trainee, find_unused_parameters=True)
         self.history: list[StepLog] = []
         self.start = 0
+        self.stock_attention = dynamic.decoder.config._attn_implementation
 
     def picked(self, step: int, micro: int, rank: Rank | None = None) -> list[tuple[int, Example]]:
         """(place in the run, example) of a rank's share (this rank's by default) of a micro-batch."""
@@ -265,7 +267,7 @@ class Trainer:
 
     def distillation_kl(self, batch: LmBatch, logits: torch.Tensor) -> torch.Tensor:
         """Summed KL(full-token model || sparse model) of the next-token distributions at labelled positions."""
-        with torch.no_grad():
+        with torch.no_grad(), dynamic_attention_on(self.dynamic.decoder.config, self.stock_attention):
             teacher = self.dynamic.lm.logits(batch)
         where = batch.labels != IGNORE
         student = torch.log_softmax(logits[where].float(), -1)
@@ -314,7 +316,9 @@ class Trainer:
             self.dynamic.decoder.layers.train()
         last = opt.steps if opt.stop_after is None else min(opt.steps, self.start + opt.stop_after)
         for step in range(self.start, last):
-            log = self.train_step(step)
+            # the layers' attention stays ours through backward, where gradient checkpointing recomputes them
+            with dynamic_attention_on(self.dynamic.decoder.config):
+                log = self.train_step(step)
             self.history.append(log)
             if ((step + 1) % opt.save_every == 0 and step + 1 < opt.steps) or step + 1 == last < opt.steps:
                 self.save_checkpoint(step + 1)
