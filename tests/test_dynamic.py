@@ -92,23 +92,41 @@ def test_cache_lengths(lm, image):
     assert dynamic.kv_bytes(out.dense, out.sparse) < dense_bytes
 
 
+def test_paged_cache_holds_what_is_kept(lm, image):
+    """The allocated bytes are the stored tokens rounded up to a block per sample and layer: fewer kept
+    output tokens, less memory (a static buffer would allocate prompt + max_new for every row)."""
+    from prumerge_cli.dynamic.cache import BLOCK_TOKENS
+
+    texts = prompts(lm)
+    per_token = 2 * lm.model.config.text_config.num_key_value_heads * 16 * 4  # K and V, fp32, head dim 16
+    outs = {}
+    for seed in (0, 1):  # seed 0 keeps every generated token, seed 1 drops most
+        dynamic = DynamicLlava(lm.model, lm.tokenizer, mixed_predictors(32, seed=seed))
+        out = outs[seed] = dynamic.generate(image, texts, 40)
+        stored = dynamic.kv_bytes(out.dense, out.sparse, torch.float32)
+        slack = len(texts) * len(dynamic.decoder.layers) * (BLOCK_TOKENS - 1) * per_token
+        assert stored <= out.allocated_bytes <= stored + slack
+    assert outs[1].kept.sum() < outs[0].kept.sum() - 30
+    assert outs[1].allocated_bytes < outs[0].allocated_bytes
+
+
 def test_dropped_token_slot_is_overwritten(lm, image):
     dynamic = DynamicLlava(lm.model, lm.tokenizer, mixed_predictors(32))
     one = row(image, 0)
     batch = splice(lm.embed, lm.bos_id, one, prompts(lm)[:1])
-    cache = dynamic.new_cache(batch, one.lengths, 16)
+    cache = dynamic.new_cache(batch)
     token = dynamic.prefill(batch, one.lengths, cache).logits.argmax(-1)
     seen_drop = False
     for _ in range(15):
         slot = int(cache.sparse[0])
         logits, keep = dynamic.decode_step(token, cache)
-        written = cache.keys[2][0, :, slot].clone()
+        written = cache.key_at(2, 0, slot).clone()
         token = logits.argmax(-1)
         if not bool(keep[0]):
             seen_drop = True
             assert int(cache.sparse[0]) == slot  # not committed
             dynamic.decode_step(token, cache)
-            assert not torch.equal(cache.keys[2][0, :, slot], written)  # the next token took the slot
+            assert not torch.equal(cache.key_at(2, 0, slot), written)  # the next token took the slot
             break
         assert int(cache.sparse[0]) == slot + 1
     assert seen_drop
@@ -130,7 +148,7 @@ def test_rope_positions_stay_absolute(lm, image):
     dynamic = DynamicLlava(lm.model, lm.tokenizer, mixed_predictors(32))
     one, text = row(image, 1), prompts(lm)[1]
     batch = splice(lm.embed, lm.bos_id, one, [text])
-    cache = dynamic.new_cache(batch, one.lengths, 12)
+    cache = dynamic.new_cache(batch)
     prefill = dynamic.prefill(batch, one.lengths, cache)
     fed, kept = [], []
     token = prefill.logits.argmax(-1)

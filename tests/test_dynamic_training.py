@@ -205,7 +205,8 @@ def test_resume_refuses_changed_settings(llava_deep_dir, world, tmp_path, capsys
 def test_bench_reports_kv_bytes_and_decode_step_against_dense(llava_deep_dir, world, tmp_path, capsys):
     run_dynamic(job(llava_deep_dir, world, tmp_path / "b", steps=2), Console(quiet=True))
     result = run_cli(capsys, "bench", tmp_path / "b", "--synthetic", 2, "--batch-sizes", "1,2", "--iters", 1,
-                     "--warmup", 0, "--new-tokens", 6, "--json", tmp_path / "r.json")  # fmt: skip
+                     "--warmup", 0, "--new-tokens", 6, "--json", tmp_path / "r.json",
+                     "--llm-shape", "vicuna-7b:layers=1")  # fmt: skip
     assert result.code == 0, result.err
     assert "Dynamic-LLaVA" in result.out
     report = json.loads((tmp_path / "r.json").read_text())
@@ -215,6 +216,12 @@ def test_bench_reports_kv_bytes_and_decode_step_against_dense(llava_deep_dir, wo
         assert r["image_tokens"] == {"dense": 64.0, "dynamic": 12.0}  # floor(0.2 * 64) from layer 2 on
         # 4 layers, 2 dense: KV = (2 * all + 2 * kept) / (4 * all) < 1 once image tokens are dropped
         assert 0.5 < r["kv_cache_bytes"]["ratio"] < 1.0
+        stored = r["kv_tokens_per_sample"]  # allocated = stored tokens rounded up to 16-token blocks
+        assert stored["dynamic"]["sparse_layers"] < stored["dense"]["sparse_layers"] == stored["dense"]["dense_layers"]
+        per_layer = -(-stored["dense"]["dense_layers"] // 16) * 16 * 2 * 16 * 4  # K and V, 1 head of 16, fp32
+        assert r["kv_cache_bytes"]["dense"] == 4 * per_layer * r["batch"]
+        projection = r["kv_projection"]  # LLaVA-1.5-7B: 2 dense layers of 32, 115 of 576 image tokens
+        assert projection["llm"] == "vicuna-7b" and projection["ratio"] < 0.55
         assert r["decode_step_ms"]["dense"] > 0 and r["prefill_ms"]["ratio"] > 0
         assert 0.0 <= r["fidelity"]["greedy_agreement"] <= 1.0
     assert report["encoder"][0]["baseline"]  # the model's own baseline row is there too

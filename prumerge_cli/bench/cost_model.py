@@ -111,3 +111,24 @@ def compare_with_published(text_tokens: int = LLAVA_TEXT_TOKENS) -> list[dict[st
             "kv_cache_mib": ours["kv_cache_mib"],
         })  # fmt: skip
     return rows
+
+
+def paged_kv_bytes(shape: LlmShape, tokens_by_layer: list[float], block: int) -> int:
+    """Bytes a paged KV cache holds for one sequence with `tokens_by_layer[i]` tokens in layer i (blocks of
+    `block` tokens)."""
+    per_token = 2 * shape.kv_heads * shape.head_dim * shape.bytes_per_element
+    return sum(-(-round(t) // block) * block * per_token for t in tokens_by_layer)
+
+
+def dynamic_kv_projection(shape: LlmShape, sparse_layer: int, vision_keep_rate: float, output_kept: float,
+                          new_tokens: int, block: int, image_tokens: int = 576,
+                          text_tokens: int = LLAVA_TEXT_TOKENS) -> dict[str, float]:  # fmt: skip
+    """Paged KV bytes of Dynamic-LLaVA against every token kept, for one LLaVA-1.5 sequence of `shape`:
+    layers below `sparse_layer` hold every token; the others the image top-k, the text and the kept outputs."""
+    fed = new_tokens - 1
+    every = 1 + image_tokens + text_tokens + fed
+    kept = 1 + max(1, int(image_tokens * vision_keep_rate)) + text_tokens + output_kept * fed
+    layers = [every if i < sparse_layer else kept for i in range(shape.layers)]
+    dense, dynamic = paged_kv_bytes(shape, [every] * shape.layers, block), paged_kv_bytes(shape, layers, block)
+    return {"image_tokens": image_tokens, "text_tokens": text_tokens, "new_tokens": new_tokens,
+            "output_kept": output_kept, "dense": dense, "dynamic": dynamic, "ratio": dynamic / dense}  # fmt: skip

@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from ..dynamic.bundle import load_dynamic
-from ..dynamic.cache import SparseKVCache
+from ..dynamic.cache import BLOCK_TOKENS, PagedKVCache
 from ..dynamic.model import DynamicLlava
 from ..encoder import ReducedVisionEncoder
 from ..lm.splice import LmBatch, splice
 from ..reducers import ReducedTokens, build_reducer
+from . import cost_model
 from .timing import interleaved
 
 if TYPE_CHECKING:
@@ -25,14 +26,14 @@ if TYPE_CHECKING:
 def generation_state(model: DynamicLlava, image: ReducedTokens, texts: list[list[int]], new_tokens: int):
     """Prefill and feed `new_tokens - 1` greedy tokens; returns (batch, cache, next token, tokens fed)."""
     batch = splice(model.lm.embed, model.lm.bos_id, image, texts)
-    cache = model.new_cache(batch, image.lengths, new_tokens + 1)
+    cache = model.new_cache(batch)
     token = model.prefill(batch, image.lengths, cache).logits.argmax(-1)
     for _ in range(new_tokens - 1):
         token = model.decode_step(token, cache)[0].argmax(-1)
     return batch, cache, token
 
 
-def repeatable_step(model: DynamicLlava, cache: SparseKVCache, token: torch.Tensor) -> Callable[[], None]:
+def repeatable_step(model: DynamicLlava, cache: PagedKVCache, token: torch.Tensor) -> Callable[[], None]:
     """One decode step at the cache's state, undone afterwards (the next call overwrites the same slots)."""
 
     def step() -> None:
@@ -72,6 +73,9 @@ def dynamic_rows(
             first = {k: models[k].prefill(_batch(models[k], images[k], text, batch), images[k].lengths).logits
                      for k in models}  # fmt: skip
             rows.append(row(dynamic, outs, times, first, images, batch, new_tokens, accuracy))
+            if settings.llm_shape is not None:
+                rows[-1]["kv_projection"] = kv_projection(dynamic, settings.llm_shape, rows[-1]["output_tokens_kept"],
+                                                          new_tokens)  # fmt: skip
     return rows
 
 
@@ -81,8 +85,9 @@ def _batch(model: DynamicLlava, image: ReducedTokens, text: list[int], batch: in
 
 def row(dynamic: DynamicLlava, outs, times, first, images, batch: int, new_tokens: int, accuracy) -> dict[str, Any]:
     """The figures of one batch size."""
-    kv = {k: dynamic.kv_bytes(o.dense, o.sparse if k == "dynamic" else o.dense, dynamic.lm.model.dtype)
-          for k, o in outs.items()}  # fmt: skip
+    kv = {k: o.allocated_bytes for k, o in outs.items()}
+    stored = {k: {"dense_layers": float(o.dense.float().mean()), "sparse_layers": float(o.sparse.float().mean())}
+              for k, o in outs.items()}  # fmt: skip
     eos = dynamic.lm.eos_id
     same = [a == b for a, b in zip(outs["dynamic"].texts(eos), outs["dense"].texts(eos), strict=True)]
     kl = F.kl_div(first["dynamic"].float().log_softmax(-1), first["dense"].float().log_softmax(-1), log_target=True,
@@ -98,9 +103,20 @@ def row(dynamic: DynamicLlava, outs, times, first, images, batch: int, new_token
                        "ratio": ms["dynamic/prefill"] / ms["dense/prefill"]},
         "decode_step_ms": {"dense": ms["dense/decode"], "dynamic": ms["dynamic/decode"],
                            "ratio": ms["dynamic/decode"] / ms["dense/decode"]},
-        "kv_cache_bytes": {"dense": kv["dense"], "dynamic": kv["dynamic"], "ratio": kv["dynamic"] / kv["dense"]},
+        "kv_cache_bytes": {"dense": kv["dense"], "dynamic": kv["dynamic"], "ratio": kv["dynamic"] / kv["dense"],
+                           "measured": "allocated by the paged cache after the generation"},
+        "kv_tokens_per_sample": stored,
         "fidelity": {"next_token_kl": float(kl.mean()), "greedy_agreement": sum(same) / len(same), **accuracy},
     }  # fmt: skip
+
+
+def kv_projection(dynamic: DynamicLlava, llm_shape: str, output_kept: float, new_tokens: int) -> dict[str, Any]:
+    """The same keep decisions on a named LLM shape (LLaVA-1.5: 576 image tokens), from the cost model."""
+    name, _ = cost_model.shape_named(llm_shape)
+    shape = cost_model.SHAPES[name]  # every layer of the named model, whatever `:layers=` the timing used
+    figures = cost_model.dynamic_kv_projection(shape, dynamic.layer, dynamic.config.vision_keep_rate, output_kept,
+                                               new_tokens, BLOCK_TOKENS)  # fmt: skip
+    return {"llm": name, "sparse_layer": dynamic.layer, **figures, "measured": "cost model, paged blocks"}
 
 
 def image_tokens_seen(dynamic: DynamicLlava, image: ReducedTokens) -> float:

@@ -69,6 +69,12 @@ def print_dynamic(section: dict[str, Any], console: Console) -> None:
             f"{kv['dynamic'] / 2**20:.2f} x{kv['ratio']:.2f}", text,
         )  # fmt: skip
     console.print(table)
+    console.print("KV MiB: bytes the paged cache allocated after the generation (blocks of 16 tokens).")
+    for row in section["rows"]:
+        if "kv_projection" in row:
+            p = row["kv_projection"]
+            console.print(f"batch {row['batch']}, {p['llm']} (cost model, {p['image_tokens']} image tokens, same "
+                          f"decisions): KV {p['dynamic'] / 2**20:.1f} MiB per sequence x{p['ratio']:.2f}")  # fmt: skip
 
 
 def memory_text(by_batch: dict[str, Any]) -> str:

@@ -18,10 +18,12 @@ from ..lm.llava_lm import LlavaLm
 from ..lm.splice import LmBatch, splice
 from ..reducers import ReducedTokens
 from .attention import causal_mask, dynamic_attention_on
-from .cache import SparseKVCache
+from .cache import PagedKVCache, SparseKVCache
 from .compaction import compact, gather_tokens
 from .config import SparseConfig
 from .predictors import Predictors, keep_decision, keep_score
+
+KVCache = PagedKVCache | SparseKVCache
 
 CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(LlamaDecoderLayer.forward).parameters else "past_key_values"
 """What a decoder layer calls its KV cache: `past_key_values` until transformers 5.2x renamed it."""
@@ -79,6 +81,7 @@ class Generation:
     kept: torch.Tensor
     dense: torch.Tensor
     sparse: torch.Tensor
+    allocated_bytes: int | None = None
 
     def texts(self, eos_id: int) -> list[list[int]]:
         """Ids per row up to and excluding the first `</s>`."""
@@ -116,7 +119,7 @@ class DynamicLlava:
         return self.config.sparse_layer
 
     def _run(self, h: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, upper: bool,
-             cache: SparseKVCache | None = None, policy: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+             cache: KVCache | None = None, policy: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """Decoder layers below (`upper=False`) or from (`upper=True`) the sparse layer."""
         rotary = self.decoder.rotary_emb(h, positions)
         layers = self.decoder.layers[self.layer :] if upper else self.decoder.layers[: self.layer]
@@ -149,7 +152,7 @@ class DynamicLlava:
             return torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
         return keep_decision(self.predictors.text(states))
 
-    def prefill(self, batch: LmBatch, image_lengths: torch.Tensor, cache: SparseKVCache | None = None,
+    def prefill(self, batch: LmBatch, image_lengths: torch.Tensor, cache: KVCache | None = None,
                 generated_from: torch.Tensor | None = None) -> Prefill:  # fmt: skip
         """Run a spliced batch with the image top-k and, for positions >= `generated_from[b]` except each row's
         last, the output predictor's drops (no-cache decoding). Fills an empty `cache` if given."""
@@ -169,7 +172,7 @@ class DynamicLlava:
             cache.commit(valid.sum(1), kept.sum(1))
         return Prefill(logits, keep, states)
 
-    def decode_step(self, tokens: torch.Tensor, cache: SparseKVCache) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
         """Feed one token per row: (next-token logits `[B, V]`, keep decision of the fed token `[B]`).
         Its K/V is written at each group's counter; the sparse counter advances only if it is kept."""
         h = self.lm.embed(tokens)[:, None]
@@ -197,12 +200,11 @@ class DynamicLlava:
         return SparseKVCache(batch, len(self.decoder.layers), self.layer, cfg.num_key_value_heads, self.head_dim,
                              dense_slots, sparse_slots, dtype, device)  # fmt: skip
 
-    def new_cache(self, batch: LmBatch, image_lengths: torch.Tensor, max_new_tokens: int) -> SparseKVCache:
-        """Static buffers big enough for the prompt plus `max_new_tokens`."""
-        width = batch.inputs_embeds.shape[1]
-        dropped = self.dropped_image_tokens(self._image_span(image_lengths)) if self.vision else 0
-        return self.empty_cache(len(image_lengths), width + max_new_tokens, width - dropped + max_new_tokens,
-                                batch.inputs_embeds.dtype, batch.inputs_embeds.device)  # fmt: skip
+    def new_cache(self, batch: LmBatch) -> PagedKVCache:
+        """An empty paged cache for the rows of `batch`, in its dtype and on its device."""
+        cfg = self.decoder.config
+        return PagedKVCache(len(batch.last), len(self.decoder.layers), self.layer, cfg.num_key_value_heads,
+                            self.head_dim, batch.inputs_embeds.dtype, batch.inputs_embeds.device)  # fmt: skip
 
     @torch.no_grad()
     def generate(self, image: ReducedTokens, texts: list[list[int]], max_new_tokens: int,
@@ -217,7 +219,7 @@ class DynamicLlava:
         """Greedy tokens step by step with the sparse KV cache: (next token [B], the previous token's keep
         decision [B] or None for the first); `cache_out` receives the cache."""
         batch = splice(self.lm.embed, self.lm.bos_id, image, texts)
-        cache = self.new_cache(batch, image.lengths, max_new_tokens)
+        cache = self.new_cache(batch)
         if cache_out is not None:
             cache_out.append(cache)
         token = self.prefill(batch, image.lengths, cache).logits.argmax(-1)
@@ -232,7 +234,8 @@ class DynamicLlava:
         steps = list(self.stream(image, texts, max_new_tokens, caches))
         tokens, kept = [t for t, _ in steps], [k for _, k in steps[1:]]
         cache = caches[0]
-        return Generation(torch.stack(tokens, 1), _stack(kept, len(texts)), cache.dense.clone(), cache.sparse.clone())
+        return Generation(torch.stack(tokens, 1), _stack(kept, len(texts)), cache.dense.clone(), cache.sparse.clone(),
+                          cache.allocated_bytes())  # fmt: skip
 
     def _generate_uncached(self, image: ReducedTokens, texts: list[list[int]], max_new_tokens: int) -> Generation:
         generated: list[list[int]] = [[] for _ in texts]
