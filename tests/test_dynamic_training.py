@@ -155,7 +155,10 @@ def test_two_processes_train_what_one_process_trains_on_the_whole_batch(llava_de
     start = compress_args(llava_deep_dir, world, tmp_path / "start", "--steps", 3, "--batch-size", 4, "--stop-after", 1)
     assert run_cli(capsys, *start).code == 0  # its checkpoint holds the weights after step 0
     after_one = load_file(tmp_path / ".start.checkpoint" / "trainable.safetensors")
-    torchrun(compress_args(llava_deep_dir, world, tmp_path / "ddp", "--steps", 3), 29531)
+    assert (
+        "2 processes, DDP"
+        in torchrun(compress_args(llava_deep_dir, world, tmp_path / "ddp", "--steps", 3), 29531).stdout
+    )
     reference = trained_weights(tmp_path / "one")
     assert_same_weights(trained_weights(tmp_path / "acc"), reference, after_one)
     assert_same_weights(trained_weights(tmp_path / "ddp"), reference, after_one)
@@ -169,6 +172,23 @@ def test_two_processes_train_what_one_process_trains_on_the_whole_batch(llava_de
     torchrun([*resumed, "--resume"], 29533)
     assert_same_weights(trained_weights(tmp_path / "res"), trained_weights(tmp_path / "ddp"), after_one)
     assert json.loads((tmp_path / "res" / "training.json").read_text()) == ddp_log
+
+
+def test_fsdp_trains_the_lm_as_one_process_does(llava_deep_dir, world, tmp_path, capsys):
+    """With the LM trained, two processes shard it (FSDP): same weights as one process on the whole batch, and
+    a stopped and resumed sharded run ends where the straight one does."""
+    one = compress_args(llava_deep_dir, world, tmp_path / "one", "--steps", 2, "--batch-size", 4, "--train-llm")
+    assert run_cli(capsys, *one).code == 0
+    start = compress_args(llava_deep_dir, world, tmp_path / "s", "--steps", 2, "--batch-size", 4, "--train-llm",
+                          "--stop-after", 1)  # fmt: skip
+    assert run_cli(capsys, *start).code == 0
+    after_one = load_file(tmp_path / ".s.checkpoint" / "trainable.safetensors")
+    sharded = compress_args(llava_deep_dir, world, tmp_path / "fsdp", "--steps", 2, "--train-llm")
+    assert "2 processes, FSDP" in torchrun([*sharded, "--stop-after", 1], 29534).stdout
+    torchrun([*sharded, "--resume"], 29535)
+    reference = trained_weights(tmp_path / "one")
+    assert any(k.startswith("model.model.language_model.layers.0.") for k in reference)
+    assert_same_weights(trained_weights(tmp_path / "fsdp"), reference, after_one)
 
 
 def test_ranks_see_different_samples_and_gumbel_draws():
@@ -290,3 +310,33 @@ def test_gradient_checkpointing_is_exact_and_bf16_trains(llava_deep_dir, world, 
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7)
     bf16 = run_dynamic(job(llava_deep_dir, world, tmp_path / "c", steps=2, precision="bf16"), Console(quiet=True))
     assert all(abs(h.ce - f.ce) < 0.1 * f.ce for h, f in zip(bf16, base, strict=True)) and bf16[0].ce != base[0].ce
+
+
+def llava_config_dir(path, hidden: int, mlp: int, layers: int):
+    """A LLaVA-1.5-shaped checkpoint directory with config.json only (CLIP-L/336 tower, Vicuna LM)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14)  # fmt: skip
+    text = LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+                       num_attention_heads=hidden // 128, vocab_size=32064)  # fmt: skip
+    LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_seq_length=576).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "size, hidden, mlp, layers, plain_fits", [("7b", 4096, 11008, 32, True), ("13b", 5120, 13824, 40, False)]
+)
+def test_plan_of_llava_1_5_on_eight_80gb_gpus(tmp_path, capsys, size, hidden, mlp, layers, plain_fits):
+    model = llava_config_dir(tmp_path / size, hidden, mlp, layers)
+    args = ("compress", model, "-o", tmp_path / "out", "--method", "dynamic", "--plan", "--gpus", 8,
+            "--gpu-memory", 80, "--precision", "bf16", "--batch-size", 8, "--seq-len", 2048)  # fmt: skip
+    plain = run_cli(capsys, *args)
+    assert plain.code == (0 if plain_fits else 1) and "DDP" in plain.out
+    official = run_cli(capsys, *args, "--official", "--gradient-checkpointing")
+    assert official.code == 0 and "FSDP" in official.out and ": fits" in official.out
+    rows = {line[:25].strip(): float(line[25:].split()[0]) for line in official.out.splitlines() if "GiB" in line}
+    parameters = {"7b": 6.74e9, "13b": 13.0e9}[size]  # LM and head, about
+    assert rows["optimizer (AdamW)"] == pytest.approx(8 * parameters / 8 / 2**30, rel=0.06)  # sharded over 8
+    assert rows["activations"] < rows["optimizer (AdamW)"] + 3  # checkpointing keeps only layer inputs
+    assert not (tmp_path / "out").exists()

@@ -60,7 +60,9 @@ def main() -> None:
         sys.argv.append("--help")
     try:
         sys.argv[1:] = fill_optional_values(sys.argv[1:])
-        app(prog_name="prumerge", standalone_mode=False)  # usage errors come back here, as one line
+        code = app(prog_name="prumerge", standalone_mode=False)  # usage errors come back here, as one line
+        if isinstance(code, int) and code:  # click returns a typer.Exit's code instead of exiting
+            sys.exit(code)
     except Exit as exc:
         sys.exit(exc.exit_code)
     except Abort:

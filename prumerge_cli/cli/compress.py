@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -52,6 +53,7 @@ def compress(
     predictor_width: Annotated[int, DYN(help="Vision predictor width (d_model).")] = 512,
     predictor_heads: Annotated[int, DYN(help="Vision predictor attention heads.")] = 8,
     predictor_blocks: Annotated[int, DYN(help="Vision predictor transformer blocks.")] = 2,
+    text_predictor_width: Annotated[int, DYN(help="Output predictor MLP widths W, W/2, W/4 (official 512).")] = 512,
     steps: Annotated[int, DYN(help="Optimisation steps.")] = 300,
     batch_size: Annotated[int, DYN(help="Conversations per step (per process under torchrun).")] = 8,
     lr: Annotated[float, DYN(help="Predictor learning rate.")] = 2e-4,
@@ -65,6 +67,10 @@ def compress(
     gradient_checkpointing: Annotated[bool, DYN(help="Recompute the LM layers' activations in backward.")] = False,
     template: Annotated[str, DYN(help="Conversation template: plain (the embedded model's) or vicuna_v1.")] = "plain",
     skip_missing_images: Annotated[bool, DYN(help="Leave out records whose image is missing or unreadable.")] = False,
+    plan: Annotated[bool, DYN(help="Print the memory per GPU the run needs and if it fits; train nothing.")] = False,
+    gpus: Annotated[int | None, DYN(help="GPUs of the planned run (default: torchrun's WORLD_SIZE, or 1).")] = None,
+    gpu_memory: Annotated[float | None, DYN(help="GiB per GPU for --plan (default: the visible GPU's).")] = None,
+    seq_len: Annotated[int, DYN(help="Longest sequence (image and text tokens) for --plan.")] = 2048,
     stop_after: Annotated[
         int | None, DYN(help="Checkpoint and stop after N steps of this run (time-limited jobs); --resume goes on.")
     ] = None,
@@ -81,10 +87,11 @@ def compress(
     atomic.check_output(output, force)
     where = devices.resolve_device(device)
     if method == "dynamic":
-        if data is None or images is None:
+        if (data is None or images is None) and not plan:
             raise typer.BadParameter("--method dynamic needs --data and --images", param_hint="--data")
         config = SparseConfig(sparse_layer=sparse_layer, d_model=predictor_width, nhead=predictor_heads,
                               dim_feedforward=4 * predictor_width, num_layers=predictor_blocks,
+                              text_hidden=(text_predictor_width, text_predictor_width // 2, text_predictor_width // 4),
                               vision_keep_rate=vision_keep, output_keep_rate=output_keep,
                               output_len_for_training=output_min_len, mask_loss_weight=mask_loss_weight)  # fmt: skip
         options = TrainOptions(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, llm_lr=llm_lr,
@@ -92,6 +99,9 @@ def compress(
                                distill_kl=distill_kl, distill_prumerge=distill_prumerge, save_every=save_every,
                                seed=seed, precision=dtypes.canonical(precision), stop_after=stop_after,
                                gradient_checkpointing=gradient_checkpointing)  # fmt: skip
+        if plan:
+            show_plan(model_dir, config, options, seq_len, gpus, gpu_memory, where.type)
+            return
         job = DynamicJob(model_dir, data, images, output, config, options, vision_source, template,
                          skip_missing_images, resume, force, where.type)  # fmt: skip
         train_dynamic(job)
@@ -121,6 +131,21 @@ def compress(
         "visual tokens", f"at most {kept} of {n} patches" + (", plus the merged extra token" if extra else "")
     )
     console.print(table)
+
+
+def show_plan(model_dir: Path, config: SparseConfig, options: TrainOptions, seq_len: int, gpus: int | None,
+              gpu_memory_gib: float | None, device_type: str) -> None:  # fmt: skip
+    """Print the memory plan of the run; exit 1 when it does not fit."""
+    from ..dynamic.bundle import check_llava
+    from ..dynamic.plan import gpu_memory, plan_memory
+
+    check_llava(model_dir)
+    world = gpus if gpus is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    found = plan_memory(model_dir, config, options, seq_len, world, gpu_memory(gpu_memory_gib, device_type))
+    out_console().print(f"{model_dir}: batch {options.batch_size} per GPU, sequences of {seq_len} tokens, "
+                        f"{options.precision}\n{found.text()}", highlight=False)  # fmt: skip
+    if not found.fits:
+        raise typer.Exit(1)
 
 
 def train_dynamic(job: DynamicJob) -> None:

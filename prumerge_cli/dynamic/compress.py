@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..errors import PrumergeError
+from ..models.loading import read_config
 from .bundle import load_llava, vision_encoder, write_dynamic_bundle
 from .checkpoints import file_digest
 from .config import SparseConfig
@@ -19,7 +20,7 @@ from .data import Dataset, load_examples
 from .distributed import barrier, init_rank, shutdown
 from .model import DynamicLlava
 from .predictors import Predictors
-from .training import StepLog, Trainer, TrainOptions, trainable_state
+from .training import PRECISIONS, StepLog, Trainer, TrainOptions, trainable_state
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,9 @@ def run_dynamic(job: DynamicJob, console: Console, on_step=None) -> list[StepLog
     try:
         torch.manual_seed(job.options.seed)
         model, tokenizer = load_llava(job.model_dir)
+        if not job.options.train_llm and job.options.precision != "fp32":  # a frozen LM computes in that dtype anyway
+            model.model.language_model.to(PRECISIONS[job.options.precision])
+            model.lm_head.to(PRECISIONS[job.options.precision])
         model.to(rank.device)
         data = load_examples(job.data, job.images, tokenizer, job.template, job.skip_missing_images)
         if rank.main:
@@ -75,11 +79,15 @@ def run_dynamic(job: DynamicJob, console: Console, on_step=None) -> list[StepLog
         predictors = Predictors(model.config.text_config.hidden_size, job.config, job.options.seed).to(rank.device)
         dynamic = DynamicLlava(model, tokenizer, predictors, vision=job.vision_source == "predictor")
         encoder = vision_encoder(job.model_dir, job.vision_source, model).to(rank.device)
-        trainer = Trainer(dynamic, encoder, data.examples, job.options, rank, job.checkpoint_dir, job.settings(data))
-        if job.resume:
-            start = trainer.resume()
-            if rank.main:
-                console.print(f"resumed from {job.checkpoint_dir} at step {start}")
+        if rank.device.type == "cuda":
+            check_fits(job, data, rank.world)
+        trainer = Trainer(dynamic, encoder, data.examples, job.options, rank, job.checkpoint_dir, job.settings(data),
+                          job.resume)  # fmt: skip
+        if rank.world > 1 and rank.main:
+            how = "FSDP (trained parts sharded)" if trainer.sharded else "DDP (gradients averaged)"
+            console.print(f"{rank.world} processes, {how}")
+        if job.resume and rank.main:
+            console.print(f"resumed from {job.checkpoint_dir} at step {trainer.start}")
         elif job.checkpoint_dir.exists() and rank.main:
             console.print(f"starting over; the checkpoint in {job.checkpoint_dir} will be replaced (see --resume)")
         with progress_bar() as bar:
@@ -97,17 +105,30 @@ def run_dynamic(job: DynamicJob, console: Console, on_step=None) -> list[StepLog
             if rank.main:
                 console.print(f"stopped after step {len(history)} of {job.options.steps}; the checkpoint is in "
                               f"{job.checkpoint_dir}: rerun with --resume")  # fmt: skip
-        elif rank.main:
-            trained = ["predictors", *(["projector"] if job.options.train_projector else []),
-                       *(["llm"] if job.options.train_llm else [])]  # fmt: skip
-            write_dynamic_bundle(job.output, job.model_dir, job.config, job.vision_source,
-                                 trainable_state(dynamic, job.options), trained, [vars(h) for h in history],
-                                 job.force)  # fmt: skip
-            remove_checkpoint(job.checkpoint_dir)
+        else:
+            state = trainable_state(dynamic, job.options)  # every process takes part under FSDP
+            if rank.main:
+                trained = ["predictors", *(["projector"] if job.options.train_projector else []),
+                           *(["llm"] if job.options.train_llm else [])]  # fmt: skip
+                write_dynamic_bundle(job.output, job.model_dir, job.config, job.vision_source, state, trained,
+                                     [vars(h) for h in history], job.force)  # fmt: skip
+                remove_checkpoint(job.checkpoint_dir)
         barrier(rank)
         return history
     finally:
         shutdown(rank)
+
+
+def check_fits(job: DynamicJob, data: Dataset, world: int) -> None:
+    """Refuse a GPU run whose memory plan (at the longest sequence of the data) exceeds the GPU."""
+    from .plan import gpu_memory, plan_memory
+
+    image_tokens = int(read_config(job.model_dir).get("image_seq_length", 576))
+    longest = max(1 + len(e.prefix) + image_tokens + len(e.text) for e in data.examples)
+    found = plan_memory(job.model_dir, job.config, job.options, longest, world, gpu_memory(None, "cuda"))
+    if not found.fits:
+        raise PrumergeError(f"this run needs {found.total / 2**30:.1f} GiB per GPU, more than the "
+                            f"{found.gpu_bytes / 2**30:.0f} GiB there is; see --plan")  # fmt: skip
 
 
 def report_data(data: Dataset, console: Console) -> None:

@@ -30,6 +30,7 @@ from .data import Example
 from .distributed import Rank, all_reduce_sum
 from .model import IMAGE_START, DynamicLlava, GumbelNoise, TrainForward
 from .sampling import example_index, gumbel_noise, learning_rate_scale, sample_positions, temperature
+from .sharding import full_tensor, shard_trained_parts
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -108,8 +109,8 @@ class MicroBatch:
     prumerge_target: torch.Tensor | None
 
 
-def trainable_parameters(dynamic: DynamicLlava, options: TrainOptions) -> dict[str, list[nn.Parameter]]:
-    """Set requires_grad (predictors always; projector / LM on request) and group the parameters by rate."""
+def mark_trainable(dynamic: DynamicLlava, options: TrainOptions) -> None:
+    """Set requires_grad: predictors always; projector / LM on request."""
     model = dynamic.lm.model
     model.requires_grad_(False)
     model.model.multi_modal_projector.requires_grad_(options.train_projector)
@@ -117,6 +118,11 @@ def trainable_parameters(dynamic: DynamicLlava, options: TrainOptions) -> dict[s
         model.model.language_model.requires_grad_(True)
         model.lm_head.requires_grad_(True)
     dynamic.predictors.requires_grad_(True)
+
+
+def trainable_parameters(dynamic: DynamicLlava) -> dict[str, list[nn.Parameter]]:
+    """The parameters to optimise, grouped by learning rate."""
+    model = dynamic.lm.model
     return {
         "predictors": list(dynamic.predictors.parameters()),
         "model": [p for p in model.parameters() if p.requires_grad],
@@ -124,12 +130,14 @@ def trainable_parameters(dynamic: DynamicLlava, options: TrainOptions) -> dict[s
 
 
 def trainable_state(dynamic: DynamicLlava, options: TrainOptions) -> dict[str, torch.Tensor]:
-    """Tensors a checkpoint or bundle stores: predictors (`predictors.*`) and any trained model part."""
-    state = {f"predictors.{k}": v.detach().clone().contiguous() for k, v in dynamic.predictors.state_dict().items()}
+    """Tensors a checkpoint or bundle stores: predictors (`predictors.*`) and any trained model part (whole
+    tensors: with FSDP every process must call this)."""
+    state = {f"predictors.{k}": full_tensor(v).detach().clone().contiguous()
+             for k, v in dynamic.predictors.state_dict().items()}  # fmt: skip
     if options.train_projector or options.train_llm:
         for name, p in dynamic.lm.model.named_parameters():
             if p.requires_grad:
-                state[f"model.{name}"] = p.detach().clone().contiguous()
+                state[f"model.{name}"] = full_tensor(p).detach().clone().contiguous()
     return state
 
 
@@ -149,8 +157,9 @@ class Trainer:
     """Runs the optimisation; `run` returns the per-step log (including steps restored from a checkpoint)."""
 
     def __init__(self, dynamic: DynamicLlava, encoder: ReducedVisionEncoder, examples: list[Example],
-                 options: TrainOptions, rank: Rank, checkpoint_dir: Path,
-                 settings: dict[str, Any] | None = None):  # fmt: skip
+                 options: TrainOptions, rank: Rank, checkpoint_dir: Path, settings: dict[str, Any] | None = None,
+                 resume: bool = False):  # fmt: skip
+        """Set up the run; with `resume`, from the checkpoint in `checkpoint_dir` (`start` is its step)."""
         self.dynamic = dynamic
         self.encoder = encoder
         self.examples = examples
@@ -163,25 +172,35 @@ class Trainer:
             raise PrumergeError("--distill-prumerge needs the vision predictor (vision source 'predictor')")
         if options.precision == "fp16" and rank.device.type != "cuda":
             raise PrumergeError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
-        groups = trainable_parameters(dynamic, options)
+        self.history: list[StepLog] = []
+        self.start = 0
+        self.stock_attention = dynamic.decoder.config._attn_implementation
+        state = None
+        if resume:  # weights go in before sharding, as whole tensors
+            weights, state = load_checkpoint(checkpoint_dir, self.settings)
+            load_trainable_state(dynamic, weights)
+        mark_trainable(dynamic, options)
         if options.gradient_checkpointing:
             dynamic.lm.model.gradient_checkpointing_enable({"use_reentrant": False})
+        self.sharded = []
+        if rank.world > 1 and options.train_llm:
+            self.sharded = shard_trained_parts(dynamic, options.train_projector, PRECISIONS[options.precision])
+        groups = trainable_parameters(dynamic)
         self.params = groups["predictors"] + groups["model"]
         param_groups = [{"params": groups["predictors"], "lr": options.lr, "base": options.lr}]
         if groups["model"]:
             param_groups.append({"params": groups["model"], "lr": options.llm_lr, "base": options.llm_lr})
         self.optimizer = torch.optim.AdamW(param_groups, weight_decay=0.0)
         self.scaler = torch.amp.GradScaler(rank.device.type, enabled=options.precision == "fp16")
-        trainee = Trainee(dynamic)
-        self.module: nn.Module = trainee
-        if rank.world > 1:
-            frozen = [n for n, p in trainee.named_parameters() if not p.requires_grad]
-            frozen += [n for n, _ in trainee.named_buffers()]  # every rank loaded the same checkpoint
-            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(trainee, frozen)
-            self.module = DistributedDataParallel(trainee, find_unused_parameters=True)
-        self.history: list[StepLog] = []
-        self.start = 0
-        self.stock_attention = dynamic.decoder.config._attn_implementation
+        self.trainee = Trainee(dynamic)
+        self.module: nn.Module = self.trainee
+        if rank.world > 1 and not self.sharded:
+            frozen = [n for n, p in self.trainee.named_parameters() if not p.requires_grad]
+            frozen += [n for n, _ in self.trainee.named_buffers()]  # every rank loaded the same checkpoint
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.trainee, frozen)
+            self.module = DistributedDataParallel(self.trainee, find_unused_parameters=True)
+        if state is not None:
+            self.restore(state)
 
     def picked(self, step: int, micro: int, rank: Rank | None = None) -> list[tuple[int, Example]]:
         """(place in the run, example) of a rank's share (this rank's by default) of a micro-batch."""
@@ -275,7 +294,9 @@ class Trainer:
 
     @contextmanager
     def gradient_sync(self, enabled: bool) -> Iterator[None]:
-        """Skip DDP's gradient all-reduce on accumulating micro-batches."""
+        """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP) on accumulating micro-batches."""
+        for module in self.sharded:
+            module.set_requires_gradient_sync(enabled)
         if enabled or not isinstance(self.module, DistributedDataParallel):
             with nullcontext():
                 yield
@@ -344,26 +365,40 @@ class Trainer:
         torch.distributed.all_gather_object(gathered, state)
         return gathered
 
+    def optimizer_state(self) -> dict[str, Any]:
+        """The optimizer's state; under FSDP whole tensors keyed by parameter name (on process 0 only)."""
+        if not self.sharded:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(self.trainee, self.optimizer, options=options)
+
     def save_checkpoint(self, next_step: int) -> None:
         """Weights (safetensors) and optimizer / scaler / RNG / step / log / settings."""
         rng = self.rng_states()
+        weights, optimizer = trainable_state(self.dynamic, self.options), self.optimizer_state()
         if not self.rank.main:
             return
         state = {
             "next_step": next_step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scaler": self.scaler.state_dict(),
             "rng": rng,
             "history": [vars(h) for h in self.history],
             "settings": self.settings,
         }
-        save_checkpoint(self.checkpoint_dir, trainable_state(self.dynamic, self.options), state)
+        save_checkpoint(self.checkpoint_dir, weights, state)
 
-    def resume(self) -> int:
-        """Restore the latest checkpoint; returns the step training continues from."""
-        weights, state = load_checkpoint(self.checkpoint_dir, self.settings)
-        load_trainable_state(self.dynamic, weights)
-        self.optimizer.load_state_dict(state["optimizer"])
+    def restore(self, state: dict[str, Any]) -> None:
+        """Optimizer, scaler, RNG, log and step of a checkpoint whose weights are loaded."""
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            options = StateDictOptions(full_state_dict=True)
+            set_optimizer_state_dict(self.trainee, self.optimizer, state["optimizer"], options=options)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         rng = state["rng"][self.rank.rank]
         torch.set_rng_state(rng["cpu"])
@@ -371,4 +406,3 @@ class Trainer:
             torch.cuda.set_rng_state(rng["cuda"], self.rank.device)
         self.history = [StepLog(**h) for h in state["history"]]
         self.start = int(state["next_step"])
-        return self.start
