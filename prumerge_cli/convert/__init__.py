@@ -1,0 +1,1 @@
+"""Converters from upstream checkpoint layouts to Hugging Face LLaVA directories and prumerge bundles."""
