@@ -89,9 +89,11 @@ class Asker:
         """The next token of every row, step by step."""
         texts = [after for _, after in parts]
         if self.dynamic is not None:
-            if decoding.temperature > 0 or any(before for before, _ in parts):
-                raise PrumergeError("a Dynamic-LLaVA bundle decodes greedily, with the plain template")
-            return (token for token, _ in self.dynamic.stream(reduced, texts, decoding.max_new_tokens))
+            if decoding.temperature > 0:
+                raise PrumergeError("a Dynamic-LLaVA bundle decodes greedily (no --temperature)")
+            prefix = parts[0][0]  # the chat template's tokens before the image: the same for every question
+            stream = self.dynamic.stream(reduced, texts, decoding.max_new_tokens, prefix=prefix)
+            return (token for token, _ in stream)
         batch = splice(self.lm.embed, self.lm.bos_id, reduced, texts, prefixes=[before for before, _ in parts])
         generator = torch.Generator().manual_seed(decoding.seed)
         return self.lm.stream(batch, decoding.max_new_tokens, decoding.temperature, decoding.top_p, generator)

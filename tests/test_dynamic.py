@@ -194,3 +194,20 @@ def test_chunked_masked_softmax_equals_the_materialised_one(chunk):
     for original, ours in zip((q, k, v, policy), leaves, strict=True):
         assert original.grad.abs().max() > 0.1
         torch.testing.assert_close(ours.grad, original.grad, rtol=0, atol=1e-12)
+
+
+def test_a_template_prefix_before_the_image(lm, image):
+    """With a chat template's tokens between `<s>` and the image (vicuna_v1), the top-k is taken over the image
+    span only, and cached and uncached decoding still agree."""
+    dynamic = DynamicLlava(lm.model, lm.tokenizer, mixed_predictors(32))
+    prefix = lm.encode(["a chat between a human and an assistant ."])[0]
+    texts = prompts(lm)
+    batch = splice(lm.embed, lm.bos_id, image, texts, prefixes=[prefix] * 3)
+    start = 1 + len(prefix)
+    keep = dynamic.prefill(batch, image.lengths, image_start=start).keep
+    dropped = (~keep & batch.attention_mask.bool()).nonzero()[:, 1]
+    assert len(dropped) == 3 * (64 - 16) and bool(((dropped >= start) & (dropped < start + 64)).all())
+    cached = dynamic.generate(image, texts, 8, prefix=prefix)
+    uncached = dynamic.generate(image, texts, 8, use_cache=False, prefix=prefix)
+    assert cached.tokens.tolist() == uncached.tokens.tolist() and cached.kept.tolist() == uncached.kept.tolist()
+    assert cached.tokens.tolist() != dynamic.generate(image, texts, 8).tokens.tolist()  # the prefix is seen

@@ -297,6 +297,17 @@ def test_mix665k_style_records_and_templates(llava_deep_dir, world, tmp_path):
     final = records[0]["conversations"][-1]["value"]
     assert answer == [*tokenizer(f" {final}", add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
     assert vicuna.text[: vicuna.answer_start] != plain.examples[0].text[: plain.examples[0].answer_start]
+    history = run_dynamic(
+        DynamicJob(
+            **{
+                **vars(job(llava_deep_dir, (mixed, images), tmp_path / "v", steps=2)),
+                "template": "vicuna_v1",
+                "skip_missing_images": True,
+            }
+        ),
+        Console(quiet=True),
+    )
+    assert len(history) == 2 and 0 < history[0].ce < 100  # the image span starts after the system prompt
 
 
 def test_gradient_checkpointing_is_exact_and_bf16_trains(llava_deep_dir, world, tmp_path):

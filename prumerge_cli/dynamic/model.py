@@ -135,16 +135,18 @@ class DynamicLlava:
             raise PrumergeError("the vision predictor needs the same number of image tokens in every row")
         return n
 
-    def image_keep(self, states: torch.Tensor, image_lengths: torch.Tensor) -> torch.Tensor:
-        """`[B, T]` mask: the top-k image tokens by keep score (k = floor(rate * N)), everything else True."""
+    def image_keep(self, states: torch.Tensor, image_lengths: torch.Tensor, image_start: int = IMAGE_START
+                   ) -> torch.Tensor:  # fmt: skip
+        """`[B, T]` mask: the top-k image tokens (from `image_start`) by keep score (k = floor(rate * N)),
+        everything else True."""
         keep = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
         if not self.vision:
             return keep
         n = self._image_span(image_lengths)
-        scores = keep_score(self.predictors.vision(states[:, IMAGE_START : IMAGE_START + n]))
+        scores = keep_score(self.predictors.vision(states[:, image_start : image_start + n]))
         top = scores.topk(self.config.vision_keep(n), dim=1).indices
-        keep[:, IMAGE_START : IMAGE_START + n] = False
-        return keep.scatter(1, top + IMAGE_START, True)
+        keep[:, image_start : image_start + n] = False
+        return keep.scatter(1, top + image_start, True)
 
     def output_keep(self, states: torch.Tensor) -> torch.Tensor:
         """`[B, T]` inference decision of the output predictor for every position."""
@@ -153,12 +155,13 @@ class DynamicLlava:
         return keep_decision(self.predictors.text(states))
 
     def prefill(self, batch: LmBatch, image_lengths: torch.Tensor, cache: KVCache | None = None,
-                generated_from: torch.Tensor | None = None) -> Prefill:  # fmt: skip
-        """Run a spliced batch with the image top-k and, for positions >= `generated_from[b]` except each row's
-        last, the output predictor's drops (no-cache decoding). Fills an empty `cache` if given."""
+                generated_from: torch.Tensor | None = None, image_start: int = IMAGE_START) -> Prefill:  # fmt: skip
+        """Run a spliced batch (its image from `image_start`) with the image top-k and, for positions >=
+        `generated_from[b]` except each row's last, the output predictor's drops (no-cache decoding). Fills an
+        empty `cache` if given."""
         valid = batch.attention_mask.bool()
         states = self._run(batch.inputs_embeds, batch.position_ids, causal_mask(valid), False, cache)
-        keep = valid & self.image_keep(states, image_lengths)
+        keep = valid & self.image_keep(states, image_lengths, image_start)
         if generated_from is not None:
             ar = torch.arange(keep.shape[1], device=keep.device)[None, :]
             older = (ar >= generated_from[:, None]) & (ar < batch.last[:, None])
@@ -207,43 +210,49 @@ class DynamicLlava:
                             self.head_dim, batch.inputs_embeds.dtype, batch.inputs_embeds.device)  # fmt: skip
 
     @torch.no_grad()
-    def generate(self, image: ReducedTokens, texts: list[list[int]], max_new_tokens: int,
-                 use_cache: bool = True) -> Generation:  # fmt: skip
-        """Greedy decoding of `max_new_tokens` per row after `<s> image text` (image tokens projected)."""
+    def generate(self, image: ReducedTokens, texts: list[list[int]], max_new_tokens: int, use_cache: bool = True,
+                 prefix: list[int] | None = None) -> Generation:  # fmt: skip
+        """Greedy decoding of `max_new_tokens` per row after `<s> prefix image text` (image tokens projected;
+        `prefix`: a chat template's tokens before the image, the same for every row)."""
         if use_cache:
-            return self._generate_cached(image, texts, max_new_tokens)
-        return self._generate_uncached(image, texts, max_new_tokens)
+            return self._generate_cached(image, texts, max_new_tokens, prefix or [])
+        return self._generate_uncached(image, texts, max_new_tokens, prefix or [])
 
-    def stream(self, image: ReducedTokens, texts: list[list[int]], max_new_tokens: int,
-               cache_out: list | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:  # fmt: skip
+    def stream(self, image: ReducedTokens, texts: list[list[int]], max_new_tokens: int, cache_out: list | None = None,
+               prefix: list[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:  # fmt: skip
         """Greedy tokens step by step with the sparse KV cache: (next token [B], the previous token's keep
         decision [B] or None for the first); `cache_out` receives the cache."""
-        batch = splice(self.lm.embed, self.lm.bos_id, image, texts)
+        prefix = prefix or []
+        batch = splice(self.lm.embed, self.lm.bos_id, image, texts, prefixes=[prefix] * len(texts))
         cache = self.new_cache(batch)
         if cache_out is not None:
             cache_out.append(cache)
-        token = self.prefill(batch, image.lengths, cache).logits.argmax(-1)
+        token = self.prefill(batch, image.lengths, cache, image_start=IMAGE_START + len(prefix)).logits.argmax(-1)
         yield token, None
         for _ in range(max_new_tokens - 1):
             logits, keep = self.decode_step(token, cache)
             token = logits.argmax(-1)
             yield token, keep
 
-    def _generate_cached(self, image: ReducedTokens, texts: list[list[int]], max_new_tokens: int) -> Generation:
+    def _generate_cached(self, image: ReducedTokens, texts: list[list[int]], max_new_tokens: int,
+                         prefix: list[int]) -> Generation:  # fmt: skip
         caches: list = []
-        steps = list(self.stream(image, texts, max_new_tokens, caches))
+        steps = list(self.stream(image, texts, max_new_tokens, caches, prefix))
         tokens, kept = [t for t, _ in steps], [k for _, k in steps[1:]]
         cache = caches[0]
         return Generation(torch.stack(tokens, 1), _stack(kept, len(texts)), cache.dense.clone(), cache.sparse.clone(),
                           cache.allocated_bytes())  # fmt: skip
 
-    def _generate_uncached(self, image: ReducedTokens, texts: list[list[int]], max_new_tokens: int) -> Generation:
+    def _generate_uncached(self, image: ReducedTokens, texts: list[list[int]], max_new_tokens: int,
+                           prefix: list[int]) -> Generation:  # fmt: skip
         generated: list[list[int]] = [[] for _ in texts]
         device = image.lengths.device
-        start = image.lengths + torch.tensor([len(t) for t in texts], device=device) + IMAGE_START
+        image_start = IMAGE_START + len(prefix)
+        start = image.lengths + torch.tensor([len(t) for t in texts], device=device) + image_start
         for _ in range(max_new_tokens):
-            batch = splice(self.lm.embed, self.lm.bos_id, image, [t + g for t, g in zip(texts, generated, strict=True)])
-            out = self.prefill(batch, image.lengths, generated_from=start)
+            rows = [t + g for t, g in zip(texts, generated, strict=True)]
+            batch = splice(self.lm.embed, self.lm.bos_id, image, rows, prefixes=[prefix] * len(texts))
+            out = self.prefill(batch, image.lengths, generated_from=start, image_start=image_start)
             for row, token in zip(generated, out.logits.argmax(-1).tolist(), strict=True):
                 row.append(token)
         ar = torch.arange(out.keep.shape[1], device=device)[None, :]
