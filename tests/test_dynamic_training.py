@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 from prumerge_cli.dynamic.bundle import load_dynamic
 from prumerge_cli.dynamic.compress import DynamicJob, run_dynamic
 from prumerge_cli.dynamic.config import SparseConfig
-from prumerge_cli.dynamic.training import TrainOptions
+from prumerge_cli.training.loop import TrainOptions
 from prumerge_cli.zoo.llava_json import write_llava_json
 
 from .cli_helpers import run_cli
@@ -54,7 +55,7 @@ def test_resume_reproduces_the_uninterrupted_run(llava_deep_dir, world, tmp_path
         run_dynamic(interrupted, Console(quiet=True), on_step=stop_after_step_3)
     assert not interrupted.output.exists() and interrupted.checkpoint_dir.is_dir()  # no half-written bundle
     resumed = run_dynamic(DynamicJob(**{**vars(interrupted), "resume": True}), Console(quiet=True))
-    assert [vars(s) for s in resumed] == [vars(s) for s in straight]  # the same loss curve, bit for bit
+    assert [asdict(s) for s in resumed] == [asdict(s) for s in straight]  # the same loss curve, bit for bit
     a, b = (
         load_file(tmp_path / "straight" / "predictors.safetensors"),
         load_file(tmp_path / "resumed" / "predictors.safetensors"),
@@ -67,7 +68,7 @@ def test_training_moves_the_keep_ratio_and_bundle_loads(llava_deep_dir, world, t
     """The per-batch keep rate is noisy (0.40-0.61 over 12 steps at lr 1e-3); at lr 3e-2 it falls from 0.56 to
     about 0.1 within 12 steps."""
     history = run_dynamic(job(llava_deep_dir, world, tmp_path / "b", steps=12, lr=3e-2), Console(quiet=True))
-    assert history[-1].image_keep < history[0].image_keep - 0.2  # pushed towards 0.2 from ~0.5
+    assert history[-1].metrics["image_keep"] < history[0].metrics["image_keep"] - 0.2  # pushed towards 0.2 from ~0.5
     dynamic, _encoder = load_dynamic(tmp_path / "b")
     assert dynamic.vision and dynamic.config == SMALL
     trained = load_file(tmp_path / "b" / "predictors.safetensors")
@@ -192,8 +193,8 @@ def test_fsdp_trains_the_lm_as_one_process_does(llava_deep_dir, world, tmp_path,
 
 
 def test_ranks_see_different_samples_and_gumbel_draws():
-    from prumerge_cli.dynamic.distributed import Rank
-    from prumerge_cli.dynamic.sampling import gumbel_noise, sample_positions
+    from prumerge_cli.training.distributed import Rank
+    from prumerge_cli.training.sampling import gumbel_noise, sample_positions
 
     ranks = [Rank(r, 2, torch.device("cpu")) for r in range(2)]
     shares = [sample_positions(5, 1, 3, 2, rank) for rank in ranks]
@@ -276,8 +277,8 @@ def test_mix665k_style_records_and_templates(llava_deep_dir, world, tmp_path):
     run unless --skip-missing-images; vicuna_v1 puts its system prompt and `USER:` before the image."""
     from transformers import AutoTokenizer
 
-    from prumerge_cli.dynamic.data import VICUNA_SYSTEM, load_examples
     from prumerge_cli.errors import PrumergeError
+    from prumerge_cli.training.conversations import VICUNA_SYSTEM, load_examples
 
     data, images = world
     records = json.loads(data.read_text())[:2]

@@ -14,10 +14,10 @@ from rich.table import Table
 from .. import atomic, devices, dtypes
 from ..dynamic.compress import DynamicJob, run_dynamic
 from ..dynamic.config import SparseConfig
-from ..dynamic.training import TrainOptions
 from ..encoder import ReducedVisionEncoder
 from ..errors import PrumergeError
 from ..reducers import REDUCERS
+from ..training.loop import TrainOptions
 from . import app
 from .console import out_console
 from .options import PARAM_HELP, parse_params
@@ -159,8 +159,9 @@ def train_dynamic(job: DynamicJob) -> None:
     last = history[-1]
     if len(history) < job.options.steps:
         return
-    if not any(h.output_rows for h in history):
+    if not any(h.metrics["output_rows"] for h in history):
         console.print(f"[yellow]warning:[/yellow] no final answer reached --output-min-len "
                       f"{job.config.output_len_for_training} tokens: the output predictor is untrained")  # fmt: skip
+    keep = last.metrics
     console.print(f"bundle {job.output}: {len(history)} steps, loss {last.loss:.3f} (ce {last.ce:.3f}), "
-                  f"keep ratios image {last.image_keep:.2f} output {last.output_keep:.2f}")  # fmt: skip
+                  f"keep ratios image {keep['image_keep']:.2f} output {keep['output_keep']:.2f}")  # fmt: skip

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +13,15 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from ..errors import PrumergeError
 from ..models.loading import read_config
+from ..training.checkpoints import file_digest
+from ..training.conversations import Dataset, load_examples
+from ..training.distributed import barrier, init_rank, shutdown
+from ..training.loop import PRECISIONS, StepLog, TrainOptions
 from .bundle import load_llava, vision_encoder, write_dynamic_bundle
-from .checkpoints import file_digest
 from .config import SparseConfig
-from .data import Dataset, load_examples
-from .distributed import barrier, init_rank, shutdown
 from .model import DynamicLlava
 from .predictors import Predictors
-from .training import PRECISIONS, StepLog, Trainer, TrainOptions, trainable_state
+from .training import DynamicTrainer, trainable_state
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,8 @@ def run_dynamic(job: DynamicJob, console: Console, on_step=None) -> list[StepLog
         encoder = vision_encoder(job.model_dir, job.vision_source, model).to(rank.device)
         if rank.device.type == "cuda":
             check_fits(job, data, rank.world)
-        trainer = Trainer(dynamic, encoder, data.examples, job.options, rank, job.checkpoint_dir, job.settings(data),
-                          job.resume)  # fmt: skip
+        trainer = DynamicTrainer(dynamic, encoder, data.examples, job.options, rank, job.checkpoint_dir,
+                                 job.settings(data), job.resume)  # fmt: skip
         if rank.world > 1 and rank.main:
             how = "FSDP (trained parts sharded)" if trainer.sharded else "DDP (gradients averaged)"
             console.print(f"{rank.world} processes, {how}")
@@ -95,8 +96,8 @@ def run_dynamic(job: DynamicJob, console: Console, on_step=None) -> list[StepLog
                                 ce=float("nan"), img=float("nan"), out=float("nan"), visible=rank.main)  # fmt: skip
 
             def report(log: StepLog) -> None:
-                bar.update(task, completed=log.step + 1, loss=log.loss, ce=log.ce, img=log.image_keep,
-                           out=log.output_keep)  # fmt: skip
+                bar.update(task, completed=log.step + 1, loss=log.loss, ce=log.ce, img=log.metrics["image_keep"],
+                           out=log.metrics["output_keep"])  # fmt: skip
                 if on_step is not None:
                     on_step(log)
 
@@ -111,7 +112,7 @@ def run_dynamic(job: DynamicJob, console: Console, on_step=None) -> list[StepLog
                 trained = ["predictors", *(["projector"] if job.options.train_projector else []),
                            *(["llm"] if job.options.train_llm else [])]  # fmt: skip
                 write_dynamic_bundle(job.output, job.model_dir, job.config, job.vision_source, state, trained,
-                                     [vars(h) for h in history], job.force)  # fmt: skip
+                                     [asdict(h) for h in history], job.force)  # fmt: skip
                 remove_checkpoint(job.checkpoint_dir)
         barrier(rank)
         return history

@@ -1,86 +1,31 @@
-"""Training of the predictors (optionally the projector and LM too): hard Gumbel-softmax with the
-straight-through estimator, masked softmax in layers >= l, keep-rate losses, optional distillation, mixed
-precision, gradient accumulation and checkpointing, exact resume, and `torchrun` data parallelism.
-
-Every loss term is normalised by its count over the whole global step (all processes, all accumulated
-micro-batches), and the Gumbel noise of a sample depends on its place in the run only, so N processes, one
-process accumulating N micro-batches and one process with an N times larger batch train the same weights."""
+"""Training of the Dynamic-LLaVA predictors (optionally the projector and LM too) on the shared loop: hard
+Gumbel-softmax with the straight-through estimator, masked softmax in layers >= l, keep-rate losses and
+optional distillation. Each sample's Gumbel noise depends on its place in the run only."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from ..encoder import ReducedVisionEncoder, project_tokens
 from ..errors import PrumergeError
 from ..lm.splice import IGNORE, LmBatch, splice
 from ..models.images import open_image, preprocess
 from ..reducers import ReducedTokens, build_reducer
+from ..training.conversations import Example
+from ..training.distributed import Rank
+from ..training.loop import StepLog, Trainer, TrainOptions
+from ..training.sampling import gumbel_noise, temperature
 from .attention import dynamic_attention_on
-from .checkpoints import load_checkpoint, save_checkpoint
-from .data import Example
-from .distributed import Rank, all_reduce_sum
 from .model import IMAGE_START, DynamicLlava, GumbelNoise, TrainForward
-from .sampling import example_index, gumbel_noise, learning_rate_scale, sample_positions, temperature
 from .sharding import full_tensor, shard_trained_parts
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """Steps, batch, learning rates, what is trained, distillation weights, precision, checkpointing, seed."""
-
-    steps: int = 300
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 2e-4
-    llm_lr: float = 5e-6
-    train_projector: bool = False
-    train_llm: bool = False
-    distill_kl: float = 0.0
-    distill_prumerge: float = 0.0
-    save_every: int = 50
-    warmup: float = 0.03
-    seed: int = 0
-    precision: str = "fp32"
-    gradient_checkpointing: bool = False
-    stop_after: int | None = None
-
-    def __post_init__(self) -> None:
-        if min(self.steps, self.batch_size, self.grad_accum, self.save_every) < 1:
-            raise PrumergeError("--steps, --batch-size, --grad-accum and --save-every must be positive")
-        if self.precision not in PRECISIONS:
-            raise PrumergeError(f"--precision takes {', '.join(PRECISIONS)}; got {self.precision!r}")
-        if self.stop_after is not None and self.stop_after < 1:
-            raise PrumergeError("--stop-after must be positive")
-
-    def settings(self) -> dict[str, Any]:
-        """What a resume must not change (how often to save or when to stop may change)."""
-        record = asdict(self)
-        for key in ("save_every", "stop_after", "gradient_checkpointing"):
-            del record[key]
-        return record
-
-
-@dataclass
-class StepLog:
-    """What one step reports (over the whole global batch)."""
-
-    step: int
-    loss: float
-    ce: float
-    image_keep: float
-    output_keep: float
-    output_rows: int = 0
 
 
 class Trainee(nn.Module):
@@ -153,8 +98,10 @@ def load_trainable_state(dynamic: DynamicLlava, state: dict[str, torch.Tensor]) 
         dynamic.lm.model.load_state_dict(model, strict=False)
 
 
-class Trainer:
-    """Runs the optimisation; `run` returns the per-step log (including steps restored from a checkpoint)."""
+class DynamicTrainer(Trainer):
+    """The loop with the predictors' objective."""
+
+    STATS = 6  # [loss, ce sum, image keep sum, image rows, output keep sum, output rows]
 
     def __init__(self, dynamic: DynamicLlava, encoder: ReducedVisionEncoder, examples: list[Example],
                  options: TrainOptions, rank: Rank, checkpoint_dir: Path, settings: dict[str, Any] | None = None,
@@ -162,57 +109,53 @@ class Trainer:
         """Set up the run; with `resume`, from the checkpoint in `checkpoint_dir` (`start` is its step)."""
         self.dynamic = dynamic
         self.encoder = encoder
-        self.examples = examples
-        self.options = options
-        self.rank = rank
-        self.checkpoint_dir = checkpoint_dir
-        self.settings = {**(settings or {}), **options.settings(), "world": rank.world}
         self.prumerge = build_reducer("prumerge") if options.distill_prumerge > 0 else None
         if self.prumerge is not None and not dynamic.vision:
             raise PrumergeError("--distill-prumerge needs the vision predictor (vision source 'predictor')")
-        if options.precision == "fp16" and rank.device.type != "cuda":
-            raise PrumergeError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
-        self.history: list[StepLog] = []
-        self.start = 0
         self.stock_attention = dynamic.decoder.config._attn_implementation
-        state = None
-        if resume:  # weights go in before sharding, as whole tensors
-            weights, state = load_checkpoint(checkpoint_dir, self.settings)
-            load_trainable_state(dynamic, weights)
-        mark_trainable(dynamic, options)
-        if options.gradient_checkpointing:
-            dynamic.lm.model.gradient_checkpointing_enable({"use_reentrant": False})
-        self.sharded = []
-        if rank.world > 1 and options.train_llm:
-            self.sharded = shard_trained_parts(dynamic, options.train_projector, PRECISIONS[options.precision])
-        groups = trainable_parameters(dynamic)
-        self.params = groups["predictors"] + groups["model"]
-        param_groups = [{"params": groups["predictors"], "lr": options.lr, "base": options.lr}]
-        if groups["model"]:
-            param_groups.append({"params": groups["model"], "lr": options.llm_lr, "base": options.llm_lr})
-        self.optimizer = torch.optim.AdamW(param_groups, weight_decay=0.0)
-        self.scaler = torch.amp.GradScaler(rank.device.type, enabled=options.precision == "fp16")
-        self.trainee = Trainee(dynamic)
-        self.module: nn.Module = self.trainee
-        if rank.world > 1 and not self.sharded:
-            frozen = [n for n, p in self.trainee.named_parameters() if not p.requires_grad]
-            frozen += [n for n, _ in self.trainee.named_buffers()]  # every rank loaded the same checkpoint
-            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.trainee, frozen)
-            self.module = DistributedDataParallel(self.trainee, find_unused_parameters=True)
-        if state is not None:
-            self.restore(state)
+        super().__init__(examples, options, rank, checkpoint_dir, settings, resume)
 
-    def picked(self, step: int, micro: int, rank: Rank | None = None) -> list[tuple[int, Example]]:
-        """(place in the run, example) of a rank's share (this rank's by default) of a micro-batch."""
-        opt = self.options
-        positions = sample_positions(step, micro, opt.batch_size, opt.grad_accum, rank or self.rank)
-        return [(p, self.examples[example_index(p, len(self.examples), opt.seed)]) for p in positions]
+    def prepare(self) -> None:
+        mark_trainable(self.dynamic, self.options)
+        if self.options.gradient_checkpointing:
+            self.dynamic.lm.model.gradient_checkpointing_enable({"use_reentrant": False})
 
-    def global_counts(self, step: int) -> tuple[int, int]:
-        """(labelled tokens, samples) of the whole global step, the denominators of every loss term."""
-        samples = [e for m in range(self.options.grad_accum) for r in range(self.rank.world)
-                   for _, e in self.picked(step, m, Rank(r, self.rank.world, self.rank.device))]  # fmt: skip
-        return sum(sum(e.targets) for e in samples), len(samples)
+    def shard(self, dtype: torch.dtype | None) -> list[nn.Module]:
+        return shard_trained_parts(self.dynamic, self.options.train_projector, dtype)
+
+    def parameter_groups(self) -> list[tuple[list[nn.Parameter], float]]:
+        groups = trainable_parameters(self.dynamic)
+        return [(groups["predictors"], self.options.lr), (groups["model"], self.options.llm_lr)]
+
+    def make_trainee(self) -> nn.Module:
+        return Trainee(self.dynamic)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return trainable_state(self.dynamic, self.options)
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        load_trainable_state(self.dynamic, state)
+
+    def train_mode(self, on: bool) -> None:
+        self.dynamic.predictors.train(on)
+        self.dynamic.lm.model.train(on and self.options.train_llm)
+        if on and self.options.gradient_checkpointing:  # transformers checkpoints a layer only in training mode
+            self.dynamic.decoder.layers.train()
+
+    @contextmanager
+    def step_context(self) -> Iterator[None]:
+        """The layers' attention stays ours through backward, where gradient checkpointing recomputes them."""
+        with dynamic_attention_on(self.dynamic.decoder.config):
+            yield
+
+    def step_log(self, step: int, stats: list[float], tokens: int) -> StepLog:
+        loss, ce, image_sum, image_rows, output_sum, output_rows = stats
+        metrics = {
+            "image_keep": image_sum / image_rows if image_rows else 1.0,
+            "output_keep": output_sum / output_rows if output_rows else 1.0,
+            "output_rows": output_rows,
+        }
+        return StepLog(step, loss, ce / tokens, metrics)  # fmt: skip
 
     def inputs(self, step: int, micro: int) -> MicroBatch:
         """Spliced batch, image lengths, final-answer mask, Gumbel noise and the PruMerge target mask."""
@@ -255,8 +198,7 @@ class Trainer:
         output rows] for the log."""
         opt, cfg = self.options, self.dynamic.config
         m = self.inputs(step, micro)
-        dtype = PRECISIONS[opt.precision]
-        with torch.autocast(self.rank.device.type, dtype=dtype, enabled=dtype is not None):
+        with self.autocast():
             out: TrainForward = self.module(m.batch, m.lengths, m.answers, temperature(step, opt.steps),
                                             m.image_start, m.noise)  # fmt: skip
         labels = m.batch.labels.flatten()
@@ -291,118 +233,3 @@ class Trainer:
         where = batch.labels != IGNORE
         student = torch.log_softmax(logits[where].float(), -1)
         return F.kl_div(student, torch.log_softmax(teacher[where].float(), -1), log_target=True, reduction="sum")
-
-    @contextmanager
-    def gradient_sync(self, enabled: bool) -> Iterator[None]:
-        """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP) on accumulating micro-batches."""
-        for module in self.sharded:
-            module.set_requires_gradient_sync(enabled)
-        if enabled or not isinstance(self.module, DistributedDataParallel):
-            with nullcontext():
-                yield
-        else:
-            with self.module.no_sync():
-                yield
-
-    def train_step(self, step: int) -> StepLog:
-        """One optimizer step over `grad_accum` micro-batches."""
-        opt = self.options
-        scale = learning_rate_scale(step, opt.steps, opt.warmup)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["base"] * scale
-        tokens, samples = self.global_counts(step)
-        tokens = max(tokens, 1)
-        self.optimizer.zero_grad(set_to_none=True)
-        stats = torch.zeros(6, dtype=torch.float64)
-        for micro in range(opt.grad_accum):
-            with self.gradient_sync(micro == opt.grad_accum - 1):
-                loss, part = self.micro_loss(step, micro, tokens, samples)
-                self.scaler.scale(loss).backward()
-            stats += part.double().cpu()
-        self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        loss, ce, image_sum, image_rows, output_sum, output_rows = all_reduce_sum(stats, self.rank).tolist()
-        return StepLog(step, loss, ce / tokens, image_sum / image_rows if image_rows else 1.0,
-                       output_sum / output_rows if output_rows else 1.0, int(output_rows))  # fmt: skip
-
-    def run(self, on_step: Callable[[StepLog], None] | None = None) -> list[StepLog]:
-        """Train from `self.start` to the last step (or `stop_after` steps), checkpointing every `save_every`
-        steps and when stopping early."""
-        opt = self.options
-        self.dynamic.predictors.train()
-        self.dynamic.lm.model.train(opt.train_llm)
-        if opt.gradient_checkpointing:  # transformers checkpoints a layer only in training mode (no dropout here)
-            self.dynamic.decoder.layers.train()
-        last = opt.steps if opt.stop_after is None else min(opt.steps, self.start + opt.stop_after)
-        for step in range(self.start, last):
-            # the layers' attention stays ours through backward, where gradient checkpointing recomputes them
-            with dynamic_attention_on(self.dynamic.decoder.config):
-                log = self.train_step(step)
-            self.history.append(log)
-            if ((step + 1) % opt.save_every == 0 and step + 1 < opt.steps) or step + 1 == last < opt.steps:
-                self.save_checkpoint(step + 1)
-            if on_step is not None:
-                on_step(log)
-        self.dynamic.predictors.eval()
-        self.dynamic.lm.model.eval()
-        return self.history
-
-    @property
-    def finished(self) -> bool:
-        """Whether every step has run."""
-        return len(self.history) == self.options.steps
-
-    def rng_states(self) -> list[dict[str, torch.Tensor]]:
-        """Every rank's random-number state (CPU, and CUDA when on a GPU), in rank order."""
-        state = {"cpu": torch.get_rng_state()}
-        if self.rank.device.type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state(self.rank.device)
-        if self.rank.world == 1:
-            return [state]
-        gathered: list = [None] * self.rank.world
-        torch.distributed.all_gather_object(gathered, state)
-        return gathered
-
-    def optimizer_state(self) -> dict[str, Any]:
-        """The optimizer's state; under FSDP whole tensors keyed by parameter name (on process 0 only)."""
-        if not self.sharded:
-            return self.optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_optimizer_state_dict(self.trainee, self.optimizer, options=options)
-
-    def save_checkpoint(self, next_step: int) -> None:
-        """Weights (safetensors) and optimizer / scaler / RNG / step / log / settings."""
-        rng = self.rng_states()
-        weights, optimizer = trainable_state(self.dynamic, self.options), self.optimizer_state()
-        if not self.rank.main:
-            return
-        state = {
-            "next_step": next_step,
-            "optimizer": optimizer,
-            "scaler": self.scaler.state_dict(),
-            "rng": rng,
-            "history": [vars(h) for h in self.history],
-            "settings": self.settings,
-        }
-        save_checkpoint(self.checkpoint_dir, weights, state)
-
-    def restore(self, state: dict[str, Any]) -> None:
-        """Optimizer, scaler, RNG, log and step of a checkpoint whose weights are loaded."""
-        if self.sharded:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            options = StateDictOptions(full_state_dict=True)
-            set_optimizer_state_dict(self.trainee, self.optimizer, state["optimizer"], options=options)
-        else:
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        rng = state["rng"][self.rank.rank]
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"], self.rank.device)
-        self.history = [StepLog(**h) for h in state["history"]]
-        self.start = int(state["next_step"])

@@ -1,6 +1,6 @@
-"""Training data in LLaVA's conversation JSON format (mix665k style): records with one image and alternating
-human/gpt turns. Text-only records are skipped, as the official Dynamic-LLaVA data loader does
-(`requires_image=True`). Two conversation templates:
+"""Training data in LLaVA's conversation JSON format (mix665k style): records with one image (or none) and
+alternating human/gpt turns. Text-only records are trained as text, or skipped as the official Dynamic-LLaVA
+data loader does (`requires_image=True`). Two conversation templates:
 
 - `plain` (the embedded model's): `<s> <image> q1 a1 </s> q2 a2 </s> ...`;
 - `vicuna_v1` (LLaVA-1.5's): `<s> SYSTEM USER: <image>\\n q1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>...`.
@@ -30,7 +30,7 @@ class Example:
     """Token ids after the image, which of them are targets, where the final answer starts, and the template's
     tokens between `<s>` and the image."""
 
-    image: Path
+    image: Path | None
     text: list[int]
     targets: list[bool]
     answer_start: int
@@ -39,7 +39,8 @@ class Example:
 
 @dataclass(frozen=True)
 class Dataset:
-    """The usable examples and what was left out."""
+    """The usable examples, how many are text only (left out when skipped), and how many were left out for a
+    missing or unreadable image."""
 
     examples: list[Example]
     text_only: int = 0
@@ -79,9 +80,9 @@ def template_prefix(template: str, tokenizer) -> list[int]:
 
 
 def tokenize_record(record: object, images: Path, tokenizer, where: str, template: str = "plain") -> Example:
-    """One image record -> `Example`; `where` names the record in error messages."""
-    if not isinstance(record, dict) or "image" not in record or "conversations" not in record:
-        raise PrumergeError(f"{where}: a record needs 'image' and 'conversations'")
+    """One record -> `Example` (`image` None for a text-only record); `where` names it in error messages."""
+    if not isinstance(record, dict) or "conversations" not in record:
+        raise PrumergeError(f"{where}: a record needs 'conversations' (and 'image', unless it is text only)")
     turns = _check_turns(record["conversations"], where)
     text: list[int] = []
     targets: list[bool] = []
@@ -93,7 +94,8 @@ def tokenize_record(record: object, images: Path, tokenizer, where: str, templat
             answer_start = len(text)
         text += ids
         targets += [i % 2 == 1] * len(ids)
-    return Example(images / str(record["image"]), text, targets, answer_start, template_prefix(template, tokenizer))
+    image = images / str(record["image"]) if "image" in record else None
+    return Example(image, text, targets, answer_start, template_prefix(template, tokenizer))
 
 
 def _check_turns(turns: object, where: str) -> list[str]:
@@ -119,21 +121,21 @@ def readable_image(path: Path) -> bool:
 
 
 def load_examples(data_file: Path, images: Path, tokenizer, template: str = "plain",
-                  skip_missing_images: bool = False) -> Dataset:  # fmt: skip
-    """The image records of `data_file`, images resolved under `images`. Missing or unreadable images are an
-    error naming their count, unless `skip_missing_images`, which leaves those records out."""
+                  skip_missing_images: bool = False, keep_text_only: bool = False) -> Dataset:  # fmt: skip
+    """The records of `data_file` (text-only ones if `keep_text_only`), images resolved under `images`. Missing
+    or unreadable images are an error naming their count, unless `skip_missing_images` leaves them out."""
     if not images.is_dir():
         raise PrumergeError(f"image directory {images} does not exist")
     records = read_records(data_file)
-    examples, text_only, bad = [], 0, []
+    examples, texts, bad = [], 0, []
     for i, record in enumerate(records):
         where = f"{data_file.name} record {i}"
-        if isinstance(record, dict) and "image" not in record and "conversations" in record:
-            _check_turns(record["conversations"], where)
-            text_only += 1
-            continue
         example = tokenize_record(record, images, tokenizer, where, template)
-        if readable_image(example.image):
+        if example.image is None:
+            texts += 1
+            if keep_text_only:
+                examples.append(example)
+        elif readable_image(example.image):
             examples.append(example)
         else:
             bad.append(example.image)
@@ -141,5 +143,5 @@ def load_examples(data_file: Path, images: Path, tokenizer, template: str = "pla
         raise PrumergeError(f"{len(bad)} of {len(records)} records name a missing or unreadable image (first: "
                             f"{bad[0]}); pass --skip-missing-images to train without them")  # fmt: skip
     if not examples:
-        raise PrumergeError(f"{data_file} has no record with a readable image to train on")
-    return Dataset(examples, text_only, len(bad))
+        raise PrumergeError(f"{data_file} has no record to train on (text-only records: {texts})")
+    return Dataset(examples, texts, len(bad))
