@@ -62,6 +62,7 @@ def load(
     """Rebuild the encoder a bundle describes; `verify` checks that the model's weights are unchanged (by their
     fingerprints, or by their full hash if `full_hash`). `model_dir` overrides where the model is.
 
+    A fine-tuned bundle's encoder has its trained projector (its LM adapters: `finetune.bundle.load_finetuned_lm`).
     `method` replaces the recorded reducer; `params` update the recorded parameters (or, with another method,
     replace them); `options` replace encoder settings (`dtype`, `attn_implementation`, `score_layer`, ...).
     """
@@ -76,4 +77,8 @@ def load(
     encoder = ReducedVisionEncoder.from_pretrained(model, method, **settings, **merged)
     if verify:
         verify_weights(record["model"], model, encoder.model.weight_files, full_hash)
+    if record.get("regime") == "fine-tuned":  # the projector trained with the reducer active
+        from .finetune.bundle import load_projector
+
+        load_projector(Path(bundle_dir), encoder.projector)
     return encoder

@@ -15,6 +15,7 @@ from PIL import Image
 from .bundle import load, read_bundle
 from .devices import finished, module_device
 from .errors import PrumergeError
+from .finetune.bundle import REGIME, load_finetuned_lm, regime
 from .lm.llava_lm import LlavaLm
 from .lm.prompts import prompt_ids
 from .lm.splice import splice
@@ -42,8 +43,8 @@ class Decoding:
 
 
 class Asker:
-    """A bundle's reduced encoder and its LLaVA's LM (with the predictors of a Dynamic-LLaVA bundle), on one
-    device."""
+    """A bundle's reduced encoder and its LLaVA's LM (with the predictors of a Dynamic-LLaVA bundle, or the
+    adapters and projector of a fine-tuned one), on one device."""
 
     def __init__(self, bundle: str | Path, device: torch.device = torch.device("cpu"), model_dir: Path | None = None):
         self.dynamic = None
@@ -57,7 +58,11 @@ class Asker:
             self.encoder = load(bundle, model_dir=model_dir)
             if self.encoder.projector is None:
                 raise PrumergeError(f"the model of {bundle} is a vision tower alone; generate needs a LLaVA checkpoint")
-            self.lm = LlavaLm.from_pretrained(self.encoder.model_dir)
+            if regime(read_bundle(bundle)) == REGIME:  # the adapters in the LM, the trained projector
+                self.lm = load_finetuned_lm(bundle, model_dir)
+                self.encoder.projector = self.lm.model.model.multi_modal_projector
+            else:
+                self.lm = LlavaLm.from_pretrained(self.encoder.model_dir)
         self.encoder.to(device)
         self.lm.model.to(device)
 

@@ -16,6 +16,8 @@ from ..dynamic.compress import DynamicJob, run_dynamic
 from ..dynamic.config import SparseConfig
 from ..encoder import ReducedVisionEncoder
 from ..errors import PrumergeError
+from ..finetune.compress import FinetuneJob, run_finetune
+from ..finetune.lora import LINEAR_LAYERS, LoraSettings
 from ..reducers import REDUCERS
 from ..training.loop import TrainOptions
 from . import app
@@ -26,6 +28,16 @@ from .options import PARAM_HELP, parse_params
 def DYN(**kwargs: object) -> typer.models.OptionInfo:
     """An option of the Dynamic-LLaVA help panel."""
     return typer.Option(rich_help_panel="Dynamic-LLaVA (--method dynamic)", **kwargs)
+
+
+def TRAIN(**kwargs: object) -> typer.models.OptionInfo:
+    """An option of every training run (--method dynamic, --finetune)."""
+    return typer.Option(rich_help_panel="Training (--method dynamic, --finetune)", **kwargs)
+
+
+def TUNE(**kwargs: object) -> typer.models.OptionInfo:
+    """An option of the fine-tuning help panel."""
+    return typer.Option(rich_help_panel="Fine-tuning with the reducer active (--finetune)", **kwargs)
 
 
 @app.command()
@@ -43,8 +55,8 @@ def compress(
     device: Annotated[
         str, typer.Option(help=f"Where the model runs: {devices.HELP} (dynamic: cuda = one GPU per torchrun process).")
     ] = "cpu",
-    data: Annotated[Path | None, DYN(help="LLaVA conversation JSON to train on.")] = None,
-    images: Annotated[Path | None, DYN(help="Directory the records' image paths are relative to.")] = None,
+    data: Annotated[Path | None, TRAIN(help="LLaVA conversation JSON to train on.")] = None,
+    images: Annotated[Path | None, TRAIN(help="Directory the records' image paths are relative to.")] = None,
     vision_keep: Annotated[float, DYN(help="Image-token keep rate (training target and prefill top-k).")] = 0.2,
     output_keep: Annotated[float, DYN(help="Output-token keep rate targeted in training.")] = 0.5,
     output_min_len: Annotated[int, DYN(help="LEN^OT: shorter final answers are never sparsified.")] = 50,
@@ -54,31 +66,42 @@ def compress(
     predictor_heads: Annotated[int, DYN(help="Vision predictor attention heads.")] = 8,
     predictor_blocks: Annotated[int, DYN(help="Vision predictor transformer blocks.")] = 2,
     text_predictor_width: Annotated[int, DYN(help="Output predictor MLP widths W, W/2, W/4 (official 512).")] = 512,
-    steps: Annotated[int, DYN(help="Optimisation steps.")] = 300,
-    batch_size: Annotated[int, DYN(help="Conversations per step (per process under torchrun).")] = 8,
-    lr: Annotated[float, DYN(help="Predictor learning rate.")] = 2e-4,
+    steps: Annotated[int, TRAIN(help="Optimisation steps.")] = 300,
+    batch_size: Annotated[int, TRAIN(help="Conversations per step (per process under torchrun).")] = 8,
+    lr: Annotated[float, TRAIN(help="Learning rate of the predictors (dynamic) or the LoRA adapters.")] = 2e-4,
     llm_lr: Annotated[float, DYN(help="Projector / LM learning rate when they are trained.")] = 5e-6,
     train_projector: Annotated[bool, DYN(help="Train the projector too.")] = False,
     train_llm: Annotated[bool, DYN(help="Train the LM too.")] = False,
     official: Annotated[bool, DYN(help="The official recipe: train the LM and projector at --llm-lr too.")] = False,
     mask_loss_weight: Annotated[float, DYN(help="λ, the weight of the keep-rate losses.")] = 100.0,
-    grad_accum: Annotated[int, DYN(help="Micro-batches accumulated per optimizer step.")] = 1,
-    precision: Annotated[str, DYN(help="fp32, bf16 (autocast), or fp16 (autocast, a loss scaler; GPU).")] = "fp32",
-    gradient_checkpointing: Annotated[bool, DYN(help="Recompute the LM layers' activations in backward.")] = False,
-    template: Annotated[str, DYN(help="Conversation template: plain (the embedded model's) or vicuna_v1.")] = "plain",
-    skip_missing_images: Annotated[bool, DYN(help="Leave out records whose image is missing or unreadable.")] = False,
+    grad_accum: Annotated[int, TRAIN(help="Micro-batches accumulated per optimizer step.")] = 1,
+    precision: Annotated[str, TRAIN(help="fp32, bf16 (autocast), or fp16 (autocast, a loss scaler; GPU).")] = "fp32",
+    gradient_checkpointing: Annotated[bool, TRAIN(help="Recompute the LM layers' activations in backward.")] = False,
+    template: Annotated[str, TRAIN(help="Conversation template: plain (the embedded model's) or vicuna_v1.")] = "plain",
+    skip_missing_images: Annotated[bool, TRAIN(help="Leave out records whose image is missing or unreadable.")] = False,
     plan: Annotated[bool, DYN(help="Print the memory per GPU the run needs and if it fits; train nothing.")] = False,
     gpus: Annotated[int | None, DYN(help="GPUs of the planned run (default: torchrun's WORLD_SIZE, or 1).")] = None,
     gpu_memory: Annotated[float | None, DYN(help="GiB per GPU for --plan (default: the visible GPU's).")] = None,
     seq_len: Annotated[int, DYN(help="Longest sequence (image and text tokens) for --plan.")] = 2048,
     stop_after: Annotated[
-        int | None, DYN(help="Checkpoint and stop after N steps of this run (time-limited jobs); --resume goes on.")
+        int | None, TRAIN(help="Checkpoint and stop after N steps of this run (time-limited jobs); --resume goes on.")
     ] = None,
     distill_kl: Annotated[float, DYN(help="Weight of KL to the full-token model's next-token distribution.")] = 0.0,
     distill_prumerge: Annotated[float, DYN(help="Weight of BCE to PruMerge's kept patches.")] = 0.0,
-    save_every: Annotated[int, DYN(help="Checkpoint every N steps.")] = 50,
-    resume: Annotated[bool, DYN(help="Continue from the last checkpoint of this output.")] = False,
-    seed: Annotated[int, DYN(help="Seed of initialisation, data order and Gumbel noise.")] = 0,
+    save_every: Annotated[int, TRAIN(help="Checkpoint every N steps.")] = 50,
+    resume: Annotated[bool, TRAIN(help="Continue from the last checkpoint of this output.")] = False,
+    seed: Annotated[int, TRAIN(help="Seed of initialisation, data order and Gumbel noise.")] = 0,
+    finetune: Annotated[bool, TUNE(help="LoRA-fine-tune the LM (and the projector) with --method active.")] = False,
+    lora_rank: Annotated[int, TUNE(help="LoRA rank.")] = 128,
+    lora_alpha: Annotated[float, TUNE(help="LoRA alpha.")] = 256.0,
+    lora_dropout: Annotated[float, TUNE(help="LoRA dropout.")] = 0.05,
+    lora_targets: Annotated[str, TUNE(help="Comma-separated LM linear layers that get adapters.")] = ",".join(
+        LINEAR_LAYERS
+    ),
+    projector_lr: Annotated[float, TUNE(help="Learning rate of the projector.")] = 2e-5,
+    merge_lora: Annotated[
+        bool, TUNE(help="MODEL_DIR is a fine-tuned bundle: write a plain LLaVA directory with it merged in.")
+    ] = False,
 ) -> None:
     """Configure a reducer on a model, check it runs, and write a bundle (reducer.json).
 
@@ -86,6 +109,26 @@ def compress(
     (`torchrun --nproc-per-node N $(which prumerge) compress ...` trains data-parallel)."""
     atomic.check_output(output, force)
     where = devices.resolve_device(device)
+    if merge_lora:
+        from ..finetune.bundle import merge_lora as merge
+
+        with out_console().status(f"merging {model_dir} into its model..."):
+            merge(model_dir, output, force)
+        out_console().print(f"wrote {output}: a LlavaForConditionalGeneration with the adapters and projector merged")
+        return
+    if finetune:
+        if method not in REDUCERS:
+            raise PrumergeError(f"--finetune takes a training-free method ({', '.join(REDUCERS)}); got {method!r}")
+        if data is None or images is None:
+            raise typer.BadParameter("--finetune needs --data and --images", param_hint="--data")
+        options = TrainOptions(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                               projector_lr=projector_lr, save_every=save_every, seed=seed,
+                               precision=dtypes.canonical(precision), stop_after=stop_after,
+                               gradient_checkpointing=gradient_checkpointing)  # fmt: skip
+        lora = LoraSettings(lora_rank, lora_alpha, lora_dropout, tuple(t.strip() for t in lora_targets.split(",")))
+        run_training(FinetuneJob(model_dir, method, data, images, output, options, lora, parse_params(param),
+                                 template, skip_missing_images, resume, force, where.type))  # fmt: skip
+        return
     if method == "dynamic":
         if (data is None or images is None) and not plan:
             raise typer.BadParameter("--method dynamic needs --data and --images", param_hint="--data")
@@ -104,7 +147,7 @@ def compress(
             return
         job = DynamicJob(model_dir, data, images, output, config, options, vision_source, template,
                          skip_missing_images, resume, force, where.type)  # fmt: skip
-        train_dynamic(job)
+        run_training(job)
         return
     if score_dtype != "model" and dtypes.ALIASES.get(score_dtype, score_dtype) != "fp32":
         raise PrumergeError(f"--score-dtype takes 'model' or 'fp32', got {score_dtype!r}")
@@ -148,16 +191,19 @@ def show_plan(model_dir: Path, config: SparseConfig, options: TrainOptions, seq_
         raise typer.Exit(1)
 
 
-def train_dynamic(job: DynamicJob) -> None:
-    """Run the training job; Ctrl-C leaves the last checkpoint and says how to resume."""
+def run_training(job: DynamicJob | FinetuneJob) -> None:
+    """Run a training job; Ctrl-C leaves the last checkpoint and says how to resume."""
     console = out_console()
     try:
-        history = run_dynamic(job, console)
+        history = run_dynamic(job, console) if isinstance(job, DynamicJob) else run_finetune(job, console)
     except KeyboardInterrupt:
         Console(stderr=True).print(f"interrupted; checkpoints are in {job.checkpoint_dir}: rerun with --resume")
         raise typer.Exit(130) from None
     last = history[-1]
     if len(history) < job.options.steps:
+        return
+    if isinstance(job, FinetuneJob):
+        console.print(f"bundle {job.output}: {len(history)} steps with {job.method} active, loss {last.loss:.3f}")
         return
     if not any(h.metrics["output_rows"] for h in history):
         console.print(f"[yellow]warning:[/yellow] no final answer reached --output-min-len "

@@ -1,0 +1,113 @@
+"""`prumerge compress LLAVA_DIR --method M --finetune`: LoRA fine-tuning with the reducer active, then a bundle."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ..encoder import ReducedVisionEncoder
+from ..errors import PrumergeError
+from ..lm.llava_lm import LlavaLm
+from ..training.checkpoints import file_digest
+from ..training.conversations import Dataset, load_examples
+from ..training.distributed import barrier, init_rank, shutdown
+from ..training.loop import StepLog, TrainOptions
+from .bundle import write_finetuned_bundle
+from .lora import LoraSettings, attach_lora
+from .training import FinetuneTrainer
+
+POSITIONS = "contiguous"
+"""Positions of the reduced tokens in the LM: 1..K after `<s>` and the template's prefix, as upstream."""
+
+
+@dataclass(frozen=True)
+class FinetuneJob:
+    """Everything `compress --finetune` needs."""
+
+    model_dir: Path
+    method: str
+    data: Path
+    images: Path
+    output: Path
+    options: TrainOptions
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    params: dict[str, Any] = field(default_factory=dict)
+    template: str = "plain"
+    skip_missing_images: bool = False
+    resume: bool = False
+    force: bool = False
+    device_type: str = "cpu"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where checkpoints live until the bundle is written: beside the output."""
+        return self.output.parent / f".{self.output.name}.checkpoint"
+
+    def recipe(self, data: Dataset) -> dict[str, Any]:
+        """What the bundle records of the run, and what a resume must not change."""
+        opt = self.options
+        return {"lora": self.lora.to_dict(), "steps": opt.steps, "batch_size": opt.batch_size,
+                "grad_accum": opt.grad_accum, "lr": opt.lr, "projector_lr": opt.projector_lr,
+                "precision": opt.precision, "template": self.template, "positions": POSITIONS,
+                "data": file_digest(self.data), "examples": len(data.examples), "text_only": data.text_only,
+                "method": self.method, "params": self.params, "seed": opt.seed}  # fmt: skip
+
+
+def progress_bar() -> Progress:
+    """Steps with the loss."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn())  # fmt: skip
+
+
+def run_finetune(job: FinetuneJob, console: Console, on_step=None) -> list[StepLog]:
+    """Fine-tune (or resume) and write the bundle; `on_step(log)` is called after every step."""
+    if job.output.exists() and not job.force:
+        raise PrumergeError(f"{job.output} exists; pass --force to replace it")
+    rank = init_rank(job.device_type)
+    try:
+        torch.manual_seed(job.options.seed)
+        lm = LlavaLm.from_pretrained(job.model_dir)
+        encoder = ReducedVisionEncoder.from_pretrained(job.model_dir, job.method, **job.params)
+        data = load_examples(job.data, job.images, lm.tokenizer, job.template, job.skip_missing_images,
+                             keep_text_only=True)  # fmt: skip
+        peft_model = attach_lora(lm.model, job.lora)
+        lm.model.to(rank.device)
+        encoder.to(rank.device)
+        encoder.projector = lm.model.model.multi_modal_projector
+        recipe = job.recipe(data)
+        trainer = FinetuneTrainer(lm, peft_model, encoder, data.examples, job.options, rank, job.checkpoint_dir,
+                                  recipe, job.resume)  # fmt: skip
+        if rank.main:
+            where = f"{rank.world} processes, DDP; " if rank.world > 1 else ""
+            console.print(f"{where}{len(data.examples)} conversations ({data.text_only} text only), {job.method} "
+                          f"active, LoRA r {job.lora.rank}")  # fmt: skip
+            if job.resume:
+                console.print(f"resumed from {job.checkpoint_dir} at step {trainer.start}")
+        with progress_bar() as bar:
+            task = bar.add_task("fine-tune", total=job.options.steps, completed=trainer.start, loss=float("nan"),
+                                visible=rank.main)  # fmt: skip
+
+            def report(log: StepLog) -> None:
+                bar.update(task, completed=log.step + 1, loss=log.loss)
+                if on_step is not None:
+                    on_step(log)
+
+            history = trainer.run(report)
+        if not trainer.finished:
+            if rank.main:
+                console.print(f"stopped after step {len(history)} of {job.options.steps}; the checkpoint is in "
+                              f"{job.checkpoint_dir}: rerun with --resume")  # fmt: skip
+        elif rank.main:
+            write_finetuned_bundle(job.output, encoder, peft_model, encoder.projector, recipe,
+                                   [asdict(h) for h in history], job.force)  # fmt: skip
+            shutil.rmtree(job.checkpoint_dir, ignore_errors=True)
+        barrier(rank)
+        return history
+    finally:
+        shutdown(rank)
