@@ -44,27 +44,34 @@ def official_name(key: str) -> str | None:
     return key
 
 
-def write_official(llava_dir, predictors: Predictors, out):
-    """The checkpoint as the official code saves it, and the CLIP directory its mm_vision_tower names."""
+def write_llava_original(llava_dir, out, extra_state: dict, extra_config: dict):
+    """The model in original-LLaVA layout (`pytorch_model.bin`, `llava_llama` config, no vision weights), and the
+    CLIP directory its mm_vision_tower names."""
     model, tokenizer = load_llava(llava_dir)
-    state = {**model.state_dict(), **{f"predictors.{k}": v for k, v in predictors.state_dict().items()}}
+    state = {**model.state_dict(), **extra_state}
     out.mkdir()
     torch.save({official_name(k): v for k, v in state.items() if official_name(k)}, out / "pytorch_model.bin")
-    text = model.config.text_config.to_dict()
-    sparse = {"sparse_layer": 2, "d_model": 32, "nhead": 4, "dim_feedforward": 64, "num_layers": 2,
-              "vision_keep_rate": 0.25, "output_text_keep_rate": 0.5, "output_text_len_for_training": 50,
-              "mask_loss_weight": 100.0, "use_vision_predictor": True, "use_output_text_predictor": True,
-              "use_instruct_predictor": False}  # fmt: skip
-    config = {**text, "model_type": "llava_llama", "architectures": ["LlavaLlamaForCausalLM"],
+    config = {**model.config.text_config.to_dict(), "model_type": "llava_llama",
+              "architectures": ["LlavaLlamaForCausalLM"],
               "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": model.config.vision_config.hidden_size,
               "mm_vision_select_layer": model.config.vision_feature_layer, "mm_vision_select_feature": "patch",
-              "mm_vision_tower": "openai/clip-vit-large-patch14-336", "sparse_config": sparse}  # fmt: skip
+              "mm_vision_tower": "openai/clip-vit-large-patch14-336", **extra_config}  # fmt: skip
     (out / "config.json").write_text(json.dumps(config))
     tokenizer.save_pretrained(out)
     tower = CLIPVisionModel(model.config.vision_config)
     tower.load_state_dict(model.model.vision_tower.state_dict())
     tower.save_pretrained(out.parent / "clip")
     return out.parent / "clip"
+
+
+def write_official(llava_dir, predictors: Predictors, out):
+    """A Dynamic-LLaVA checkpoint as the official code saves it."""
+    sparse = {"sparse_layer": 2, "d_model": 32, "nhead": 4, "dim_feedforward": 64, "num_layers": 2,
+              "vision_keep_rate": 0.25, "output_text_keep_rate": 0.5, "output_text_len_for_training": 50,
+              "mask_loss_weight": 100.0, "use_vision_predictor": True, "use_output_text_predictor": True,
+              "use_instruct_predictor": False}  # fmt: skip
+    weights = {f"predictors.{k}": v for k, v in predictors.state_dict().items()}
+    return write_llava_original(llava_dir, out, weights, {"sparse_config": sparse})
 
 
 def test_official_dynamic_llava_checkpoint_converts_exactly(llava_deep_dir, image_paths, tmp_path, capsys):
@@ -118,3 +125,55 @@ def test_image_token_added_with_mean_rows():
     for grown in state.values():
         assert grown.shape == (64, 4) and torch.equal(grown[:5], rows)
         torch.testing.assert_close(grown[5:], rows.mean(0).expand(59, 4))
+
+
+def test_upstream_prumerge_lora_converts_to_a_finetuned_bundle(llava_deep_dir, image_paths, tmp_path, capsys):
+    """A LoRA directory as LLaVA's `--lora_enable` training writes it (PEFT 0.4 names in adapter_model.bin, the
+    projector in non_lora_trainables.bin) on an original-LLaVA base: the bundle gives the logits of the same
+    adapters and projector applied directly."""
+    from peft import get_peft_model_state_dict
+
+    import prumerge_cli
+    from prumerge_cli.finetune.bundle import load_finetuned_lm
+    from prumerge_cli.finetune.lora import LoraSettings, attach_lora
+    from prumerge_cli.lm.llava_lm import LlavaLm
+
+    clip = write_llava_original(llava_deep_dir, tmp_path / "base", {}, {})
+    model, tokenizer = load_llava(llava_deep_dir)
+    peft_model = attach_lora(model, LoraSettings(rank=4, alpha=8, dropout=0.0, targets=("q_proj", "v_proj")))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "multi_modal_projector" in name:
+                p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    old = lambda k: k.replace("model.language_model.", "model.")  # noqa: E731  PEFT 0.4 on the original layout
+    torch.save({old(k): v for k, v in get_peft_model_state_dict(peft_model).items()}, lora / "adapter_model.bin")
+    projector = {"base_model.model." + official_name(f"model.multi_modal_projector.{k}"): v
+                 for k, v in model.model.multi_modal_projector.state_dict().items()}  # fmt: skip
+    torch.save(projector, lora / "non_lora_trainables.bin")
+    (lora / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4,
+        "lora_alpha": 8, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"], "bias": "none",
+        "base_model_name_or_path": "./checkpoints/llava-v1.5-7b"}))  # fmt: skip
+
+    result = run_cli(capsys, "convert", lora, "--from", "prumerge-lora", "--base", tmp_path / "base",
+                     "--vision-tower", clip, "--method", "prumerge+", "-o", tmp_path / "out")  # fmt: skip
+    assert result.code == 0, result.err
+    record = json.loads((tmp_path / "out" / "bundle" / "reducer.json").read_text())
+    assert record["method"] == "prumerge+" and record["regime"] == "fine-tuned"
+    tuned, encoder = load_finetuned_lm(tmp_path / "out" / "bundle"), prumerge_cli.load(tmp_path / "out" / "bundle")
+    direct = LlavaLm(model.eval(), tokenizer)
+    direct_encoder = ReducedVisionEncoder.from_pretrained(llava_deep_dir, "prumerge+")
+    direct_encoder.projector = model.model.multi_modal_projector
+    images = [open_image(p) for p in image_paths[:2]]
+    texts = direct.encode(["what color is the object", "how many objects are there"])
+    with torch.no_grad():
+        ours = encoder.encode_images(images, project=True)
+        theirs = direct_encoder.encode_images(images, project=True)
+        torch.testing.assert_close(ours.tokens, theirs.tokens)
+        got = tuned.logits(splice(tuned.embed, tuned.bos_id, ours, texts))
+        want = direct.logits(splice(direct.embed, direct.bos_id, theirs, texts))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        base = LlavaLm.from_pretrained(tmp_path / "out" / "model")
+        assert (base.logits(splice(base.embed, base.bos_id, ours, texts)) - want).abs().max() > 1e-3

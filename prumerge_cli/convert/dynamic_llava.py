@@ -4,22 +4,18 @@ a Hugging Face LLaVA directory (`OUT/model`) and a dynamic bundle (`OUT/bundle`)
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 from .. import atomic
-from ..bundle import BUNDLE_FILE
 from ..dynamic.bundle import write_dynamic_bundle
 from ..dynamic.config import SparseConfig
 from ..errors import PrumergeError
 from ..models.loading import read_config
 from ..models.weights import read_tensors, weight_files
-from .llava_original import add_image_token, align_names, llava_config, read_llava_weights
+from .llava_original import build_hf_llava, point_bundle_at, save_hf_llava
 
 BLOCK_PARTS = {"norm1": "norm1", "attn.qkv": "qkv", "attn.proj": "proj", "norm2": "norm2", "mlp.fc1": "mlp.0",
                "mlp.fc2": "mlp.2"}  # fmt: skip
@@ -71,34 +67,13 @@ def sparse_config(source: Path, predictors: dict[str, torch.Tensor]) -> SparseCo
 
 def convert_dynamic_llava(source: Path, vision_tower: Path, output: Path, force: bool = False) -> Path:
     """Write `output/model` and `output/bundle` atomically; returns the bundle directory."""
-    if not Path(vision_tower).is_dir():
-        raise PrumergeError(f"--vision-tower {vision_tower} is not a directory (a local CLIP checkpoint)")
     predictors = read_tensors(weight_files(source), predictor_name)
     if not predictors:
         raise PrumergeError(f"{source} has no model.image_score_predictor.* weights: not a Dynamic-LLaVA checkpoint")
     config = sparse_config(source, predictors)
-    state = read_llava_weights(source, vision_tower)
-    tokenizer = AutoTokenizer.from_pretrained(str(source))
-    image_token = add_image_token(tokenizer, state)
-    vocab = state["lm_head.weight"].shape[0]
-    hf_config = llava_config(source, vision_tower, image_token, vocab)
-    with torch.device("meta"):
-        model = LlavaForConditionalGeneration(hf_config)
-    state = align_names(state, set(model.state_dict()))
-    missing = set(model.state_dict()) - set(state)
-    if missing:
-        raise PrumergeError(f"{source} lacks weights the model needs, e.g. {sorted(missing)[0]}")
-    model.load_state_dict(state, strict=True, assign=True)
+    model, tokenizer = build_hf_llava(source, vision_tower)
     with atomic.atomic_dir(output, force=force) as tmp:
-        model.save_pretrained(tmp / "model")
-        tokenizer.save_pretrained(tmp / "model")
-        processor = Path(vision_tower) / "preprocessor_config.json"
-        if processor.is_file():
-            shutil.copyfile(processor, tmp / "model" / "preprocessor_config.json")
+        save_hf_llava(model, tokenizer, vision_tower, tmp / "model")
         write_dynamic_bundle(tmp / "bundle", tmp / "model", config, "predictor", predictors, TRAINED, [], False)
-        record_file = tmp / "bundle" / BUNDLE_FILE
-        record = json.loads(record_file.read_text())
-        record["model"]["absolute_path"] = str((Path(output) / "model").resolve())  # where it will be
-        record["converted_from"] = {"layout": "dynamic-llava", "source": str(Path(source).resolve())}
-        record_file.write_text(json.dumps(record, indent=2) + "\n")
+        point_bundle_at(tmp / "bundle", Path(output) / "model", "dynamic-llava", source)
     return Path(output) / "bundle"

@@ -5,13 +5,16 @@ leaves them out (LLaVA-1.5 loads them from `mm_vision_tower`), come from a local
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from ..bundle import BUNDLE_FILE
 from ..errors import PrumergeError
 from ..models.loading import read_config
 from ..models.weights import read_tensors, weight_files
@@ -105,3 +108,40 @@ def add_image_token(tokenizer: Any, state: dict[str, torch.Tensor], pad_to: int 
             extra = rows.float().mean(0, keepdim=True).to(rows.dtype).expand(wanted - rows.shape[0], -1)
             state[key] = torch.cat([rows, extra])
     return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+
+def build_hf_llava(source: Path, vision_tower: Path) -> tuple[LlavaForConditionalGeneration, Any]:
+    """The HF LLaVA (weights assigned, not copied) and tokenizer of an original-LLaVA checkpoint."""
+    if not Path(vision_tower).is_dir():
+        raise PrumergeError(f"--vision-tower {vision_tower} is not a directory (a local CLIP checkpoint)")
+    state = read_llava_weights(source, vision_tower)
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    image_token = add_image_token(tokenizer, state)
+    config = llava_config(source, vision_tower, image_token, state["lm_head.weight"].shape[0])
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    state = align_names(state, set(model.state_dict()))
+    missing = set(model.state_dict()) - set(state)
+    if missing:
+        raise PrumergeError(f"{source} lacks weights the model needs, e.g. {sorted(missing)[0]}")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval(), tokenizer
+
+
+def save_hf_llava(model: LlavaForConditionalGeneration, tokenizer: Any, vision_tower: Path, directory: Path) -> None:
+    """Write the model, its tokenizer and the tower's image processor to `directory`."""
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    processor = Path(vision_tower) / "preprocessor_config.json"
+    if processor.is_file():
+        shutil.copyfile(processor, directory / "preprocessor_config.json")
+
+
+def point_bundle_at(bundle_dir: Path, final_model_dir: Path, layout: str, source: Path) -> None:
+    """A bundle written beside its model in a temporary directory: its absolute fallback path becomes where the
+    model will be, and it records what it was converted from."""
+    record_file = bundle_dir / BUNDLE_FILE
+    record = json.loads(record_file.read_text())
+    record["model"]["absolute_path"] = str(final_model_dir.resolve())
+    record["converted_from"] = {"layout": layout, "source": str(Path(source).resolve())}
+    record_file.write_text(json.dumps(record, indent=2) + "\n")
