@@ -107,7 +107,7 @@ def table_rows(variants: list[Variant], times: dict[str, Latency]) -> list[dict[
     base = variants[0]
     rows = []
     for v in variants:
-        row = {"method": v.method, "params": v.params, "tokens": v.score.tokens_mean,
+        row = {"method": v.method, "params": v.params, "regime": "training-free", "tokens": v.score.tokens_mean,
                "accuracy": v.score.accuracy["overall"], "per_type": v.score.accuracy}  # fmt: skip
         for kind in ("torch", "ort", "prefill"):
             row[f"{kind}_ms"] = 1000 * times[f"{v.method}/{kind}"].p50
@@ -115,6 +115,46 @@ def table_rows(variants: list[Variant], times: dict[str, Latency]) -> list[dict[
         row["tokens_ratio"] = v.score.tokens_mean / base.score.tokens_mean
         rows.append(row)
     return rows
+
+
+def finetuned_rows(finetuned_dir: Path, model: Path, images: int, device: torch.device) -> list[dict[str, Any]]:
+    """Held-out accuracy of each fine-tuned bundle of `model` in `finetuned_dir` (LoRA LM, trained projector)."""
+    from .bundle import is_bundle, load, read_bundle
+    from .finetune.bundle import load_finetuned_lm
+
+    rows = []
+    bundles = sorted(p for p in finetuned_dir.iterdir() if is_bundle(p)) if finetuned_dir.is_dir() else []
+    for bundle in bundles:
+        encoder = load(bundle)
+        if encoder.model_dir.resolve() != model.resolve():
+            continue
+        lm = load_finetuned_lm(bundle)
+        lm.model.to(device)
+        encoder.to(device)
+        score = vqa_accuracy(encoder, lm, images=images)
+        rows.append({"method": read_bundle(bundle)["method"], "params": encoder.reducer.params(),
+                     "regime": "fine-tuned", "bundle": str(bundle), "tokens": score.tokens_mean,
+                     "accuracy": score.accuracy["overall"], "per_type": score.accuracy})  # fmt: skip
+    return rows
+
+
+def print_finetuned(rows: list[dict[str, Any]], tuned: list[dict[str, Any]], console: Console) -> None:
+    """Fine-tuned bundles beside the same method training-free and the full-token model, per question type."""
+    if not tuned:
+        return
+    free = {r["method"]: r for r in rows}
+    kinds = list(tuned[0]["per_type"])
+    table = Table(title="Fine-tuned with the reducer active (LoRA on the LM, projector trained) vs training-free")
+    for col in ("method", "visual tokens", "fine-tuned %", "training-free %", "of full tokens", *kinds):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    full = free["none"]["accuracy"]
+    for r in tuned:
+        label = r["method"] + "".join(f" {k}={v}" for k, v in r["params"].items())
+        same = free.get(r["method"])
+        table.add_row(label, f"{r['tokens']:.1f}", f"{100 * r['accuracy']:.1f}",
+                      "-" if same is None else f"{100 * same['accuracy']:.1f}", f"{100 * r['accuracy'] / full:.0f}%",
+                      *(f"{100 * r['per_type'][k]:.0f}" for k in kinds))  # fmt: skip
+    console.print(table)
 
 
 def print_rows(rows: list[dict[str, Any]], images: int, batch: int, console: Console) -> None:

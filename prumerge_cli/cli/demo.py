@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from .. import atomic, devices, dtypes
-from ..zoo import LLAVA_DIR
+from ..zoo import FINETUNED_DIR, LLAVA_DIR
 from . import app
 from .console import out_console
 
@@ -25,12 +25,15 @@ def demo(
     model: Annotated[
         Path, typer.Option(help="A LLaVA checkpoint of the world (default: the embedded one).")
     ] = LLAVA_DIR,
+    finetuned: Annotated[
+        Path, typer.Option(help="Fine-tuned bundles of the model to score beside the training-free rows.")
+    ] = FINETUNED_DIR,
     force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     device: Annotated[str, typer.Option(help=f"Where the torch encoders and the LLM run: {devices.HELP}.")] = "cpu",
     dtype: Annotated[str, typer.Option(help=f"Vision tower dtype: {dtypes.HELP}.")] = "fp32",
 ) -> None:
     """Compress the embedded LLaVA with every method, export each to ONNX, and compare them in one table."""
-    from ..demo import print_rows, run_demo
+    from ..demo import finetuned_rows, print_finetuned, print_rows, run_demo
 
     atomic.check_output(output, force)
     where = devices.resolve_device(device)
@@ -38,4 +41,6 @@ def demo(
     console = out_console()
     rows = run_demo(model, output, num_images, batch_size, iters, console, where, dtype)
     print_rows(rows, num_images, batch_size, console)
-    atomic.write_text(output / "demo.json", json.dumps(rows, indent=2) + "\n")
+    tuned = finetuned_rows(finetuned, model, num_images, where)
+    print_finetuned(rows, tuned, console)
+    atomic.write_text(output / "demo.json", json.dumps(rows + tuned, indent=2) + "\n")

@@ -43,11 +43,12 @@ class FinetuneJob:
     resume: bool = False
     force: bool = False
     device_type: str = "cpu"
+    checkpoints: Path | None = None
 
     @property
     def checkpoint_dir(self) -> Path:
-        """Where checkpoints live until the bundle is written: beside the output."""
-        return self.output.parent / f".{self.output.name}.checkpoint"
+        """Where checkpoints live until the bundle is written: `checkpoints`, else beside the output."""
+        return self.checkpoints or self.output.parent / f".{self.output.name}.checkpoint"
 
     def recipe(self, data: Dataset) -> dict[str, Any]:
         """What the bundle records of the run, and what a resume must not change."""

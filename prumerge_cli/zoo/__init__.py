@@ -6,3 +6,4 @@ ZOO_DIR = Path(__file__).resolve().parent
 CLIP_DIR = ZOO_DIR / "clip"
 LLAVA_DIR = ZOO_DIR / "llava"
 MODEL_CARD = ZOO_DIR / "MODEL_CARD.md"
+FINETUNED_DIR = ZOO_DIR / "finetuned"

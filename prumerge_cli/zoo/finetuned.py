@@ -1,0 +1,102 @@
+"""The embedded LLaVA fine-tuned with each reducer active (PruMerge's regime), one bundle per method in
+`prumerge_cli/zoo/finetuned/`: prumerge, prumerge+, and random and pool at PruMerge's token budget, all with
+the same recipe and steps. Each bundle is written as soon as its run ends and kept on a rerun; runs checkpoint
+to a cache outside the repository and resume from it. Usage: python -m prumerge_cli.zoo.finetuned [--force]"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from ..bundle import load
+from ..cli import quiet_transformers
+from ..demo import fixed_budget_params
+from ..encoder import ReducedVisionEncoder
+from ..errors import PrumergeError
+from ..finetune.compress import FinetuneJob, run_finetune
+from ..finetune.lora import LoraSettings
+from ..lm.llava_lm import LlavaLm
+from ..training.loop import TrainOptions
+from . import FINETUNED_DIR, LLAVA_DIR
+from .llava_json import DATA_FILE, write_llava_json
+from .vqa import vqa_accuracy
+
+CACHE_DIR = Path(os.environ.get("PRUMERGE_CACHE", Path.home() / ".cache" / "prumerge")) / "zoo-finetune"
+
+
+@dataclass(frozen=True)
+class FinetuneRecipe:
+    """One recipe for every method: LoRA sized for the 256-wide LM, steps, batch, rates, data, seed."""
+
+    steps: int = 400
+    batch_size: int = 8
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lr: float = 1e-3
+    projector_lr: float = 1e-4
+    conversations: int = 3200
+    seed: int = 0
+    save_every: int = 50
+
+
+def methods(budget_images: int = 40) -> dict[str, dict[str, Any]]:
+    """prumerge, prumerge+, and random and pool at PruMerge's mean budget on the held-out images."""
+    lm = LlavaLm.from_pretrained(LLAVA_DIR)
+    tokens = vqa_accuracy(ReducedVisionEncoder.from_pretrained(LLAVA_DIR, "prumerge"), lm, images=budget_images)
+    budget = fixed_budget_params(tokens.tokens_mean)
+    return {"prumerge": {}, "prumerge+": {}, "random": budget["random"], "pool": budget["pool"]}
+
+
+def up_to_date(bundle: Path) -> bool:
+    """Whether `bundle` exists and was trained on the LLaVA there is now."""
+    try:
+        load(bundle)
+    except PrumergeError:
+        return False
+    return True
+
+
+def build_finetuned(recipe: FinetuneRecipe, console: Console, force: bool = False) -> None:
+    """Fine-tune every method that has no bundle yet (all with `force`)."""
+    data_dir = CACHE_DIR / f"train-{recipe.conversations}"
+    if not (data_dir / DATA_FILE).is_file():
+        console.print(f"writing {recipe.conversations} training conversations to {data_dir}")
+        write_llava_json(data_dir, "train", recipe.conversations, force=True)
+    options = TrainOptions(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr,
+                           projector_lr=recipe.projector_lr, save_every=recipe.save_every,
+                           seed=recipe.seed)  # fmt: skip
+    lora = LoraSettings(recipe.lora_rank, recipe.lora_alpha, 0.05)
+    for method, params in methods().items():
+        output = FINETUNED_DIR / method
+        if not force and up_to_date(output):
+            console.print(f"{method}: {output} is up to date, kept")
+            continue
+        checkpoints = CACHE_DIR / f"checkpoint-{method}"
+        resume = (checkpoints / "state.pt").is_file()
+        console.print(f"{method} {params or ''}: {recipe.steps} steps" + (" (resuming)" if resume else ""))
+        start = time.perf_counter()
+        job = FinetuneJob(LLAVA_DIR, method, data_dir / DATA_FILE, data_dir / "images", output, options, lora,
+                          params, resume=resume, force=True, checkpoints=checkpoints)  # fmt: skip
+        run_finetune(job, console)
+        console.print(f"{method}: {(time.perf_counter() - start) / 60:.1f} min")
+
+
+def main() -> None:
+    """Command-line entry of the fine-tuning stage."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--force", action="store_true", help="retrain bundles that exist")
+    args = parser.parse_args()
+    quiet_transformers()
+    torch.set_num_threads(2)
+    build_finetuned(FinetuneRecipe(), Console(), args.force)
+
+
+if __name__ == "__main__":
+    main()
