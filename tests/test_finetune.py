@@ -140,3 +140,33 @@ def test_resume_with_other_settings_and_lora_on_another_model_are_refused(llava_
     other = run_cli(capsys, "generate", tmp_path / "out", "--model", llava_dir, "--image", next(images.glob("*.png")),
                     "--prompt", "what color")  # fmt: skip
     assert other.code == 2 and "Traceback" not in other.err
+
+
+def test_export_and_bench_of_a_finetuned_bundle(llava_deep_dir, world, image_paths, tmp_path, capsys):
+    """The ONNX export carries the trained projector; bench names the regime of each row."""
+    import prumerge_cli
+    from prumerge_cli.encoder import ReducedVisionEncoder
+    from prumerge_cli.models.images import open_image, preprocess
+    from prumerge_cli.runtime.ort import OrtEncoder
+
+    data, images = world
+    result = run_cli(capsys, "compress", llava_deep_dir, "-o", tmp_path / "ft", *TUNE_ARGS, "--data", data,
+                     "--images", images, "--steps", 2, "--batch-size", 2)  # fmt: skip
+    assert result.code == 0, result.err
+    exported = run_cli(capsys, "export", tmp_path / "ft", "--onnx", "--with-projector", "-o", tmp_path / "onnx")
+    assert exported.code == 0, exported.err
+    tuned = prumerge_cli.load(tmp_path / "ft")
+    base = ReducedVisionEncoder.from_pretrained(llava_deep_dir, "prumerge")
+    pixels = preprocess(tuned.processor, [open_image(p) for p in image_paths[:2]])
+    ort = OrtEncoder(tmp_path / "onnx")(pixels)
+    torch.testing.assert_close(ort.tokens, tuned(pixels, project=True).tokens, rtol=1e-4, atol=1e-4)
+    assert (ort.tokens - base(pixels, project=True).tokens).abs().max() > 1e-3
+
+    bench = run_cli(capsys, "bench", llava_deep_dir, tmp_path / "ft", "--methods", "prumerge", "--synthetic", 2,
+                    "--batch-sizes", 1, "--iters", 1, "--warmup", 0, "--backends", "torch",
+                    "--json", tmp_path / "b.json")  # fmt: skip
+    assert bench.code == 0, bench.err
+    rows = json.loads((tmp_path / "b.json").read_text())["encoder"]
+    assert {(r["variant"], r["regime"]) for r in rows} >= {("prumerge", "training-free"),
+                                                            ("prumerge fine-tuned", "fine-tuned")}  # fmt: skip
+    assert "prumerge fine-tuned" in bench.out

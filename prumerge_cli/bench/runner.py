@@ -146,7 +146,7 @@ def encoder_row(variant: Variant, outputs: dict[int, ReducedTokens], variants: l
     cosine = F.cosine_similarity(mean_embedding(out), mean_embedding(base), dim=-1)
     return {
         "variant": variant.label, "method": variant.method, "params": variant.params, "backend": variant.backend,
-        "baseline": variant.baseline,
+        "regime": variant.regime, "baseline": variant.baseline,
         "tokens": {"mean": float(lengths.mean()), "min": int(lengths.min()), "max": int(lengths.max()),
                    "ratio": float(lengths.mean() / base.lengths.float().mean())},
         "fidelity": {"mean_embedding_cosine": float(cosine.mean())},
@@ -277,6 +277,7 @@ def embedded_accuracy(model_dir: Path, variants: list[Variant], s: BenchSettings
     if model_dir.resolve() != LLAVA_DIR.resolve() or s.vqa_images < 1:
         return {}
     from ..encoder import ReducedVisionEncoder
+    from ..finetune.bundle import load_finetuned_lm
     from ..lm.llava_lm import LlavaLm
     from ..zoo.vqa import vqa_accuracy
 
@@ -286,7 +287,11 @@ def embedded_accuracy(model_dir: Path, variants: list[Variant], s: BenchSettings
     for v in variants:
         if v.backend == "torch" and v.label not in scores:
             encoder = ReducedVisionEncoder.from_pretrained(model_dir, v.method, **v.params)
-            score = vqa_accuracy(encoder, lm, images=s.vqa_images)
+            answerer = lm
+            if v.regime == "fine-tuned":  # its adapters in the LM and its trained projector
+                answerer = load_finetuned_lm(v.source)
+                encoder.projector = answerer.model.model.multi_modal_projector
+            score = vqa_accuracy(encoder, answerer, images=s.vqa_images)
             scores[v.label] = {"vqa_accuracy": score.accuracy["overall"], "vqa_by_type": score.accuracy}
     return scores
 

@@ -3,6 +3,7 @@ always including that model's unreduced baseline on every backend."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from ..bundle import is_bundle, read_bundle
 from ..encoder import ReducedVisionEncoder
 from ..errors import PrumergeError
 from ..exporters.onnx_export import OnnxOptions, export_onnx
+from ..finetune.bundle import load_projector, regime
 from ..model_ref import resolve_model
 from ..models.loading import load_model
 from ..reducers import ReducedTokens, build_reducer
@@ -33,11 +35,12 @@ class Variant:
     baseline: bool = False
     source: str = ""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    regime: str = "training-free"
     label: str = field(init=False)
 
     def __post_init__(self) -> None:
         extra = "".join(f" {k}={v}" for k, v in self.params.items() if k in ("budget", "side") and v is not None)
-        self.label = f"{self.method}{extra}"
+        self.label = f"{self.method}{extra}" + (" fine-tuned" if self.regime == "fine-tuned" else "")
 
 
 @dataclass
@@ -48,6 +51,7 @@ class Spec:
     method: str
     params: dict[str, Any]
     source: str = ""  # the bundle or export it came from
+    regime: str = "training-free"  # or "fine-tuned": the LLaVA was fine-tuned with this reducer active
 
 
 def target_specs(target: Path, methods: list[str]) -> list[Spec]:
@@ -55,7 +59,7 @@ def target_specs(target: Path, methods: list[str]) -> list[Spec]:
     if is_bundle(target):
         record = read_bundle(target)
         model = resolve_model(record["model"], target).resolve()
-        return [Spec(model, record["method"], record["params"], str(target))]
+        return [Spec(model, record["method"], record["params"], str(target), regime(record))]
     if is_onnx_export(target):
         manifest = read_manifest(target)
         return [Spec(Path(manifest["source"]["model"]), manifest["method"], manifest["params"], str(target))]
@@ -97,6 +101,9 @@ def build_variants(
     for i, spec in enumerate(specs):
         encoder = ReducedVisionEncoder(model, build_reducer(spec.method, **spec.params), model_dir)
         baseline_encoder = baseline_encoder or encoder
+        if spec.regime == "fine-tuned":  # its own trained projector, beside the shared tower
+            encoder.projector = copy.deepcopy(model.projector)
+            load_projector(Path(spec.source), encoder.projector)
         for backend in backends:
             where = torch.device("cpu")
             if backend == "torch":
@@ -115,7 +122,8 @@ def build_variants(
                                       check=False)  # fmt: skip
                 export_onnx(encoder, out, options)
                 run = OrtEncoder(out, threads=threads)
-            variants.append(Variant(spec.method, encoder.reducer.params(), backend, run, i == 0, spec.source, where))
+            variants.append(Variant(spec.method, encoder.reducer.params(), backend, run, i == 0, spec.source, where,
+                                    spec.regime))  # fmt: skip
     assert baseline_encoder is not None
     model.vision.to(device)  # every export is made: the shared weights go where the torch variants run
     if model.projector is not None:
