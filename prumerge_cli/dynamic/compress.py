@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..errors import PrumergeError
 from ..models.loading import read_config
@@ -17,6 +16,7 @@ from ..training.checkpoints import file_digest
 from ..training.conversations import Dataset, load_examples
 from ..training.distributed import barrier, init_rank, shutdown
 from ..training.loop import PRECISIONS, StepLog, TrainOptions
+from ..training.progress import train_with_progress
 from .bundle import load_llava, vision_encoder, write_dynamic_bundle
 from .config import SparseConfig
 from .model import DynamicLlava
@@ -53,13 +53,15 @@ class DynamicJob:
         return self.output.parent / f".{self.output.name}.checkpoint"
 
 
-def progress_bar() -> Progress:
-    """Steps with loss and keep ratios."""
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]:.3f} ce {task.fields[ce]:.3f} keep img {task.fields[img]:.2f} "
-                   "out {task.fields[out]:.2f}"), TimeElapsedColumn(), TimeRemainingColumn(),
-    )  # fmt: skip
+KEEP_COLUMNS = (
+    "loss {task.fields[loss]:.3f} ce {task.fields[ce]:.3f} keep img {task.fields[img]:.2f} out {task.fields[out]:.2f}"
+)
+
+
+def keep_fields(log: StepLog) -> dict[str, float]:
+    """The bar's figures of one step."""
+    metrics = log.metrics or {"image_keep": float("nan"), "output_keep": float("nan")}
+    return {"loss": log.loss, "ce": log.ce, "img": metrics["image_keep"], "out": metrics["output_keep"]}
 
 
 def run_dynamic(job: DynamicJob, console: Console, on_step=None) -> list[StepLog]:
@@ -91,22 +93,9 @@ def run_dynamic(job: DynamicJob, console: Console, on_step=None) -> list[StepLog
             console.print(f"resumed from {job.checkpoint_dir} at step {trainer.start}")
         elif job.checkpoint_dir.exists() and rank.main:
             console.print(f"starting over; the checkpoint in {job.checkpoint_dir} will be replaced (see --resume)")
-        with progress_bar() as bar:
-            task = bar.add_task("predictors", total=job.options.steps, completed=trainer.start, loss=float("nan"),
-                                ce=float("nan"), img=float("nan"), out=float("nan"), visible=rank.main)  # fmt: skip
-
-            def report(log: StepLog) -> None:
-                bar.update(task, completed=log.step + 1, loss=log.loss, ce=log.ce, img=log.metrics["image_keep"],
-                           out=log.metrics["output_keep"])  # fmt: skip
-                if on_step is not None:
-                    on_step(log)
-
-            history = trainer.run(report)
-        if not trainer.finished:
-            if rank.main:
-                console.print(f"stopped after step {len(history)} of {job.options.steps}; the checkpoint is in "
-                              f"{job.checkpoint_dir}: rerun with --resume")  # fmt: skip
-        else:
+        history = train_with_progress(trainer, "predictors", KEEP_COLUMNS, keep_fields, console, job.checkpoint_dir,
+                                      on_step)  # fmt: skip
+        if trainer.finished:
             state = trainable_state(dynamic, job.options)  # every process takes part under FSDP
             if rank.main:
                 trained = ["predictors", *(["projector"] if job.options.train_projector else []),

@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..encoder import ReducedVisionEncoder
 from ..errors import PrumergeError
@@ -18,6 +17,7 @@ from ..training.checkpoints import file_digest
 from ..training.conversations import Dataset, load_examples
 from ..training.distributed import barrier, init_rank, shutdown
 from ..training.loop import StepLog, TrainOptions
+from ..training.progress import train_with_progress
 from .bundle import write_finetuned_bundle
 from .lora import LoraSettings, attach_lora
 from .training import FinetuneTrainer
@@ -60,12 +60,6 @@ class FinetuneJob:
                 "method": self.method, "params": self.params, "seed": opt.seed}  # fmt: skip
 
 
-def progress_bar() -> Progress:
-    """Steps with the loss."""
-    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn())  # fmt: skip
-
-
 def run_finetune(job: FinetuneJob, console: Console, on_step=None) -> list[StepLog]:
     """Fine-tune (or resume) and write the bundle; `on_step(log)` is called after every step."""
     if job.output.exists() and not job.force:
@@ -90,21 +84,9 @@ def run_finetune(job: FinetuneJob, console: Console, on_step=None) -> list[StepL
                           f"active, LoRA r {job.lora.rank}")  # fmt: skip
             if job.resume:
                 console.print(f"resumed from {job.checkpoint_dir} at step {trainer.start}")
-        with progress_bar() as bar:
-            task = bar.add_task("fine-tune", total=job.options.steps, completed=trainer.start, loss=float("nan"),
-                                visible=rank.main)  # fmt: skip
-
-            def report(log: StepLog) -> None:
-                bar.update(task, completed=log.step + 1, loss=log.loss)
-                if on_step is not None:
-                    on_step(log)
-
-            history = trainer.run(report)
-        if not trainer.finished:
-            if rank.main:
-                console.print(f"stopped after step {len(history)} of {job.options.steps}; the checkpoint is in "
-                              f"{job.checkpoint_dir}: rerun with --resume")  # fmt: skip
-        elif rank.main:
+        history = train_with_progress(trainer, "fine-tune", "loss {task.fields[loss]:.3f}",
+                                      lambda log: {"loss": log.loss}, console, job.checkpoint_dir, on_step)  # fmt: skip
+        if trainer.finished and rank.main:
             write_finetuned_bundle(job.output, encoder, peft_model, encoder.projector, recipe,
                                    [asdict(h) for h in history], job.force)  # fmt: skip
             shutil.rmtree(job.checkpoint_dir, ignore_errors=True)
