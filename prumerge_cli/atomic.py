@@ -89,6 +89,15 @@ def check_output(target: str | Path, force: bool = False) -> Path:
     return target
 
 
+def usual_permissions(tree: Path) -> None:
+    """Give every file and directory under `tree` the usual permissions (some writers, e.g. safetensors, create
+    private files)."""
+    mask = _umask()
+    for path in tree.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory that replaces `target` only if the block succeeds.
@@ -101,6 +110,7 @@ def atomic_dir(target: str | Path, force: bool = False) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        usual_permissions(tmp)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
             try:

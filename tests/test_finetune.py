@@ -21,6 +21,7 @@ from prumerge_cli.training.loop import TrainOptions
 from prumerge_cli.zoo.llava_json import write_llava_json
 
 from .cli_helpers import run_cli
+from .test_cli import current_umask
 from .test_dynamic_training import torchrun
 
 LORA = LoraSettings(rank=4, alpha=8, dropout=0.0)
@@ -67,6 +68,8 @@ def test_resume_reproduces_the_run_and_the_bundle_holds_adapters(llava_deep_dir,
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any("lora_B" in k and a[k].abs().max() > 0 for k in a)  # trained away from peft's zero init
     assert json.loads((bundle / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    usual = 0o666 & ~current_umask()  # not the private mode safetensors creates files with
+    assert all(p.stat().st_mode & 0o777 == usual for p in bundle.rglob("*.safetensors"))
 
 
 def test_a_finetuned_bundle_loads_merges_and_answers(llava_deep_dir, world, image_paths, tmp_path, capsys):

@@ -47,6 +47,7 @@ def write_finetuned_bundle(bundle_dir: Path, encoder: ReducedVisionEncoder, peft
     }
     with atomic.atomic_dir(bundle_dir, force=force) as tmp:
         peft_model.save_pretrained(str(tmp / ADAPTER_DIR))
+        (tmp / ADAPTER_DIR / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
         save_file({k: v.detach().contiguous() for k, v in projector.state_dict().items()}, str(tmp / PROJECTOR_FILE))
         (tmp / HISTORY).write_text(json.dumps(history) + "\n")
         (tmp / BUNDLE_FILE).write_text(json.dumps(record, indent=2) + "\n")
