@@ -132,7 +132,8 @@ def finetuned_rows(finetuned_dir: Path, model: Path, images: int, device: torch.
         lm.model.to(device)
         encoder.to(device)
         score = vqa_accuracy(encoder, lm, images=images)
-        rows.append({"method": read_bundle(bundle)["method"], "params": encoder.reducer.params(),
+        record = read_bundle(bundle)
+        rows.append({"method": record["method"], "params": record["finetune"].get("params", {}),
                      "regime": "fine-tuned", "bundle": str(bundle), "tokens": score.tokens_mean,
                      "accuracy": score.accuracy["overall"], "per_type": score.accuracy})  # fmt: skip
     return rows
@@ -143,7 +144,7 @@ def print_finetuned(rows: list[dict[str, Any]], tuned: list[dict[str, Any]], con
     if not tuned:
         return
     free = {r["method"]: r for r in rows}
-    kinds = list(tuned[0]["per_type"])
+    kinds = [k for k in tuned[0]["per_type"] if k != "overall"]
     table = Table(title="Fine-tuned with the reducer active (LoRA on the LM, projector trained) vs training-free")
     for col in ("method", "visual tokens", "fine-tuned %", "training-free %", "of full tokens", *kinds):
         table.add_column(col, justify="left" if col == "method" else "right")

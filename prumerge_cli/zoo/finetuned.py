@@ -46,8 +46,9 @@ class FinetuneRecipe:
     save_every: int = 50
 
 
-def methods(budget_images: int = 40) -> dict[str, dict[str, Any]]:
-    """prumerge, prumerge+, and random and pool at PruMerge's mean budget on the held-out images."""
+def methods(budget_images: int = 200) -> dict[str, dict[str, Any]]:
+    """prumerge, prumerge+, and random and pool at PruMerge's mean budget on the held-out images the demo
+    scores."""
     lm = LlavaLm.from_pretrained(LLAVA_DIR)
     tokens = vqa_accuracy(ReducedVisionEncoder.from_pretrained(LLAVA_DIR, "prumerge"), lm, images=budget_images)
     budget = fixed_budget_params(tokens.tokens_mean)
