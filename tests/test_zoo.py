@@ -59,8 +59,12 @@ def test_demo_runs_every_method(capsys, tmp_path):
                       "2", "--device", "cpu")  # fmt: skip
     assert res.code == 0, res.err
     assert audit.seen == {"cpu"}
-    rows = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    everything = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    rows = [r for r in everything if r["regime"] == "training-free"]
     assert [r["method"] for r in rows] == ["none", "prumerge", "prumerge+", "topk", "random", "pool"]
+    tuned = [r for r in everything if r["regime"] == "fine-tuned"]  # the committed bundles, with their adapters
+    assert sorted(r["method"] for r in tuned) == ["pool", "prumerge", "prumerge+", "random"]
+    assert "Fine-tuned with the reducer active" in res.out and all(0 < r["accuracy"] <= 1 for r in tuned)
     assert rows[0]["tokens_ratio"] == 1.0 and rows[0]["torch_ratio"] == 1.0
     budget = rows[3]["params"]["budget"]
     assert budget == max(1, round(rows[1]["tokens"] - 1)) and rows[4]["params"]["budget"] == budget
