@@ -23,7 +23,8 @@ def policy_softmax(scores: torch.Tensor, allowed: torch.Tensor, policy: torch.Te
     """Masked softmax of Dynamic-LLaVA: `exp(s - max) * G / (sum + eps)` with G_ij = g_j + (1 - g_j) [i == j].
 
     `scores [B, H, T, T]`, `allowed [B, 1, T, T]` (causal and padding), `policy [B, T]` in {0, 1} (differentiable).
-    The eps/N term is added only where attention is allowed, so no future token leaks in."""
+    The eps/N term is added only where attention is allowed, so no future token leaks in. This is the definition,
+    materialised; training runs it in chunks (`ChunkedPolicyAttention`), whose test compares against it."""
     t = scores.shape[-1]
     eye = torch.eye(t, dtype=scores.dtype, device=scores.device)
     gate = policy[:, None, None, :].to(scores.dtype)
