@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +85,13 @@ def build_finetuned(recipe: FinetuneRecipe, console: Console, force: bool = Fals
         start = time.perf_counter()
         job = FinetuneJob(LLAVA_DIR, method, data_dir / DATA_FILE, data_dir / "images", output, options, lora,
                           params, resume=resume, force=True, checkpoints=checkpoints)  # fmt: skip
-        run_finetune(job, console)
+        try:
+            run_finetune(job, console)
+        except PrumergeError as exc:  # a checkpoint of another recipe: start this method over
+            if not resume:
+                raise
+            console.print(f"{method}: not resuming ({exc}); starting over")
+            run_finetune(replace(job, resume=False), console)
         console.print(f"{method}: {(time.perf_counter() - start) / 60:.1f} min")
 
 
