@@ -285,6 +285,7 @@ def build_manifest(
         "kmax": kmax,
         "kmax_rule": module.reducer.bound_rule,
         "num_patches": n,
+        "positions": encoder.positions,
         "grid": list(encoder.grid),
         "image_size": encoder.image_size,
         "with_projector": module.projector is not None,

@@ -73,6 +73,7 @@ def load(
     method = method or record["method"]
     merged = {**(record["params"] if method == record["method"] else {}), **(params or {})}
     settings = {**{k: record[k] for k in ("dtype", "score_layer", "score_dtype")}, **options}
+    settings.setdefault("positions", record.get("positions", "contiguous"))  # bundles before the setting
     model = resolve_model(record["model"], Path(bundle_dir), None if model_dir is None else Path(model_dir))
     encoder = ReducedVisionEncoder.from_pretrained(model, method, **settings, **merged)
     if verify:

@@ -11,10 +11,11 @@ from torch import nn
 
 from .devices import module_device
 from .dtypes import canonical
+from .lm.positions import DEFAULT_POSITIONS, check_positions
 from .models.images import preprocess
 from .models.loading import LoadedModel, load_model
 from .models.tower import ScoreDtype, VisionTower
-from .reducers import ReducedTokens, Reducer, build_reducer
+from .reducers import ReducedTokens, Reducer, TowerSignals, build_reducer
 
 
 def project_tokens(projector: nn.Module, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -34,6 +35,7 @@ class ReducedVisionEncoder(nn.Module):
         dtype: str = "fp32",
         score_layer: int | None = None,
         score_dtype: ScoreDtype = "model",
+        positions: str = DEFAULT_POSITIONS,
     ):
         super().__init__()
         self.model = model
@@ -45,6 +47,7 @@ class ReducedVisionEncoder(nn.Module):
         self.dtype_name = canonical(dtype)
         self.score_layer = score_layer
         self.score_dtype: ScoreDtype = score_dtype
+        self.positions = check_positions(positions)
 
     @classmethod
     def from_pretrained(
@@ -56,12 +59,14 @@ class ReducedVisionEncoder(nn.Module):
         attn_implementation: str = "sdpa",
         score_layer: int | None = None,
         score_dtype: ScoreDtype = "model",
+        positions: str = DEFAULT_POSITIONS,
         **params: Any,
     ) -> ReducedVisionEncoder:
-        """Load a CLIP, SigLIP or LLaVA checkpoint from a local directory and attach reducer `method`."""
+        """Load a CLIP, SigLIP or LLaVA checkpoint from a local directory and attach reducer `method`; `positions`
+        (`lm.positions.POSITIONS`) is where the LM places the reduced tokens."""
         reducer = build_reducer(method, **params)
         model = load_model(model_dir, dtype=dtype, attn_implementation=attn_implementation)
-        return cls(model, reducer, Path(model_dir).resolve(), dtype, score_layer, score_dtype)
+        return cls(model, reducer, Path(model_dir).resolve(), dtype, score_layer, score_dtype, positions)
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor, project: bool = False) -> ReducedTokens:
@@ -69,9 +74,16 @@ class ReducedVisionEncoder(nn.Module):
         projector."""
         pixel_values = pixel_values.to(module_device(self))
         signals = self.tower(pixel_values, with_scores=self.reducer.needs_scores, score_dtype=self.score_dtype)
-        out = self.reducer(signals)
+        out = self.reduce(signals)
         if project and self.projector is not None:
             out.tokens = project_tokens(self.projector, out.tokens, out.lengths)
+        return out
+
+    def reduce(self, signals: TowerSignals) -> ReducedTokens:
+        """The reducer's tokens of the tower's signals, marked with the full patch count under
+        `positions=original`."""
+        out = self.reducer(signals)
+        out.span = signals.features.shape[1] if self.positions == "original" else None
         return out
 
     @property
@@ -96,6 +108,7 @@ class ReducedVisionEncoder(nn.Module):
             "dtype": self.dtype_name,
             "score_layer": self.score_layer,
             "score_dtype": self.score_dtype,
+            "positions": self.positions,
         }
 
     def save(self, bundle_dir: str | Path, force: bool = False) -> Path:

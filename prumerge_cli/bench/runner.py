@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ..bundle import is_bundle, read_bundle
 from ..devices import finished
 from ..dynamic.bundle import is_dynamic
+from ..lm.positions import DEFAULT_POSITIONS
 from ..model_ref import resolve_model
 from ..reducers import PAD_INDEX, ReducedTokens
 from ..versions import cpu_name, package_versions
@@ -48,6 +49,7 @@ class BenchSettings:
     vqa_images: int = 100
     device: str = "cpu"  # where the torch variants and the LLM run
     dtype: str = "fp32"  # the vision tower's (and its exports') dtype
+    positions: str = DEFAULT_POSITIONS  # of the methods run on a model directory
 
 
 def run_bench(
@@ -71,6 +73,7 @@ def run_bench(
             settings.threads,
             torch.device(settings.device),
             settings.dtype,
+            settings.positions,
         )
         with torch.no_grad():
             outputs = {id(v): run_all(v, pixels, max(settings.batch_sizes)) for v in variants}
@@ -125,7 +128,7 @@ def run_all(variant: Variant, pixels: torch.Tensor, chunk: int) -> ReducedTokens
     width = max(p.tokens.shape[1] for p in parts)
     tokens = torch.cat([F.pad(p.tokens, (0, 0, 0, width - p.tokens.shape[1])) for p in parts])
     indices = torch.cat([F.pad(p.indices, (0, width - p.indices.shape[1]), value=PAD_INDEX) for p in parts])
-    return ReducedTokens(tokens, torch.cat([p.lengths for p in parts]), indices)
+    return ReducedTokens(tokens, torch.cat([p.lengths for p in parts]), indices, span=parts[0].span)
 
 
 def mean_embedding(out: ReducedTokens) -> torch.Tensor:
@@ -146,7 +149,7 @@ def encoder_row(variant: Variant, outputs: dict[int, ReducedTokens], variants: l
     cosine = F.cosine_similarity(mean_embedding(out), mean_embedding(base), dim=-1)
     return {
         "variant": variant.label, "method": variant.method, "params": variant.params, "backend": variant.backend,
-        "regime": variant.regime, "baseline": variant.baseline,
+        "regime": variant.regime, "positions": variant.positions, "baseline": variant.baseline,
         "tokens": {"mean": float(lengths.mean()), "min": int(lengths.min()), "max": int(lengths.max()),
                    "ratio": float(lengths.mean() / base.lengths.float().mean())},
         "fidelity": {"mean_embedding_cosine": float(cosine.mean())},
@@ -286,7 +289,7 @@ def embedded_accuracy(model_dir: Path, variants: list[Variant], s: BenchSettings
     scores = {}
     for v in variants:
         if v.backend == "torch" and v.label not in scores:
-            encoder = ReducedVisionEncoder.from_pretrained(model_dir, v.method, **v.params)
+            encoder = ReducedVisionEncoder.from_pretrained(model_dir, v.method, positions=v.positions, **v.params)
             answerer = lm
             if v.regime == "fine-tuned":  # its adapters in the LM and its trained projector
                 answerer = load_finetuned_lm(v.source)
@@ -308,4 +311,5 @@ def select_rows(out: ReducedTokens, rows: torch.Tensor, device: torch.device) ->
     """Rows `rows` of a reduced batch, on `device` (an ONNX Runtime variant's outputs are on the CPU, the LLM may
     not be)."""
     rows = rows.to(out.tokens.device)
-    return ReducedTokens(out.tokens[rows].to(device), out.lengths[rows].to(device), out.indices[rows].to(device))
+    return ReducedTokens(out.tokens[rows].to(device), out.lengths[rows].to(device), out.indices[rows].to(device),
+                         span=out.span)  # fmt: skip

@@ -16,6 +16,7 @@ from ..encoder import ReducedVisionEncoder
 from ..errors import PrumergeError
 from ..exporters.onnx_export import OnnxOptions, export_onnx
 from ..finetune.bundle import load_projector, regime
+from ..lm.positions import DEFAULT_POSITIONS
 from ..model_ref import resolve_model
 from ..models.loading import load_model
 from ..reducers import ReducedTokens, build_reducer
@@ -36,11 +37,14 @@ class Variant:
     source: str = ""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     regime: str = "training-free"
+    positions: str = DEFAULT_POSITIONS
     label: str = field(init=False)
 
     def __post_init__(self) -> None:
         extra = "".join(f" {k}={v}" for k, v in self.params.items() if k in ("budget", "side") and v is not None)
         self.label = f"{self.method}{extra}" + (" fine-tuned" if self.regime == "fine-tuned" else "")
+        if self.positions != DEFAULT_POSITIONS:
+            self.label += f" ({self.positions} positions)"
 
 
 @dataclass
@@ -52,19 +56,22 @@ class Spec:
     params: dict[str, Any]
     source: str = ""  # the bundle or export it came from
     regime: str = "training-free"  # or "fine-tuned": the LLaVA was fine-tuned with this reducer active
+    positions: str = DEFAULT_POSITIONS
 
 
-def target_specs(target: Path, methods: list[str]) -> list[Spec]:
-    """A bundle or export names one method; a model directory takes `methods`."""
+def target_specs(target: Path, methods: list[str], positions: str = DEFAULT_POSITIONS) -> list[Spec]:
+    """A bundle or export names one method and its positions; a model directory takes `methods` at `positions`."""
     if is_bundle(target):
         record = read_bundle(target)
         model = resolve_model(record["model"], target).resolve()
-        return [Spec(model, record["method"], record["params"], str(target), regime(record))]
+        where = record.get("positions", "contiguous")
+        return [Spec(model, record["method"], record["params"], str(target), regime(record), where)]
     if is_onnx_export(target):
         manifest = read_manifest(target)
-        return [Spec(Path(manifest["source"]["model"]), manifest["method"], manifest["params"], str(target))]
+        return [Spec(Path(manifest["source"]["model"]), manifest["method"], manifest["params"], str(target),
+                     positions=manifest.get("positions", "contiguous"))]  # fmt: skip
     if (target / "config.json").is_file():
-        return [Spec(target.resolve(), m, {}) for m in methods]
+        return [Spec(target.resolve(), m, {}, positions=positions) for m in methods]
     raise PrumergeError(f"{target} is not a model directory, a bundle or an ONNX export")
 
 
@@ -77,6 +84,7 @@ def build_variants(
     threads: int | None,
     device: torch.device,
     dtype: str = "fp32",
+    positions: str = DEFAULT_POSITIONS,
 ) -> tuple[ReducedVisionEncoder, list[Variant]]:
     """The baseline and every target's variant on every backend (torch on `device`, ONNX Runtime on the CPU,
     TensorRT on the GPU); ONNX exports are made in `workdir`."""
@@ -89,7 +97,7 @@ def build_variants(
         from ..exporters.trt_support import require_tensorrt
 
         require_tensorrt()
-    specs = [s for t in targets for s in target_specs(Path(t), methods)]
+    specs = [s for t in targets for s in target_specs(Path(t), methods, positions)]
     models = {s.model_dir.resolve() for s in specs}
     if len(models) != 1:
         raise PrumergeError(f"bench compares variants of one model; the targets use {len(models)}")
@@ -99,7 +107,8 @@ def build_variants(
     variants = []
     baseline_encoder = None
     for i, spec in enumerate(specs):
-        encoder = ReducedVisionEncoder(model, build_reducer(spec.method, **spec.params), model_dir)
+        reducer = build_reducer(spec.method, **spec.params)
+        encoder = ReducedVisionEncoder(model, reducer, model_dir, positions=spec.positions)
         baseline_encoder = baseline_encoder or encoder
         if spec.regime == "fine-tuned":  # its own trained projector, beside the shared tower
             encoder.projector = copy.deepcopy(model.projector)
@@ -123,7 +132,7 @@ def build_variants(
                 export_onnx(encoder, out, options)
                 run = OrtEncoder(out, threads=threads)
             variants.append(Variant(spec.method, encoder.reducer.params(), backend, run, i == 0, spec.source, where,
-                                    spec.regime))  # fmt: skip
+                                    spec.regime, spec.positions))  # fmt: skip
     assert baseline_encoder is not None
     model.vision.to(device)  # every export is made: the shared weights go where the torch variants run
     if model.projector is not None:

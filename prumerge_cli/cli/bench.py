@@ -11,6 +11,7 @@ from rich.progress import Progress
 
 from .. import atomic, devices, dtypes
 from ..errors import PrumergeError
+from ..lm.positions import DEFAULT_POSITIONS, POSITIONS_HELP, check_positions
 from . import app
 from .console import out_console
 
@@ -36,6 +37,9 @@ def bench(
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8",
     backends: Annotated[str, typer.Option(help="Comma-separated: torch, ort, trt.")] = "torch",
     methods: Annotated[str, typer.Option(help="Methods to run on model-directory targets.")] = "prumerge",
+    positions: Annotated[str, typer.Option(help=POSITIONS_HELP + " Of --methods; bundles keep theirs.")] = (
+        DEFAULT_POSITIONS
+    ),
     warmup: Annotated[int, typer.Option(min=0, help="Discarded rounds.")] = 2,
     iters: Annotated[int, typer.Option(min=1, help="Measured rounds.")] = 10,
     threads: Annotated[int | None, typer.Option(help="torch and ONNX Runtime threads (default: all).")] = None,
@@ -67,6 +71,7 @@ def bench(
         batch_sizes=parse_list(batch_sizes, int), backends=parse_list(backends), methods=parse_list(methods),
         warmup=warmup, iters=iters, threads=threads, llm=llm, llm_shape=llm_shape, vqa_images=vqa_images,
         dynamic_tokens=new_tokens, device=str(devices.resolve_device(device)), dtype=dtypes.canonical(dtype),
+        positions=check_positions(positions),
     )  # fmt: skip
     if not settings.batch_sizes or min(settings.batch_sizes) < 1:
         raise PrumergeError("batch sizes must be positive integers")

@@ -18,6 +18,7 @@ from ..encoder import ReducedVisionEncoder
 from ..errors import PrumergeError
 from ..finetune.compress import FinetuneJob, run_finetune
 from ..finetune.lora import LINEAR_LAYERS, LoraSettings
+from ..lm.positions import DEFAULT_POSITIONS, POSITIONS_HELP, check_positions
 from ..reducers import REDUCERS
 from ..training.loop import TrainOptions
 from . import app
@@ -51,6 +52,7 @@ def compress(
     dtype: Annotated[str, typer.Option(help=f"Tower dtype: {dtypes.HELP}.")] = "fp32",
     score_layer: Annotated[int | None, typer.Option(help="Encoder layer whose q/k give scores and keys.")] = None,
     score_dtype: Annotated[str, typer.Option(help="'model' (official) or 'fp32' scores.")] = "model",
+    positions: Annotated[str, typer.Option(help=POSITIONS_HELP)] = DEFAULT_POSITIONS,
     force: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
     device: Annotated[
         str, typer.Option(help=f"Where the model runs: {devices.HELP} (dynamic: cuda = one GPU per torchrun process).")
@@ -108,6 +110,7 @@ def compress(
     With [bold]--method dynamic[/bold], train Dynamic-LLaVA predictors on a LLaVA checkpoint instead
     (`torchrun --nproc-per-node N $(which prumerge) compress ...` trains data-parallel)."""
     atomic.check_output(output, force)
+    check_positions(positions)
     where = devices.resolve_device(device)
     if merge_lora:
         from ..finetune.bundle import merge_lora as merge
@@ -127,7 +130,8 @@ def compress(
                                gradient_checkpointing=gradient_checkpointing)  # fmt: skip
         lora = LoraSettings(lora_rank, lora_alpha, lora_dropout, tuple(t.strip() for t in lora_targets.split(",")))
         run_training(FinetuneJob(model_dir, method, data, images, output, options, lora, parse_params(param),
-                                 template, skip_missing_images, resume, force, where.type))  # fmt: skip
+                                 template, skip_missing_images, resume, force, where.type,
+                                 positions=positions))  # fmt: skip
         return
     if method == "dynamic":
         if (data is None or images is None) and not plan:
@@ -146,7 +150,7 @@ def compress(
             show_plan(model_dir, config, options, seq_len, gpus, gpu_memory, where.type)
             return
         job = DynamicJob(model_dir, data, images, output, config, options, vision_source, template,
-                         skip_missing_images, resume, force, where.type)  # fmt: skip
+                         skip_missing_images, resume, force, where.type, positions)  # fmt: skip
         run_training(job)
         return
     if score_dtype != "model" and dtypes.ALIASES.get(score_dtype, score_dtype) != "fp32":
@@ -156,7 +160,13 @@ def compress(
     console = out_console()
     with console.status(f"loading {model_dir} and checking {method}..."):
         encoder = ReducedVisionEncoder.from_pretrained(
-            model_dir, method, dtype=dtype, score_layer=score_layer, score_dtype=score_dtype, **parse_params(param)
+            model_dir,
+            method,
+            dtype=dtype,
+            score_layer=score_layer,
+            score_dtype=score_dtype,
+            positions=positions,
+            **parse_params(param),
         )
         encoder.to(where)
         side = encoder.tower.vision.config.image_size
@@ -167,6 +177,7 @@ def compress(
     table.add_row("model", f"{encoder.model_dir} ({encoder.model.model_type})")
     table.add_row("method", method)
     table.add_row("parameters", ", ".join(f"{k}={v}" for k, v in encoder.reducer.params().items()) or "-")
+    table.add_row("positions", encoder.positions)
     n = encoder.tower.num_patches
     extra = int(getattr(encoder.reducer, "merge", False))
     kept = encoder.reducer.max_tokens(n) - extra

@@ -15,7 +15,6 @@ from .. import atomic
 from ..encoder import ReducedVisionEncoder
 from ..errors import PrumergeError
 from ..finetune.bundle import write_finetuned_bundle
-from ..finetune.compress import POSITIONS
 from ..finetune.lora import LINEAR_LAYERS, LoraSettings, attach_lora
 from ..jsonfiles import read_json_object
 from ..models.weights import read_tensors
@@ -23,6 +22,9 @@ from .llava_original import build_hf_llava, hf_name, point_bundle_at, save_hf_ll
 
 METHODS = ("prumerge", "prumerge+")
 PROJECTOR = "model.multi_modal_projector."
+
+UPSTREAM_POSITIONS = "contiguous"
+"""Where upstream PruMerge puts the kept tokens: positions 1..k after the text before the image."""
 
 
 def adapter_name(key: str) -> str | None:
@@ -77,8 +79,8 @@ def convert_prumerge_lora(lora_dir: Path, base: Path, vision_tower: Path, method
         result = set_peft_model_state_dict(peft_model, adapters)
         if result.unexpected_keys:
             raise PrumergeError(f"LoRA weights that fit no layer of {base}, e.g. {result.unexpected_keys[0]}")
-        encoder = ReducedVisionEncoder.from_pretrained(tmp / "model", method)
-        recipe = {"lora": settings.to_dict(), "positions": POSITIONS, "template": "vicuna_v1",
+        encoder = ReducedVisionEncoder.from_pretrained(tmp / "model", method, positions=UPSTREAM_POSITIONS)
+        recipe = {"lora": settings.to_dict(), "positions": UPSTREAM_POSITIONS, "template": "vicuna_v1",
                   "projector_from_lora_dir": bool(projector)}  # fmt: skip
         write_finetuned_bundle(tmp / "bundle", encoder, peft_model, model.model.multi_modal_projector, recipe, [],
                                False)  # fmt: skip

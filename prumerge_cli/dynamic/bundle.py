@@ -15,6 +15,7 @@ from .. import atomic
 from ..bundle import BUNDLE_FILE, FORMAT, FORMAT_VERSION, read_bundle
 from ..encoder import ReducedVisionEncoder
 from ..errors import PrumergeError
+from ..lm.positions import DEFAULT_POSITIONS
 from ..model_ref import model_record, resolve_model, verify_weights
 from ..models.loading import read_config
 from ..models.weights import weight_files
@@ -47,25 +48,28 @@ def load_llava(model_dir: Path) -> tuple[LlavaForConditionalGeneration, Any]:
     return model, AutoTokenizer.from_pretrained(str(model_dir))
 
 
-def vision_encoder(model_dir: Path, source: str, model: LlavaForConditionalGeneration) -> ReducedVisionEncoder:
-    """The image side: all tokens for the predictor, or PruMerge(+); it uses `model`'s projector."""
+def vision_encoder(model_dir: Path, source: str, model: LlavaForConditionalGeneration,
+                   positions: str = DEFAULT_POSITIONS) -> ReducedVisionEncoder:  # fmt: skip
+    """The image side: all tokens for the predictor, or PruMerge(+) placed at `positions`; it uses `model`'s
+    projector."""
     if source not in VISION_SOURCES:
         raise PrumergeError(f"unknown vision source {source!r}; choose from {', '.join(VISION_SOURCES)}")
-    encoder = ReducedVisionEncoder.from_pretrained(model_dir, "none" if source == "predictor" else source)
+    method = "none" if source == "predictor" else source
+    encoder = ReducedVisionEncoder.from_pretrained(model_dir, method, positions=positions)
     encoder.projector = model.model.multi_modal_projector
     return encoder
 
 
 def write_dynamic_bundle(bundle_dir: Path, model_dir: Path, config: SparseConfig, source: str,
                          state: dict[str, torch.Tensor], trained: list[str], history: list[dict],
-                         force: bool) -> None:  # fmt: skip
+                         force: bool, positions: str = DEFAULT_POSITIONS) -> None:  # fmt: skip
     """Write the bundle atomically."""
     files = weight_files(model_dir)
     record = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "method": METHOD,
-        "params": {"vision_source": source},
+        "params": {"vision_source": source, "positions": positions},
         "sparse_config": config.to_dict(),
         "trained": trained,
         "model": model_record(model_dir, bundle_dir, files, "llava"),
@@ -101,4 +105,4 @@ def load_dynamic(bundle_dir: Path, verify: bool = True, model_dir: Path | None =
     dynamic = DynamicLlava(model, tokenizer, predictors, vision=source == "predictor")
     load_trainable_state(dynamic, load_file(str(bundle_dir / WEIGHTS)))
     predictors.eval()
-    return dynamic, vision_encoder(model_dir, source, model)
+    return dynamic, vision_encoder(model_dir, source, model, record["params"].get("positions", "contiguous"))

@@ -11,6 +11,7 @@ import torch
 from rich.console import Console
 
 from ..errors import PrumergeError
+from ..lm.positions import DEFAULT_POSITIONS
 from ..models.loading import read_config
 from ..training.checkpoints import file_digest
 from ..training.conversations import Dataset, load_examples
@@ -40,12 +41,14 @@ class DynamicJob:
     resume: bool = False
     force: bool = False
     device_type: str = "cpu"  # "cuda": one GPU per process (its local rank)
+    positions: str = DEFAULT_POSITIONS
 
     def settings(self, data: Dataset) -> dict[str, Any]:
         """The data, model and method settings a resume must not change (training options are added by the
         trainer)."""
         return {"data": file_digest(self.data), "examples": len(data.examples), "template": self.template,
-                "vision_source": self.vision_source, "sparse_config": self.config.to_dict()}  # fmt: skip
+                "vision_source": self.vision_source, "positions": self.positions,
+                "sparse_config": self.config.to_dict()}  # fmt: skip
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -81,7 +84,7 @@ def run_dynamic(job: DynamicJob, console: Console, on_step=None) -> list[StepLog
             report_data(data, console)
         predictors = Predictors(model.config.text_config.hidden_size, job.config, job.options.seed).to(rank.device)
         dynamic = DynamicLlava(model, tokenizer, predictors, vision=job.vision_source == "predictor")
-        encoder = vision_encoder(job.model_dir, job.vision_source, model).to(rank.device)
+        encoder = vision_encoder(job.model_dir, job.vision_source, model, job.positions).to(rank.device)
         if rank.device.type == "cuda":
             check_fits(job, data, rank.world)
         trainer = DynamicTrainer(dynamic, encoder, data.examples, job.options, rank, job.checkpoint_dir,
@@ -101,7 +104,7 @@ def run_dynamic(job: DynamicJob, console: Console, on_step=None) -> list[StepLog
                 trained = ["predictors", *(["projector"] if job.options.train_projector else []),
                            *(["llm"] if job.options.train_llm else [])]  # fmt: skip
                 write_dynamic_bundle(job.output, job.model_dir, job.config, job.vision_source, state, trained,
-                                     [asdict(h) for h in history], job.force)  # fmt: skip
+                                     [asdict(h) for h in history], job.force, job.positions)  # fmt: skip
                 remove_checkpoint(job.checkpoint_dir)
         barrier(rank)
         return history

@@ -175,11 +175,13 @@ class DynamicLlava:
             cache.commit(valid.sum(1), kept.sum(1))
         return Prefill(logits, keep, states)
 
-    def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feed one token per row: (next-token logits `[B, V]`, keep decision of the fed token `[B]`).
-        Its K/V is written at each group's counter; the sparse counter advances only if it is kept."""
+    def decode_step(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Feed one token per row at `positions [B]` (default: the dense counter, i.e. contiguous positions):
+        (next-token logits `[B, V]`, keep decision of the fed token `[B]`). Its K/V is written at each group's
+        counter; the sparse counter advances only if it is kept."""
         h = self.lm.embed(tokens)[:, None]
-        positions = cache.dense[:, None]
+        positions = (cache.dense if positions is None else positions)[:, None]
         states = self._run(h, positions, cache.decode_mask(False), False, cache)
         keep = self.output_keep(states)[:, 0]
         hidden = self._run(states, positions, cache.decode_mask(True), True, cache)
@@ -229,8 +231,8 @@ class DynamicLlava:
             cache_out.append(cache)
         token = self.prefill(batch, image.lengths, cache, image_start=IMAGE_START + len(prefix)).logits.argmax(-1)
         yield token, None
-        for _ in range(max_new_tokens - 1):
-            logits, keep = self.decode_step(token, cache)
+        for step in range(max_new_tokens - 1):
+            logits, keep = self.decode_step(token, cache, batch.next_position + step)
             token = logits.argmax(-1)
             yield token, keep
 

@@ -164,7 +164,7 @@ class DynamicTrainer(Trainer):
         pixels = preprocess(self.encoder.processor, [open_image(e.image) for e in examples]).to(self.rank.device)
         with torch.no_grad():
             signals = self.encoder.tower(pixels, with_scores=self.encoder.reducer.needs_scores or bool(self.prumerge))
-            reduced = self.encoder.reducer(signals)
+            reduced = self.encoder.reduce(signals)
             target = None
             if self.prumerge is not None:
                 chosen = self.prumerge(signals).indices
@@ -172,7 +172,7 @@ class DynamicTrainer(Trainer):
                 target.scatter_(1, chosen.clamp_min(0), (chosen >= 0).to(target.dtype))
         projector = self.dynamic.lm.model.model.multi_modal_projector
         image = ReducedTokens(project_tokens(projector, reduced.tokens, reduced.lengths), reduced.lengths,
-                              reduced.indices)  # fmt: skip
+                              reduced.indices, span=reduced.span)  # fmt: skip
         prefix = examples[0].prefix
         batch = splice(self.dynamic.lm.embed, self.dynamic.lm.bos_id, image, [e.text for e in examples],
                        [e.targets for e in examples], [e.prefix for e in examples])  # fmt: skip

@@ -13,6 +13,7 @@ from rich.console import Console
 from ..encoder import ReducedVisionEncoder
 from ..errors import PrumergeError
 from ..lm.llava_lm import LlavaLm
+from ..lm.positions import DEFAULT_POSITIONS
 from ..training.checkpoints import file_digest
 from ..training.conversations import Dataset, load_examples
 from ..training.distributed import barrier, init_rank, shutdown
@@ -21,9 +22,6 @@ from ..training.progress import train_with_progress
 from .bundle import write_finetuned_bundle
 from .lora import LoraSettings, attach_lora
 from .training import FinetuneTrainer
-
-POSITIONS = "contiguous"
-"""Positions of the reduced tokens in the LM: 1..K after `<s>` and the template's prefix, as upstream."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +42,7 @@ class FinetuneJob:
     force: bool = False
     device_type: str = "cpu"
     checkpoints: Path | None = None
+    positions: str = DEFAULT_POSITIONS
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -55,7 +54,7 @@ class FinetuneJob:
         opt = self.options
         return {"lora": self.lora.to_dict(), "steps": opt.steps, "batch_size": opt.batch_size,
                 "grad_accum": opt.grad_accum, "lr": opt.lr, "projector_lr": opt.projector_lr,
-                "precision": opt.precision, "template": self.template, "positions": POSITIONS,
+                "precision": opt.precision, "template": self.template, "positions": self.positions,
                 "data": file_digest(self.data), "examples": len(data.examples), "text_only": data.text_only,
                 "method": self.method, "params": self.params, "seed": opt.seed}  # fmt: skip
 
@@ -68,7 +67,8 @@ def run_finetune(job: FinetuneJob, console: Console, on_step=None) -> list[StepL
     try:
         torch.manual_seed(job.options.seed)
         lm = LlavaLm.from_pretrained(job.model_dir)
-        encoder = ReducedVisionEncoder.from_pretrained(job.model_dir, job.method, **job.params)
+        encoder = ReducedVisionEncoder.from_pretrained(job.model_dir, job.method, positions=job.positions,
+                                                       **job.params)  # fmt: skip
         data = load_examples(job.data, job.images, lm.tokenizer, job.template, job.skip_missing_images,
                              keep_text_only=True)  # fmt: skip
         peft_model = attach_lora(lm.model, job.lora)

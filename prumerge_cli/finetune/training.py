@@ -104,13 +104,14 @@ class FinetuneTrainer(Trainer):
         with torch.no_grad():
             signals = self.encoder.tower(pixels, with_scores=self.encoder.reducer.needs_scores,
                                          score_dtype=self.encoder.score_dtype)  # fmt: skip
-            reduced = self.encoder.reducer(signals)
+            reduced = self.encoder.reduce(signals)
         projected = project_tokens(self.projector, reduced.tokens, reduced.lengths)
         where = torch.tensor(rows, device=device)
         tokens = projected.new_zeros(len(examples), *projected.shape[1:]).index_copy(0, where, projected)
         indices = reduced.indices.new_zeros(len(examples), reduced.indices.shape[1])
         indices = indices.index_copy(0, where, reduced.indices)
-        return ReducedTokens(tokens, lengths.index_copy(0, where, reduced.lengths.to(device)), indices)
+        return ReducedTokens(tokens, lengths.index_copy(0, where, reduced.lengths.to(device)), indices,
+                             span=reduced.span)  # fmt: skip
 
     def micro_loss(self, step: int, micro: int, tokens: int, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
         examples = [e for _, e in self.picked(step, micro)]

@@ -59,14 +59,14 @@ class LlavaLm:
                       position_ids=batch.position_ids, use_cache=True)  # fmt: skip
         rows = torch.arange(len(batch.last), device=batch.last.device)
         token = pick(self.model.lm_head(out.last_hidden_state[rows, batch.last]), temperature, top_p, generator)
-        cache, mask, position = out.cache, batch.attention_mask, batch.last
+        cache, mask, position = out.cache, batch.attention_mask, batch.next_position
         yield token
         for _ in range(max_new_tokens - 1):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            position = position + 1
             out = decoder(inputs_embeds=self.embed(token)[:, None], attention_mask=mask,
                           position_ids=position[:, None], cache=cache, use_cache=True)  # fmt: skip
             token = pick(self.model.lm_head(out.last_hidden_state[:, -1]), temperature, top_p, generator)
+            position = position + 1
             yield token
 
     def greedy(self, batch: LmBatch, max_new_tokens: int) -> list[list[int]]:

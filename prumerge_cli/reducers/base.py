@@ -26,12 +26,15 @@ class ReducedTokens:
     lengths:    [B] int64, valid tokens per row.
     indices:    [B, Kmax] int64, the patch index of each token, `EXTRA_INDEX` or `PAD_INDEX`.
     neighbours: optional [B, Kmax, knn] int64, the patches merged into each token (-1 where none).
+    span:       the full image's patch count when the LM places each token at its patch's position
+                (`positions=original`, see `lm.positions`); None for contiguous positions.
     """
 
     tokens: torch.Tensor
     lengths: torch.Tensor
     indices: torch.Tensor
     neighbours: torch.Tensor | None = None
+    span: int | None = None
 
     @property
     def mask(self) -> torch.Tensor:
@@ -42,7 +45,9 @@ class ReducedTokens:
         """Row b alone, trimmed to its length (a batch of one)."""
         n = int(self.lengths[b])
         nb = None if self.neighbours is None else self.neighbours[b : b + 1, :n]
-        return ReducedTokens(self.tokens[b : b + 1, :n], self.lengths[b : b + 1], self.indices[b : b + 1, :n], nb)
+        return ReducedTokens(
+            self.tokens[b : b + 1, :n], self.lengths[b : b + 1], self.indices[b : b + 1, :n], nb, self.span
+        )
 
 
 @dataclass

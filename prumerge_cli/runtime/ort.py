@@ -11,6 +11,7 @@ from PIL import Image
 
 from ..errors import PrumergeError
 from ..jsonfiles import read_json_object
+from ..lm.positions import manifest_span
 from ..models.images import preprocess
 from ..reducers import ReducedTokens, Reducer, build_reducer
 
@@ -85,7 +86,10 @@ class OrtEncoder:
         tokens, lengths, indices = (np.concatenate(p) for p in zip(*parts, strict=True))
         width = int(lengths.max())
         return ReducedTokens(
-            torch.from_numpy(tokens[:, :width]), torch.from_numpy(lengths), torch.from_numpy(indices[:, :width])
+            torch.from_numpy(tokens[:, :width]),
+            torch.from_numpy(lengths),
+            torch.from_numpy(indices[:, :width]),
+            span=manifest_span(self.manifest),
         )
 
     def _run(self, chunk: np.ndarray) -> list[np.ndarray]:

@@ -9,6 +9,7 @@ import torch
 
 from ..errors import PrumergeError
 from ..jsonfiles import read_json_object
+from ..lm.positions import manifest_span
 from ..reducers import ReducedTokens
 
 TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT64": torch.int64,
@@ -89,4 +90,5 @@ class TrtEncoder:
         stream.synchronize()
         outputs.update({name: self.allocator.tensor(name, dtype) for name, dtype in dynamic.items()})
         width = int(outputs["lengths"].max())
-        return ReducedTokens(outputs["tokens"][:, :width], outputs["lengths"], outputs["indices"][:, :width])
+        return ReducedTokens(outputs["tokens"][:, :width], outputs["lengths"], outputs["indices"][:, :width],
+                             span=manifest_span(self.manifest))  # fmt: skip

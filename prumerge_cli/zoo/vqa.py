@@ -50,7 +50,7 @@ def vqa_accuracy(
         tokens += out.lengths.tolist()
         rows = torch.tensor([i for i, s in enumerate(samples) for _ in s.qas])
         qas = [qa for s in samples for qa in s.qas]
-        image = ReducedTokens(out.tokens[rows], out.lengths[rows], out.indices[rows])
+        image = ReducedTokens(out.tokens[rows], out.lengths[rows], out.indices[rows], span=out.span)
         batch = splice(lm.embed, lm.bos_id, image, lm.encode([qa.question for qa in qas]))
         logits = lm.next_token_logits(batch) if answer is None else answer(batch, image)
         predicted = logits.argmax(-1).tolist()
