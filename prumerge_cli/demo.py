@@ -20,8 +20,10 @@ from .encoder import ReducedVisionEncoder
 from .errors import PrumergeError
 from .exporters.onnx_export import OnnxOptions, export_onnx
 from .lm.llava_lm import LlavaLm
+from .lm.positions import DEFAULT_POSITIONS
 from .lm.splice import splice
 from .runtime.ort import OrtEncoder
+from .zoo.oracle import OracleTokens
 from .zoo.vqa import VqaScore, vqa_accuracy
 from .zoo.world import samples_of
 
@@ -50,10 +52,11 @@ def fixed_budget_params(prumerge_tokens: float) -> dict[str, dict[str, Any]]:
 
 def run_demo(
     model: Path, out: Path, images: int, timing_batch: int, iters: int, console: Console,
-    device: torch.device = torch.device("cpu"), dtype: str = "fp32",
+    device: torch.device = torch.device("cpu"), dtype: str = "fp32", positions: str = DEFAULT_POSITIONS,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Build every variant of `model` under `out` (exported on the CPU, scored and timed with the torch encoders and
-    the LLM on `device`, the towers in `dtype`), then time them together; returns the table's rows."""
+    the LLM on `device`, the towers in `dtype`, the tokens at `positions`), then time them together; returns the
+    table's rows."""
     if not (model / "config.json").is_file():
         raise PrumergeError(f"no model at {model}; the embedded one is trained by `make zoo`")
     lm = LlavaLm.from_pretrained(model)
@@ -64,7 +67,7 @@ def run_demo(
 
         def add(method: str, params: dict[str, Any]) -> Variant:
             bar.update(task, description=f"{method}: compress, export --onnx, score")
-            encoder = ReducedVisionEncoder.from_pretrained(model, method, dtype=dtype, **params)
+            encoder = ReducedVisionEncoder.from_pretrained(model, method, dtype=dtype, positions=positions, **params)
             encoder.save(tmp / "bundles" / method)
             export_onnx(encoder, tmp / "onnx" / method, OnnxOptions(with_projector=True, max_batch=timing_batch))
             encoder.to(device)
@@ -107,14 +110,42 @@ def table_rows(variants: list[Variant], times: dict[str, Latency]) -> list[dict[
     base = variants[0]
     rows = []
     for v in variants:
-        row = {"method": v.method, "params": v.params, "regime": "training-free", "tokens": v.score.tokens_mean,
-               "accuracy": v.score.accuracy["overall"], "per_type": v.score.accuracy}  # fmt: skip
+        row = {"method": v.method, "params": v.params, "regime": "training-free", "positions": v.encoder.positions,
+               "tokens": v.score.tokens_mean, "accuracy": v.score.accuracy["overall"],
+               "per_type": v.score.accuracy}  # fmt: skip
         for kind in ("torch", "ort", "prefill"):
             row[f"{kind}_ms"] = 1000 * times[f"{v.method}/{kind}"].p50
             row[f"{kind}_ratio"] = times[f"{v.method}/{kind}"].p50 / times[f"{base.method}/{kind}"].p50
         row["tokens_ratio"] = v.score.tokens_mean / base.score.tokens_mean
         rows.append(row)
     return rows
+
+
+def oracle_row(rows: list[dict[str, Any]], model: Path, images: int, device: torch.device,
+               positions: str = DEFAULT_POSITIONS) -> dict[str, Any]:  # fmt: skip
+    """The oracle (`zoo.oracle`: the patches covering the objects) at the random subset's budget."""
+    budget = next(r["params"]["budget"] for r in rows if r["method"] == "random")
+    encoder = ReducedVisionEncoder.from_pretrained(model, "none", positions=positions).to(device)
+    lm = LlavaLm.from_pretrained(model)
+    lm.model.to(device)
+    score = vqa_accuracy(OracleTokens(encoder, budget), lm, images=images)
+    return {"method": "oracle", "params": {"budget": budget}, "regime": "training-free", "positions": positions,
+            "tokens": score.tokens_mean, "accuracy": score.accuracy["overall"], "per_type": score.accuracy}  # fmt: skip
+
+
+def print_per_type(rows: list[dict[str, Any]], console: Console) -> None:
+    """Accuracy per question type, one row per method (the oracle last)."""
+    kinds = list(rows[0]["per_type"])
+    table = Table(title="Training-free accuracy % by question type (the LLM was trained with all visual tokens)")
+    for col in ("method", "visual tokens", *kinds):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for r in rows:
+        label = r["method"] + "".join(f" {k}={v}" for k, v in r["params"].items())
+        table.add_row(label, f"{r['tokens']:.1f}", *(f"{100 * r['per_type'][k]:.1f}" for k in kinds))
+    console.print(table)
+    console.print(f"Regime: training-free; reduced tokens at {rows[0]['positions']} positions. The oracle keeps the "
+                  "patches covering the objects (it reads the scene): what a perfect selection at random's budget "
+                  "would score.", highlight=False)  # fmt: skip
 
 
 def finetuned_rows(finetuned_dir: Path, model: Path, images: int, device: torch.device) -> list[dict[str, Any]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from prumerge_cli import ReducedVisionEncoder
@@ -61,7 +62,9 @@ def test_demo_runs_every_method(capsys, tmp_path):
     assert audit.seen == {"cpu"}
     everything = json.loads((tmp_path / "demo" / "demo.json").read_text())
     rows = [r for r in everything if r["regime"] == "training-free"]
-    assert [r["method"] for r in rows] == ["none", "prumerge", "prumerge+", "topk", "random", "pool"]
+    assert [r["method"] for r in rows] == ["none", "prumerge", "prumerge+", "topk", "random", "pool", "oracle"]
+    assert rows[-1]["params"] == rows[4]["params"] and rows[-1]["tokens"] == rows[4]["params"]["budget"]
+    assert "by question type" in res.out and "Regime: training-free" in res.out
     tuned = [r for r in everything if r["regime"] == "fine-tuned"]  # the committed bundles, with their adapters
     assert sorted(r["method"] for r in tuned) == ["pool", "prumerge", "prumerge+", "random"]
     assert "Fine-tuned with the reducer active" in res.out and all(0 < r["accuracy"] <= 1 for r in tuned)
@@ -71,3 +74,17 @@ def test_demo_runs_every_method(capsys, tmp_path):
     assert (tmp_path / "demo" / "onnx" / "prumerge" / "model.onnx").is_file()
     assert (tmp_path / "demo" / "bundles" / "pool" / "reducer.json").is_file()
     assert "accuracy" in res.out
+
+
+def test_the_oracle_keeps_the_patches_covering_the_objects():
+    from prumerge_cli.zoo.oracle import covered_area, oracle_patches
+    from prumerge_cli.zoo.world import make_sample, split_seed
+
+    sample = make_sample(split_seed("test", 0))
+    area = covered_area(sample, 16, 14)
+    covering = set(torch.nonzero(area).flatten().tolist())
+    assert 0 < len(covering) < 256 and float(area.sum()) >= sum((x1 - x0) ** 2 for x0, _, x1, _ in sample.boxes) - 1
+    few = oracle_patches(sample, 8, 16, 14)
+    assert len(few) == 8 and set(few) <= covering and few == sorted(few)
+    many = oracle_patches(sample, len(covering) + 10, 16, 14)
+    assert covering < set(many) and len(many) == len(covering) + 10  # topped up with background

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from .. import atomic, devices, dtypes
+from ..lm.positions import DEFAULT_POSITIONS, POSITIONS_HELP, check_positions
 from ..zoo import FINETUNED_DIR, LLAVA_DIR
 from . import app
 from .console import out_console
@@ -31,16 +32,20 @@ def demo(
     force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     device: Annotated[str, typer.Option(help=f"Where the torch encoders and the LLM run: {devices.HELP}.")] = "cpu",
     dtype: Annotated[str, typer.Option(help=f"Vision tower dtype: {dtypes.HELP}.")] = "fp32",
+    positions: Annotated[str, typer.Option(help=POSITIONS_HELP)] = DEFAULT_POSITIONS,
 ) -> None:
     """Compress the embedded LLaVA with every method, export each to ONNX, and compare them in one table."""
-    from ..demo import finetuned_rows, print_finetuned, print_rows, run_demo
+    from ..demo import finetuned_rows, oracle_row, print_finetuned, print_per_type, print_rows, run_demo
 
     atomic.check_output(output, force)
+    check_positions(positions)
     where = devices.resolve_device(device)
     dtype = dtypes.canonical(dtype)
     console = out_console()
-    rows = run_demo(model, output, num_images, batch_size, iters, console, where, dtype)
+    rows = run_demo(model, output, num_images, batch_size, iters, console, where, dtype, positions)
     print_rows(rows, num_images, batch_size, console)
+    oracle = oracle_row(rows, model, num_images, where, positions)
+    print_per_type([*rows, oracle], console)
     tuned = finetuned_rows(finetuned, model, num_images, where)
     print_finetuned(rows, tuned, console)
-    atomic.write_text(output / "demo.json", json.dumps(rows + tuned, indent=2) + "\n")
+    atomic.write_text(output / "demo.json", json.dumps([*rows, oracle, *tuned], indent=2) + "\n")

@@ -93,8 +93,10 @@ def reducer_of(bundle_or_method: str | Path, params: dict[str, Any]):
         if record["method"] == "dynamic":
             raise PrumergeError("a Dynamic-LLaVA bundle acts inside the LM; patch takes training-free reducers")
         if record.get("positions", "contiguous") != "contiguous":
-            raise PrumergeError("the bundle places tokens at their patches' positions; transformers' generation, "
-                                "which patch keeps, places them contiguously (use `prumerge generate`)")
+            raise PrumergeError(
+                "the bundle places tokens at their patches' positions; transformers' generation, "
+                "which patch keeps, places them contiguously (use `prumerge generate`)"
+            )
         return build_reducer(record["method"], **{**record["params"], **params})
     return build_reducer(str(bundle_or_method), **params)
 

@@ -12,7 +12,7 @@ from ..encoder import ReducedVisionEncoder
 from ..lm.llava_lm import LlavaLm
 from ..lm.splice import LmBatch, splice
 from ..reducers import ReducedTokens
-from .world import QUESTION_TYPES, samples_of
+from .world import QUESTION_TYPES, Sample, samples_of
 
 
 @dataclass
@@ -29,11 +29,13 @@ class VqaScore:
 
 Answerer = Callable[[LmBatch, ReducedTokens], torch.Tensor]
 """Next-token logits `[B, V]` for a spliced batch and the image tokens in it."""
+TokenSource = ReducedVisionEncoder | Callable[[list[Sample]], ReducedTokens]
+"""An encoder, or any map from samples to their projected image tokens (e.g. `oracle.OracleTokens`)."""
 
 
 @torch.no_grad()
 def vqa_accuracy(
-    encoder: ReducedVisionEncoder,
+    encoder: TokenSource,
     lm: LlavaLm,
     split: str = "test",
     images: int = 200,
@@ -46,7 +48,10 @@ def vqa_accuracy(
     tokens: list[int] = []
     for start in range(0, images, batch_images):
         samples = samples_of(split, start, min(batch_images, images - start))
-        out = encoder.encode_images([s.image for s in samples], project=True)
+        if isinstance(encoder, ReducedVisionEncoder):
+            out = encoder.encode_images([s.image for s in samples], project=True)
+        else:
+            out = encoder(samples)
         tokens += out.lengths.tolist()
         rows = torch.tensor([i for i, s in enumerate(samples) for _ in s.qas])
         qas = [qa for s in samples for qa in s.qas]

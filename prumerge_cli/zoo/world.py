@@ -59,8 +59,13 @@ def sample_scene(rng: random.Random) -> list[Thing]:
     return [Thing(c, s, rng.choice(SIZES), cell) for (c, s), cell in zip(pairs, cells, strict=True)]
 
 
-def render(scene: list[Thing], rng: random.Random) -> Image.Image:
-    """The scene over grey clutter (noise, lines, specks), objects jittered inside their cells."""
+Box = tuple[float, float, float, float]
+"""An object's bounding box in pixels: x0, y0, x1, y1."""
+
+
+def render(scene: list[Thing], rng: random.Random) -> tuple[Image.Image, tuple[Box, ...]]:
+    """The scene over grey clutter (noise, lines, specks), objects jittered inside their cells; with each
+    object's bounding box."""
     nrng = np.random.default_rng(rng.getrandbits(32))
     base = rng.randint(70, 170)
     pixels = base + nrng.normal(0, 18, (IMAGE_SIZE, IMAGE_SIZE, 1)) + nrng.normal(0, 6, (IMAGE_SIZE, IMAGE_SIZE, 3))
@@ -76,6 +81,7 @@ def render(scene: list[Thing], rng: random.Random) -> Image.Image:
             r = rng.randint(2, 6)
             draw.ellipse((x - r, y - r, x + r, y + r), fill=(tone, tone, tone))
     cell = IMAGE_SIZE / 3
+    boxes = []
     for thing in scene:
         row, col = divmod(thing.cell, 3)
         radius = rng.randint(22, 28) if thing.size == "large" else rng.randint(13, 16)
@@ -83,7 +89,8 @@ def render(scene: list[Thing], rng: random.Random) -> Image.Image:
         cx = (col + 0.5) * cell + rng.randint(-slack, slack)
         cy = (row + 0.5) * cell + rng.randint(-slack, slack)
         _draw_shape(draw, thing.shape, cx, cy, radius, COLOURS[thing.colour])
-    return image
+        boxes.append((cx - radius, cy - radius, cx + radius, cy + radius))
+    return image, tuple(boxes)
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple) -> None:
@@ -176,10 +183,12 @@ def near_miss(scene: list[Thing], rng: random.Random) -> list[Thing]:
 @dataclass(frozen=True)
 class Sample:
     """An image with its scene and caption, one question per type (evaluation), the training conversation
-    (`lesson`) and a near-miss caption (a hard negative for contrastive training)."""
+    (`lesson`) and a near-miss caption (a hard negative for contrastive training); `boxes` bound the objects of
+    `scene`, in its order."""
 
     image: Image.Image
     scene: tuple[Thing, ...]
+    boxes: tuple[Box, ...]
     caption: str
     qas: tuple[QA, ...]
     lesson: tuple[QA, ...]
@@ -190,10 +199,11 @@ def make_sample(seed: int) -> Sample:
     """The sample a seed determines."""
     rng = random.Random(seed)
     scene = sample_scene(rng)
-    image = render(scene, rng)
+    image, boxes = render(scene, rng)
     qas = tuple(ask(scene, kind, rng) for kind in QUESTION_TYPES)
     extra = random.Random(f"lesson-{seed}")
-    return Sample(image, tuple(scene), caption(scene), qas, lesson(scene, extra), caption(near_miss(scene, extra)))
+    return Sample(image, tuple(scene), boxes, caption(scene), qas, lesson(scene, extra),
+                  caption(near_miss(scene, extra)))  # fmt: skip
 
 
 SPLITS = {"train": 0, "val": 10_000_000, "test": 20_000_000}
