@@ -40,11 +40,11 @@ bench: setup
 	$(BIN)/python -m benchmarks.kernel_report
 	$(BIN)/python -m benchmarks.reference
 
-# Retrain the embedded CLIP and LLaVA from scratch (about an hour on 2 cores), then fine-tune it with each reducer
-# active (about 15 minutes; bundles trained on the current LLaVA are kept).
+# Retrain the embedded models in stages: CLIP, LLaVA (about an hour on 2 cores with native bf16), then the LLaVA
+# fine-tuned with each reducer active. Stages checkpoint to ~/.cache/prumerge/zoo and resume when rerun; a stage
+# that is up to date is kept. Without native bf16 it refuses unless FORCE=1.
 zoo: setup
-	$(BIN)/python -m prumerge_cli.zoo.build
-	$(BIN)/python -m prumerge_cli.zoo.finetuned
+	$(BIN)/python -m prumerge_cli.zoo.build $(if $(FORCE),--force)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from transformers import CLIPModel
 
 from prumerge_cli.versions import cpu_name
-from prumerge_cli.zoo.build import Recipe, model_card
+from prumerge_cli.zoo.build import Recipe
+from prumerge_cli.zoo.card import model_card
 from prumerge_cli.zoo.clip_training import (
     PATCH,
     PHRASES,
@@ -24,7 +25,6 @@ from prumerge_cli.zoo.clip_training import (
 )
 from prumerge_cli.zoo.precision import autocast, native_bf16, resolve
 from prumerge_cli.zoo.tokenizer import build_tokenizer
-from prumerge_cli.zoo.vqa import VqaScore
 from prumerge_cli.zoo.world import QUESTION_TYPES, samples_of
 
 
@@ -91,8 +91,16 @@ def test_precision_is_bf16_only_where_native():
 
 def test_model_card_fills_every_field():
     accuracy = {kind: 0.5 for kind in (*QUESTION_TYPES, "overall")} | {"color": 0.875}
-    score = VqaScore(accuracy, tokens_mean=256, tokens_min=256, tokens_max=256, questions=60)
-    card = model_card(Recipe(precision="fp32"), 1.5, 2.5, 0.9, score, 10.0)
+    machine = {"minutes": 2.5, "seconds_per_step": 0.75, "cpu": cpu_name(), "native_bf16": native_bf16(), "threads": 2}
+    records = {
+        "clip": {**machine, "retrieval_top1": 0.9},
+        "llava": {**machine, "vqa": accuracy, "questions": 60,
+                  "token_choice": {"budget": 26, "of": 256, "oracle": 0.7, "random": 0.55, "positions": "original"},
+                  "positions": {"prumerge": {"contiguous": 0.4, "original": 0.5}}},
+    }  # fmt: skip
+    card = model_card(Recipe(precision="fp32"), records)
     assert "| color | 87.5 |" in card and "| overall | 50.0 |" in card and "**90.0%**" in card
-    assert f"machine: {cpu_name()}" in card and ("native bf16: yes" in card) == native_bf16()
+    assert f"on {cpu_name()} (native bf16: {'yes' if native_bf16() else 'no'}" in card
+    assert "**70.0%**" in card and "(+15.0 points)" in card and "| prumerge | 40.0 | 50.0 |" in card
     assert "{" not in card and "}" not in card
+    assert "not built by this recipe yet" in model_card(Recipe(), {})

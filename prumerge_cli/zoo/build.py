@@ -1,13 +1,20 @@
-"""`make zoo`: train the embedded CLIP and LLaVA from scratch, deterministically, save them in fp16 and
-write the model card. Usage: python -m prumerge_cli.zoo.build [--quick]"""
+"""`make zoo`: train the embedded models in stages (CLIP, then LLaVA, then the LLaVA fine-tuned with each reducer
+active), deterministically. Each stage checkpoints to a cache outside the repository (`stage.CACHE_DIR`) and
+resumes from it when rerun, writes its final weights into `prumerge_cli/zoo/` as soon as it ends (so each stage
+can be committed on its own), and records its recipe, machine and minutes in `build.json`, from which the model
+card is written. A stage whose weights match its recipe and inputs is kept.
+Usage: python -m prumerge_cli.zoo.build [--stages clip,llava,finetuned] [--force] [--quick]"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -16,16 +23,23 @@ from transformers import CLIPModel
 
 from .. import atomic
 from ..cli import quiet_transformers
-from ..encoder import ReducedVisionEncoder
-from ..lm.llava_lm import LlavaLm
-from ..versions import cpu_name, package_versions
-from . import CLIP_DIR, LLAVA_DIR, MODEL_CARD
-from .clip_training import REGION_WEIGHT, image_processor, retrieval_top1, train_clip
-from .llava_training import build_llava, train_llava
+from ..training.checkpoints import file_digest
+from ..versions import cpu_name
+from . import ZOO_DIR
+from .card import model_card
+from .clip_training import image_processor, retrieval_top1
 from .precision import PRECISIONS, native_bf16, resolve
+from .scores import score_llava
+from .stage import CACHE_DIR, run_resumable
 from .tokenizer import build_tokenizer
-from .vqa import VqaScore, vqa_accuracy
-from .world import QUESTION_TYPES, vocabulary
+
+STAGES = ("clip", "llava", "finetuned")
+BUILD_FILE = "build.json"
+WEIGHTS = "model.safetensors"
+SECONDS_PER_STEP = {("clip", True): 0.82, ("clip", False): 3.3, ("llava", True): 0.67, ("llava", False): 4.1}
+"""Measured on 2 cores: native bf16 (AVX-512 BF16 EPYC) in bf16, else fp32 on an AVX2 EPYC; a build's own
+measurements in `build.json` take over on a machine of the same kind."""
+FINETUNE_MINUTES = {True: 12.0, False: 25.0}
 
 
 @dataclass(frozen=True)
@@ -42,6 +56,15 @@ class Recipe:
     precision: str = "auto"
     retrieval_images: int = 256
     vqa_images: int = 300
+
+    def clip(self) -> dict[str, Any]:
+        """What the CLIP stage's weights depend on."""
+        return {"steps": self.clip_steps, "batch": self.clip_batch, "seed": self.seed, "precision": self.precision}
+
+    def llava(self) -> dict[str, Any]:
+        """What the LLaVA stage's weights depend on (beside the CLIP's)."""
+        return {"steps": self.llava_steps, "images": self.llava_images, "lr": self.llava_lr, "seed": self.seed,
+                "precision": self.precision}  # fmt: skip
 
 
 def progress_bar(console: Console) -> Progress:
@@ -66,8 +89,121 @@ def step_logger(bar: Progress, task: TaskID, console: Console, name: str, total:
     return log
 
 
-def save_model(model, tokenizer, target: Path) -> None:
-    """fp16 safetensors plus tokenizer and image processor, swapped in atomically."""
+class Build:
+    """The stages of one build: where they write, where they checkpoint, what they recorded."""
+
+    def __init__(self, recipe: Recipe, out: Path, cache: Path, console: Console):
+        self.recipe, self.out, self.cache, self.console = recipe, out, cache, console
+        self.records: dict[str, dict[str, Any]] = read_records(out)
+        self.tokenizer = build_tokenizer()
+
+    def weights(self, stage: str) -> str | None:
+        """sha256 of a stage's saved weights, None if absent."""
+        path = self.out / stage / WEIGHTS
+        return file_digest(path) if path.is_file() else None
+
+    def inputs(self, stage: str) -> dict[str, Any]:
+        """The recipe and the upstream weights a stage's output depends on."""
+        if stage == "clip":
+            return {"recipe": self.recipe.clip()}
+        return {"recipe": self.recipe.llava(), "clip": self.weights("clip")}
+
+    def up_to_date(self, stage: str) -> bool:
+        """Whether the saved weights are those the recorded run wrote, for the current recipe and inputs."""
+        record = self.records.get(stage)
+        if record is None or self.weights(stage) != record.get("weights"):
+            return False
+        return all(record.get(k) == v for k, v in self.inputs(stage).items())
+
+    def expected_minutes(self, stage: str) -> float:
+        """Training minutes of a stage on this machine: this kind of machine's last measured pace, else the table."""
+        native = native_bf16()
+        steps = self.recipe.clip_steps if stage == "clip" else self.recipe.llava_steps
+        record = self.records.get(stage, {})
+        pace = record.get("seconds_per_step") if record.get("native_bf16") == native else None
+        return steps * (pace or SECONDS_PER_STEP[(stage, native)]) / 60
+
+    def plan(self, stages: list[str]) -> list[str]:
+        """The stages that will train (not up to date), in order; prints what it will do and for how long."""
+        todo, total = [], 0.0
+        for stage in stages:
+            if stage == "finetuned":
+                minutes = FINETUNE_MINUTES[native_bf16()]
+                self.console.print(f"- finetuned: LoRA fine-tuning per reducer; bundles of the current LLaVA are "
+                                   f"kept (at most ~{minutes:.0f} min)")  # fmt: skip
+                todo.append(stage)
+                total += minutes
+            elif self.up_to_date(stage) and not (stage == "llava" and "clip" in todo):
+                self.console.print(f"- {stage}: up to date ({self.out / stage}), kept")
+            else:
+                minutes = self.expected_minutes(stage)
+                self.console.print(f"- {stage}: train, ~{minutes:.0f} min")
+                todo.append(stage)
+                total += minutes
+        self.console.print(f"expected: about {total:.0f} min on this CPU ({cpu_name()}, native bf16: "
+                           f"{'yes' if native_bf16() else 'no'}, precision {self.recipe.precision}); checkpoints in "
+                           f"{self.cache}")  # fmt: skip
+        return todo
+
+    def train(self, stage: str, stop_after: int | None) -> bool:
+        """Train (or resume) a stage and save it; False if it stopped early."""
+        torch.set_num_threads(self.recipe.threads)
+        torch.use_deterministic_algorithms(True)
+        if stage == "clip":
+            from .clip_training import clip_run
+
+            r = self.recipe
+            run = clip_run(self.tokenizer, r.clip_steps, r.clip_batch, r.seed, r.precision)
+        else:
+            from .llava_training import build_llava, llava_run
+
+            clip = CLIPModel.from_pretrained(str(self.out / "clip"), dtype=torch.float32).eval()
+            llava = build_llava(clip, self.tokenizer, self.recipe.seed)
+            r = self.recipe
+            run = llava_run(llava, self.tokenizer, r.llava_steps, r.llava_images, r.seed, r.llava_lr, r.precision)
+        inputs = self.inputs(stage)
+        with progress_bar(self.console) as bar:
+            task = bar.add_task(stage, total=run.steps, loss=float("nan"))
+            log = step_logger(bar, task, self.console, stage, run.steps)
+            progress = run_resumable(run, self.cache / stage, inputs, self.console, log, stop_after)
+        if not progress.finished:
+            self.console.print(f"{stage}: stopped; rerun to resume from {self.cache / stage}")
+            return False
+        save_model(run.model, self.tokenizer, self.out / stage)
+        record = {**inputs, "weights": self.weights(stage), "minutes": round(progress.minutes, 2),
+                  "seconds_per_step": round(60 * progress.minutes / run.steps, 3), "cpu": cpu_name(),
+                  "native_bf16": native_bf16(), "threads": self.recipe.threads}  # fmt: skip
+        record.update(self.evaluate(stage, run.model))
+        self.records[stage] = record
+        self.write_records()
+        self.console.print(f"{stage}: {progress.minutes:.1f} min of training, saved to {self.out / stage}")
+        return True
+
+    def evaluate(self, stage: str, model: torch.nn.Module) -> dict[str, Any]:
+        """The scores the card reports: CLIP retrieval; LLaVA accuracy per type and oracle vs random."""
+        if stage == "clip":
+            top1 = retrieval_top1(model, self.tokenizer, "test", self.recipe.retrieval_images)
+            self.console.print(f"clip: held-out image->caption top-1 {top1:.3f}")
+            return {"retrieval_top1": top1, "retrieval_images": self.recipe.retrieval_images}
+        scores = score_llava(self.out / "llava", self.recipe.vqa_images)
+        self.console.print(f"llava: held-out VQA {scores['vqa']['overall']:.3f}; token choice {scores['token_choice']}")
+        return scores
+
+    def write_records(self) -> None:
+        """`build.json` and the model card, atomically."""
+        atomic.write_text(self.out / BUILD_FILE, json.dumps(self.records, indent=2) + "\n")
+        atomic.write_text(self.out / "MODEL_CARD.md", model_card(self.recipe, self.records))
+
+
+def read_records(out: Path) -> dict[str, dict[str, Any]]:
+    """The stage records of `out/build.json` (none if absent)."""
+    path = out / BUILD_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def save_model(model: torch.nn.Module, tokenizer, target: Path) -> None:
+    """fp16 safetensors plus tokenizer and image processor, swapped in atomically; `model` is left rounded to
+    fp16 and back in fp32, exactly the saved weights."""
     with atomic.atomic_dir(target, force=True) as tmp:
         model.to(torch.float16).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -75,154 +211,55 @@ def save_model(model, tokenizer, target: Path) -> None:
         model.to(torch.float32)
 
 
-def build(recipe: Recipe, out: Path, console: Console, clip_from: tuple[Path, float] | None = None) -> None:
-    """Train, save to `out/clip` and `out/llava`, evaluate, and write `out/MODEL_CARD.md`.
-
-    `clip_from` = (directory, minutes) reuses a CLIP trained earlier by this recipe (fp32 checkpoint)."""
-    clip_dir, llava_dir = out / CLIP_DIR.name, out / LLAVA_DIR.name
-    recipe = replace(recipe, precision=resolve(recipe.precision))
-    console.print(f"Training precision: {recipe.precision}")
-    torch.set_num_threads(recipe.threads)
-    torch.use_deterministic_algorithms(True)
-    tokenizer = build_tokenizer()
-    if clip_from is not None:
-        clip, clip_minutes = CLIPModel.from_pretrained(str(clip_from[0]), dtype=torch.float32).eval(), clip_from[1]
-    else:
-        with progress_bar(console) as bar:
-            task = bar.add_task("CLIP (contrastive)", total=recipe.clip_steps, loss=float("nan"))
-            start = time.perf_counter()
-            log = step_logger(bar, task, console, "CLIP", recipe.clip_steps)
-            clip = train_clip(tokenizer, recipe.clip_steps, recipe.clip_batch, recipe.seed, recipe.precision, log)
-            clip_minutes = (time.perf_counter() - start) / 60
-    retrieval = retrieval_top1(clip, tokenizer, "test", recipe.retrieval_images)
-    console.print(f"CLIP: {clip_minutes:.1f} min, held-out image->caption top-1 {retrieval:.3f}")
-    save_model(clip, tokenizer, clip_dir)  # leaves `clip` rounded to fp16, exactly the saved tower
-
-    llava = build_llava(clip, tokenizer, recipe.seed)
-    with progress_bar(console) as bar:
-        task = bar.add_task("LLaVA (projector + LM)", total=recipe.llava_steps, loss=float("nan"))
-        start = time.perf_counter()
-        log = step_logger(bar, task, console, "LLaVA", recipe.llava_steps)
-        train_llava(
-            llava, tokenizer, recipe.llava_steps, recipe.llava_images, recipe.seed, recipe.llava_lr, recipe.precision,
-            log,
-        )  # fmt: skip
-        llava_minutes = (time.perf_counter() - start) / 60
-    save_model(llava, tokenizer, llava_dir)
-
-    encoder = ReducedVisionEncoder.from_pretrained(llava_dir, "none")
-    score = vqa_accuracy(encoder, LlavaLm.from_pretrained(llava_dir), images=recipe.vqa_images)
-    console.print(f"LLaVA: {llava_minutes:.1f} min, held-out VQA {score.accuracy['overall']:.3f}")
-    size = sum(f.stat().st_size for d in (clip_dir, llava_dir) for f in d.iterdir()) / 2**20
-    card = model_card(recipe, clip_minutes, llava_minutes, retrieval, score, size)
-    atomic.write_text(out / MODEL_CARD.name, card)
+def refusal(stages: list[str], native: bool, force: bool, quick: bool) -> str | None:
+    """Why a build must not start here, or None: training CLIP or LLaVA without native bf16 takes 4-6x longer."""
+    if native or force or quick or not {"clip", "llava"} & set(stages):
+        return None
+    return ("this CPU has no native bf16 (no avx512_bf16 or amx_bf16 in /proc/cpuinfo), so training CLIP and LLaVA "
+            "would take 4-6 hours instead of about an hour; build anyway with `make zoo FORCE=1` "
+            "(python -m prumerge_cli.zoo.build --force)")  # fmt: skip
 
 
-def model_card(
-    recipe: Recipe, clip_minutes: float, llava_minutes: float, retrieval: float, score: VqaScore, size_mib: float
-) -> str:
-    """The card: what the models are, how they were trained, how well they do."""
-    rows = "\n".join(f"| {kind} | {100 * score.accuracy[kind]:.1f} |" for kind in (*QUESTION_TYPES, "overall"))
-    return MODEL_CARD_TEMPLATE.format(
-        **vars(recipe),
-        region_weight=REGION_WEIGHT,
-        size=size_mib,
-        vocab=len(vocabulary()),
-        clip_minutes=clip_minutes,
-        llava_minutes=llava_minutes,
-        retrieval_pct=100 * retrieval,
-        questions=score.questions,
-        rows=rows,
-        cpu=cpu_name(),
-        native_bf16="yes" if native_bf16() else "no",
-        versions=", ".join(f"{k} {v}" for k, v in package_versions().items()),
-    )
-
-
-MODEL_CARD_TEMPLATE = """# The embedded default models
-
-Two real Hugging Face checkpoints trained in this repository by `make zoo` (`python -m prumerge_cli.zoo.build`)
-on the procedural visual-QA world of `prumerge_cli/zoo/world.py`. They exist so that the demo and the tests
-run the whole pipeline on a model whose attention means something, and so that every reducer can be scored
-by accuracy. Saved in fp16 safetensors ({size:.1f} MiB in all).
-
-## The world
-224x224 images: 2-4 objects (6 colours, 4 shapes, 2 sizes: radius 13-16 or 22-28 pixels) in distinct cells of
-a 3x3 layout, jittered inside their cell, over grey clutter (noise, lines and specks). A cell is named by one
-word (northwest, north, ..., center, ..., southeast). A caption lists every object with its size, colour, shape
-and position. Six question types need spatial detail: the colour, the shape and the size of the object at a
-position, the number of objects, whether one named object is left of / right of / above / below another
-(yes/no), and whether an object is present (POPE-like yes/no, balanced). Questions end with their last word,
-no "?", and the answer follows it: "what color is the object at northwest" -> "red". A from-scratch LM learns
-to look a cell up from the word it is reading quickly (3 objects, colour questions only: 97% after 200
-steps), but not when the position first has to be carried to a later token ("at top left ?": 42% at 200
-steps, chance 33%). Splits are disjoint seed ranges (train from 0, val from 10,000,000, test from 20,000,000).
-Each image also has a training conversation (colour, shape and size of every object, the count, three
-relations, four presence questions, then "describe the image ." answered by the caption) and a near-miss
-caption (one attribute of one object changed).
-
-## `clip/` - CLIPModel
-- Vision: ViT, 224x224 pixels, 14-pixel patches (16x16 = 256 patches + CLS), 4 layers, width 128, 4 heads.
-  224 rather than LLaVA-1.5's 336: at 577 tokens attention costs about 4x more per layer and both models
-  must train within 90 minutes on 2 CPU cores; the layout of the reduction is the same (CLS, patches,
-  feature layer -2, score layer = the last).
-- Text: word-level tokenizer (a `tokenizers` WordLevel model, {vocab} words), 2 layers, width 128.
-- Training: symmetric InfoNCE, {clip_steps} steps of {clip_batch} fresh image-caption pairs, each image also
-  contrasted with the batch's {clip_batch} near-miss captions (without them the tower learned colours and
-  positions but hardly shapes), plus {region_weight} x a region loss: each object's 3x3 cell, mean-pooled at
-  the feature layer LLaVA reads (-2) and passed through the post-layernorm and projection, is classified
-  against the text embeddings of all 48 phrases "size colour shape" (without it the caption loss was met
-  from [CLS], and a linear probe read an object's shape from its cell's mean patch 32% of the time, chance 25%;
-  with it 93%).
-  Precision {precision}, AdamW (lr 2e-3, weight decay 0.05), 5% warm-up then cosine decay, seed {seed}:
-  {clip_minutes:.1f} min. The patch position embeddings start as a 2-D sine-cosine grid
-  (row and column, CLS at zero) and are trained on: from the default random start the patch features kept so
-  little absolute position (a linear probe found a patch's 3x3 cell 15% of the time, chance 11%) that the LLaVA
-  could not tell which object "the object at northwest" meant.
-- Held-out image->caption retrieval top-1 among {retrieval_images} test captions: **{retrieval_pct:.1f}%**.
-
-## `llava/` - LlavaForConditionalGeneration
-- Vision tower: the CLIP above, frozen; `vision_feature_layer=-2`, strategy `default` (CLS dropped).
-- Projector: 2-layer MLP with GELU (128 -> 256 -> 256).
-- LM: Llama, 4 layers, width 256, 4 heads, the same word-level tokenizer.
-- Training (LLaVA-1.5 style, all 256 visual tokens): per image its training conversation
-  (`<s> <image tokens> q1 a1 </s> q2 a2 </s> ... describe the image . <caption> </s>`, loss on answers and
-  `</s>`), {llava_steps} steps of {llava_images} fresh images, precision {precision}, AdamW (lr {llava_lr}), 5%
-  warm-up then cosine decay, seed {seed}: {llava_minutes:.1f} min.
-
-## Held-out VQA accuracy, all visual tokens ({questions} test questions, greedy first answer token)
-
-| question type | accuracy % |
-|---|---|
-{rows}
-
-## Reproducing
-`make zoo` retrains both from scratch with {threads} threads and deterministic algorithms; machine: {cpu}
-(native bf16: {native_bf16}); {versions}.
-
-Precision `auto` (the default) trains in bf16 autocast where the CPU multiplies bf16 natively (AVX-512 BF16
-or AMX) and in fp32 elsewhere, where emulated bf16 is about 8x slower than fp32. The 90-minute budget holds on
-the former: a CLIP step took 1.3 s and a LLaVA step 0.8 s in bf16 on a 2-core Sapphire Rapids Xeon (AMX),
-against 3.3 s and 4.1-4.6 s in fp32 on a 2-core AVX2 EPYC. `--precision bf16` reproduces the bf16 recipe
-anywhere, slowly.
-"""
-
-
-def main() -> None:
-    """Parse arguments and build."""
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, print the plan, and run the stages that are not up to date."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="A few steps only (checks the pipeline).")
-    parser.add_argument("--out", type=Path, default=CLIP_DIR.parent, help="Where clip/, llava/ and the card go.")
-    parser.add_argument("--clip", type=Path, help="Reuse a CLIP trained by this recipe (fp32) instead of training.")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"Comma-separated, of {', '.join(STAGES)}.")
+    parser.add_argument("--force", action="store_true", help="Build even without native bf16 (slow).")
+    parser.add_argument("--quick", action="store_true", help="A few steps only, into --out (checks the pipeline).")
+    parser.add_argument("--out", type=Path, default=ZOO_DIR, help="Where clip/, llava/, build.json and the card go.")
+    parser.add_argument("--cache", type=Path, default=CACHE_DIR, help="Where checkpoints go.")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="Training precision (see the card).")
-    parser.add_argument("--clip-minutes", type=float, default=float("nan"), help="Its measured training time.")
-    args = parser.parse_args()
+    parser.add_argument("--stop-after", type=int, help="Checkpoint and stop a stage after N steps of this run.")
+    args = parser.parse_args(argv)
     quiet_transformers()
-    recipe = Recipe(precision=args.precision)
+    console = Console()
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        print(f"error: unknown stage {unknown[0]!r}; choose from {', '.join(STAGES)}", file=sys.stderr)
+        return 2
+    why = refusal(stages, native_bf16(), args.force, args.quick)
+    if why:
+        print(f"error: {why}", file=sys.stderr)
+        return 2
+    recipe = Recipe(precision=resolve(args.precision))
     if args.quick:
-        recipe = replace(recipe, clip_steps=4, llava_steps=4, retrieval_images=16, vqa_images=10)
-    build(recipe, args.out, Console(), None if args.clip is None else (args.clip, args.clip_minutes))
+        recipe = replace(recipe, clip_steps=4, clip_batch=8, llava_steps=4, llava_images=2, retrieval_images=16,
+                         vqa_images=10)  # fmt: skip
+    build = Build(recipe, args.out, args.cache, console)
+    console.print(f"make zoo: stages {', '.join(stages)}; recipe {asdict(recipe)}")
+    for stage in build.plan(stages):
+        if stage == "finetuned":
+            from .finetuned import FinetuneRecipe, build_finetuned
+
+            if args.out.resolve() != ZOO_DIR.resolve():
+                console.print("finetuned: skipped (it fine-tunes the LLaVA in prumerge_cli/zoo/)")
+                continue
+            build_finetuned(FinetuneRecipe(), console)
+        elif not build.train(stage, args.stop_after):
+            return 0
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

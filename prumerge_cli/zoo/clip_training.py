@@ -11,6 +11,7 @@ from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from .precision import autocast
+from .stage import TrainingRun, warmup_cosine
 from .world import COLOURS, IMAGE_SIZE, SHAPES, SIZES, Sample, cell_of, samples_of
 
 MAX_WORDS = 32
@@ -96,7 +97,13 @@ def train_clip(
     precision: str = "auto",
     log: Callable[[int, float], None] | None = None,
 ) -> CLIPModel:
-    """Train from scratch with the symmetric InfoNCE loss, each image also contrasted with near-miss captions
+    """A CLIP trained from scratch by `clip_run`, without checkpoints."""
+    return clip_run(tokenizer, steps, batch_size, seed, precision).run(log)
+
+
+def clip_run(tokenizer: PreTrainedTokenizerFast, steps: int, batch_size: int, seed: int,
+             precision: str = "auto") -> TrainingRun:  # fmt: skip
+    """Training from scratch with the symmetric InfoNCE loss, each image also contrasted with near-miss captions
     (one attribute of one object changed), so that shapes and sizes matter; `precision`: see `precision.resolve`;
     AdamW, warm-up then cosine decay. The patch position embeddings start as a 2-D sine-cosine grid (CLS at
     zero): from the default random start the patch features kept almost no absolute position, and the LLaVA on
@@ -115,14 +122,12 @@ def train_clip(
         positions[1:] = grid_position_embeddings(side, positions.shape[1])
     processor = image_processor()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-    )
+    sched = warmup_cosine(opt, steps)
     model.train()
     phrase_ids = caption_batch(tokenizer, list(PHRASES))
-    for step in range(steps):
-        samples = samples_of("train", step * batch_size, batch_size)
+
+    def step(i: int) -> float:
+        samples = samples_of("train", i * batch_size, batch_size)
         pixels, text = pair_batch(samples, processor, tokenizer, near_misses=True)
         with autocast(precision):
             vision = model.get_image_features(pixel_values=pixels, output_hidden_states=True)
@@ -139,9 +144,9 @@ def train_clip(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        if log is not None:
-            log(step, loss.item())
-    return model.eval()
+        return loss.item()
+
+    return TrainingRun(model, opt, sched, step, steps)
 
 
 @torch.no_grad()

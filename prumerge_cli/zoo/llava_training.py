@@ -3,9 +3,6 @@ trained on the world's questions with all visual tokens, as LLaVA-1.5's instruct
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from transformers import CLIPModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
@@ -16,6 +13,7 @@ from ..models.tower import VisionTower
 from ..reducers import ReducedTokens
 from .clip_training import image_processor
 from .precision import autocast
+from .stage import TrainingRun, warmup_cosine
 from .tokenizer import IMAGE_TOKEN
 from .world import samples_of
 
@@ -60,7 +58,7 @@ def conversation_batch(split: str, start: int, count: int, processor, tokenizer)
     return pixels, texts, targets
 
 
-def train_llava(
+def llava_run(
     model: LlavaForConditionalGeneration,
     tokenizer,
     steps: int,
@@ -68,9 +66,8 @@ def train_llava(
     seed: int,
     lr: float = 1.5e-3,
     precision: str = "auto",
-    log: Callable[[int, float], None] | None = None,
-) -> LlavaForConditionalGeneration:
-    """Train projector and LM on the conversations of `images_per_step` fresh images per step
+) -> TrainingRun:
+    """Training of projector and LM on the conversations of `images_per_step` fresh images per step
     (`precision`: see `precision.resolve`)."""
     torch.manual_seed(seed)
     processor = image_processor()
@@ -78,15 +75,11 @@ def train_llava(
     lm = LlavaLm(model, tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-    )
+    sched = warmup_cosine(opt, steps)
     model.train()
-    for step in range(steps):
-        pixels, texts, targets = conversation_batch(
-            "train", step * images_per_step, images_per_step, processor, tokenizer
-        )
+
+    def step(i: int) -> float:
+        pixels, texts, targets = conversation_batch("train", i * images_per_step, images_per_step, processor, tokenizer)
         with torch.no_grad():
             features = tower(pixels, with_scores=False).features
         full = torch.full((len(features),), features.shape[1], dtype=torch.long)
@@ -101,6 +94,6 @@ def train_llava(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        if log is not None:
-            log(step, loss.item())
-    return model.eval()
+        return loss.item()
+
+    return TrainingRun(model, opt, sched, step, steps)

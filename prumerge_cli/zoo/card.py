@@ -1,0 +1,115 @@
+"""The model card of the embedded models, written from the stage records of `build.json` (recipe, machine,
+minutes and scores of each stage)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..versions import package_versions
+from .clip_training import REGION_WEIGHT
+from .world import QUESTION_TYPES, vocabulary
+
+PENDING = "not built by this recipe yet (run `make zoo`)"
+
+
+def stage_line(record: dict[str, Any] | None) -> str:
+    """'23.7 min on <cpu> (native bf16: yes, 2 threads)' or the pending note."""
+    if record is None:
+        return PENDING
+    bf16 = "yes" if record["native_bf16"] else "no"
+    return (f"{record['minutes']:.1f} min of training ({record['seconds_per_step']:.2f} s per step) on "
+            f"{record['cpu']} (native bf16: {bf16}, {record['threads']} threads)")  # fmt: skip
+
+
+def accuracy_rows(record: dict[str, Any] | None) -> str:
+    """The per-type table rows."""
+    if record is None:
+        return f"| (all) | {PENDING} |"
+    return "\n".join(f"| {kind} | {100 * record['vqa'][kind]:.1f} |" for kind in (*QUESTION_TYPES, "overall"))
+
+
+def token_choice(record: dict[str, Any] | None) -> str:
+    """The oracle-vs-random pair and the positions table."""
+    if record is None:
+        return PENDING
+    pair = record["token_choice"]
+    lines = [f"At {pair['budget']} of {pair['of']} tokens (training-free, original positions): the oracle that keeps "
+             f"the patches covering the objects scores **{100 * pair['oracle']:.1f}%**, a random subset of the same "
+             f"size **{100 * pair['random']:.1f}%** ({100 * (pair['oracle'] - pair['random']):+.1f} points).",
+             "", "| method | contiguous positions % | original positions % |", "|---|---|---|"]  # fmt: skip
+    for method, by in record["positions"].items():
+        lines.append(f"| {method} | {100 * by['contiguous']:.1f} | {100 * by['original']:.1f} |")
+    return "\n".join(lines)
+
+
+def model_card(recipe: Any, records: dict[str, dict[str, Any]]) -> str:
+    """The card for `recipe` (a `build.Recipe`) and the stages recorded so far."""
+    clip, llava = records.get("clip"), records.get("llava")
+    return CARD.format(
+        r=recipe,
+        vocab=len(vocabulary()),
+        region_weight=REGION_WEIGHT,
+        clip_stage=stage_line(clip),
+        llava_stage=stage_line(llava),
+        retrieval=PENDING if clip is None else f"**{100 * clip['retrieval_top1']:.1f}%**",
+        questions="-" if llava is None else llava["questions"],
+        rows=accuracy_rows(llava),
+        token_choice=token_choice(llava),
+        versions=", ".join(f"{k} {v}" for k, v in package_versions().items()),
+    )
+
+
+CARD = """# The embedded default models
+
+Two real Hugging Face checkpoints trained in this repository by `make zoo` (`python -m prumerge_cli.zoo.build`)
+on the procedural visual-QA world of `prumerge_cli/zoo/world.py`. They exist so that the demo and the tests
+run the whole pipeline on a model whose attention means something, and so that every reducer can be scored
+by accuracy. Saved in fp16 safetensors.
+
+## The world
+224x224 images: 2-4 objects (6 colours, 4 shapes, 2 sizes: radius 13-16 or 22-28 pixels) in distinct cells of
+a 3x3 layout, jittered inside their cell, over grey clutter (noise, lines and specks). A cell is named by one
+word (northwest, north, ..., center, ..., southeast). A caption lists every object with its size, colour, shape
+and position. Six question types need spatial detail: the colour, the shape and the size of the object at a
+position, the number of objects, whether one named object is left of / right of / above / below another
+(yes/no), and whether an object is present (POPE-like yes/no, balanced). Questions end with their last word,
+no "?", and the answer follows it: "what color is the object at northwest" -> "red". Splits are disjoint seed
+ranges (train from 0, val from 10,000,000, test from 20,000,000). The word-level vocabulary has {vocab} words.
+
+## `clip/` - CLIPModel
+- Vision: ViT, 224x224 pixels, 14-pixel patches (16x16 = 256 patches + CLS), 4 layers, width 128, 4 heads;
+  the layout of the reduction is LLaVA-1.5's (CLS, patches, feature layer -2, score layer = the last).
+- Text: word-level tokenizer, 2 layers, width 128.
+- Training: symmetric InfoNCE, {r.clip_steps} steps of {r.clip_batch} fresh image-caption pairs, each image also
+  contrasted with the batch's near-miss captions (one attribute of one object changed), plus {region_weight} x a
+  region loss (each object's 3x3 cell, mean-pooled at the feature layer LLaVA reads, classified against the text
+  embeddings of all 48 phrases "size colour shape"). Patch position embeddings start as a 2-D sine-cosine grid.
+  Precision {r.precision}, AdamW (lr 2e-3, weight decay 0.05), 5% warm-up then cosine decay, seed {r.seed}.
+- Stage: {clip_stage}.
+- Held-out image->caption retrieval top-1 among {r.retrieval_images} test captions: {retrieval}.
+
+## `llava/` - LlavaForConditionalGeneration
+- Vision tower: the CLIP above, frozen; `vision_feature_layer=-2`, strategy `default` (CLS dropped).
+- Projector: 2-layer MLP with GELU (128 -> 256 -> 256). LM: Llama, 4 layers, width 256, 4 heads.
+- Training (all 256 visual tokens): per image its training conversation (`world.lesson`, loss on answers and
+  `</s>`), {r.llava_steps} steps of {r.llava_images} fresh images, precision {r.precision}, AdamW (lr
+  {r.llava_lr}), 5% warm-up then cosine decay, seed {r.seed}.
+- Stage: {llava_stage}.
+
+## Held-out VQA accuracy, all visual tokens ({questions} test questions, greedy first answer token)
+
+| question type | accuracy % |
+|---|---|
+{rows}
+
+## Does the choice of tokens matter?
+{token_choice}
+
+## Reproducing
+`make zoo` runs the stages CLIP, LLaVA and the fine-tuned bundles with {r.threads} threads and deterministic
+algorithms. It prints what it will do and the expected time first; each stage checkpoints at least every 5
+minutes to `~/.cache/prumerge/zoo` (`PRUMERGE_CACHE` moves it) and resumes from there when rerun, and writes its
+weights and its record (`build.json`) here as soon as it ends. Precision `auto` trains in bf16 where the CPU
+multiplies bf16 natively (AVX-512 BF16 or AMX) and in fp32 elsewhere; without native bf16 the build refuses unless
+forced (`make zoo FORCE=1`), as it would take 4-6 times as long. Versions: {versions}.
+"""

@@ -1,0 +1,57 @@
+"""`make zoo` in stages: a stage stopped part-way resumes to the very weights of an uninterrupted run, a finished
+stage is kept, a changed CLIP makes the LLaVA stale, and a CPU without native bf16 is refused."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from rich.console import Console
+
+from prumerge_cli.zoo.build import Build, Recipe, main, refusal
+from prumerge_cli.zoo.precision import native_bf16
+
+TINY = Recipe(clip_steps=3, clip_batch=4, llava_steps=2, llava_images=2, precision="fp32", retrieval_images=8,
+              vqa_images=4)  # fmt: skip
+
+
+def build(tmp_path, name: str) -> Build:
+    return Build(TINY, tmp_path / name / "zoo", tmp_path / name / "cache", Console(quiet=True))
+
+
+def test_a_stopped_stage_resumes_to_the_uninterrupted_weights(tmp_path):
+    straight = build(tmp_path, "straight")
+    assert straight.train("clip", stop_after=None)
+    interrupted = build(tmp_path, "interrupted")
+    assert not interrupted.train("clip", stop_after=1)
+    assert (tmp_path / "interrupted" / "cache" / "clip" / "state.pt").is_file()
+    assert not (tmp_path / "interrupted" / "zoo" / "clip").exists()  # nothing written before the stage ends
+    resumed = build(tmp_path, "interrupted")
+    assert resumed.train("clip", stop_after=None)
+    assert resumed.weights("clip") == straight.weights("clip")
+    assert resumed.up_to_date("clip") and resumed.plan(["clip"]) == []
+
+    assert resumed.train("llava", stop_after=None)
+    record = build(tmp_path, "interrupted").records["llava"]
+    assert set(record["vqa"]) >= {"color", "presence", "overall"} and record["token_choice"]["budget"] == 26
+    assert "| presence |" in (tmp_path / "interrupted" / "zoo" / "MODEL_CARD.md").read_text()
+    assert resumed.plan(["clip", "llava"]) == []
+    assert build(tmp_path, "interrupted").plan(["llava"]) == []
+    retrained = Build(replace(TINY, seed=1), resumed.out, resumed.cache, Console(quiet=True))
+    assert retrained.plan(["clip", "llava"]) == ["clip", "llava"]  # another recipe: both stale
+
+
+def test_without_native_bf16_the_full_build_is_refused():
+    why = refusal(["clip", "llava", "finetuned"], native=False, force=False, quick=False)
+    assert why is not None and "no native bf16" in why and "FORCE=1" in why
+    assert refusal(["clip", "llava"], native=True, force=False, quick=False) is None
+    assert refusal(["clip"], native=False, force=True, quick=False) is None
+    assert refusal(["finetuned"], native=False, force=False, quick=False) is None
+
+
+@pytest.mark.skipif(native_bf16(), reason="this CPU has native bf16: the build would start")
+def test_make_zoo_refuses_in_one_line(capsys, tmp_path):
+    assert main(["--out", str(tmp_path / "zoo"), "--cache", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "no native bf16" in err
+    assert not (tmp_path / "zoo").exists()
