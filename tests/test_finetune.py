@@ -173,3 +173,42 @@ def test_export_and_bench_of_a_finetuned_bundle(llava_deep_dir, world, image_pat
     assert {(r["variant"], r["regime"]) for r in rows} >= {("prumerge", "training-free"),
                                                             ("prumerge fine-tuned", "fine-tuned")}  # fmt: skip
     assert "prumerge fine-tuned" in bench.out
+
+
+def test_the_template_is_read_from_the_checkpoint_chat_template():
+    from prumerge_cli.errors import PrumergeError
+    from prumerge_cli.training.conversations import resolve_template
+    from prumerge_cli.zoo.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    assert resolve_template("auto", tokenizer) == "plain" and resolve_template("vicuna_v1", tokenizer) == "vicuna_v1"
+    tokenizer.chat_template = (  # the layout of llava-hf/llava-1.5-7b-hf's template
+        "{% for m in messages %}{{ m['role'].upper() + ': ' }}{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}{{ '<image>\n' }}{% else %}{{ c['text'] }}{% endif %}{% endfor %} "
+        "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+    )
+    assert resolve_template("auto", tokenizer) == "vicuna_v1"
+    tokenizer.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}<|im_end|>{% endfor %}"
+    with pytest.raises(PrumergeError, match="neither plain nor vicuna_v1"):
+        resolve_template("auto", tokenizer)
+
+
+def test_bf16_holds_the_frozen_base_in_bf16_and_trains_fp32_adapters(llava_deep_dir, world, tmp_path):
+    from prumerge_cli.finetune.lora import attach_lora, hold_frozen_lm_in
+
+    model = LlavaForConditionalGeneration.from_pretrained(str(llava_deep_dir))
+    attach_lora(model, LORA)
+    hold_frozen_lm_in(model, torch.bfloat16)
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n)
+    assert dtypes["model.language_model.layers.0.self_attn.q_proj.base_layer.weight"] == torch.bfloat16
+    assert dtypes["lm_head.weight"] == torch.bfloat16
+    assert dtypes["model.multi_modal_projector.linear_1.weight"] == torch.float32
+
+    history = run_finetune(
+        job(llava_deep_dir, world, tmp_path / "bf16", steps=2, precision="bf16"), Console(quiet=True)
+    )
+    assert len(history) == 2 and all(torch.isfinite(torch.tensor(h.loss)) for h in history)
+    adapters = load_file(tmp_path / "bf16" / "adapter" / "adapter_model.safetensors")
+    assert all(t.dtype == torch.float32 for t in adapters.values())
+    assert json.loads((tmp_path / "bf16" / "reducer.json").read_text())["finetune"]["precision"] == "bf16"

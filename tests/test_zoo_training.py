@@ -104,3 +104,20 @@ def test_model_card_fills_every_field():
     assert "**70.0%**" in card and "(+15.0 points)" in card and "| prumerge | 40.0 | 50.0 |" in card
     assert "{" not in card and "}" not in card
     assert "not built by this recipe yet" in model_card(Recipe(), {})
+
+
+def test_token_subsets_keep_random_patches_at_their_positions():
+    from prumerge_cli.zoo.llava_training import token_subsets
+
+    features = torch.randn(64, 256, 8)
+    out = token_subsets(features, 0.25, torch.Generator().manual_seed(0))
+    again = token_subsets(features, 0.25, torch.Generator().manual_seed(0))
+    assert torch.equal(out.indices, again.indices) and out.span == 256
+    reduced = out.lengths < 256
+    assert 5 <= int(reduced.sum()) <= 28 and int(out.lengths[reduced].min()) >= 8
+    assert int(out.lengths[reduced].max()) <= 64
+    for b in range(64):
+        n = int(out.lengths[b])
+        kept = out.indices[b, :n]
+        assert torch.equal(kept, kept.sort().values) and torch.equal(out.tokens[b, :n], features[b, kept])
+    assert torch.equal(token_subsets(features, 0.0, torch.Generator()).tokens, features)

@@ -79,7 +79,9 @@ def compress(
     grad_accum: Annotated[int, TRAIN(help="Micro-batches accumulated per optimizer step.")] = 1,
     precision: Annotated[str, TRAIN(help="fp32, bf16 (autocast), or fp16 (autocast, a loss scaler; GPU).")] = "fp32",
     gradient_checkpointing: Annotated[bool, TRAIN(help="Recompute the LM layers' activations in backward.")] = False,
-    template: Annotated[str, TRAIN(help="Conversation template: plain (the embedded model's) or vicuna_v1.")] = "plain",
+    template: Annotated[
+        str, TRAIN(help="Conversation template: plain, vicuna_v1, or auto (from the checkpoint's chat template).")
+    ] = "auto",
     skip_missing_images: Annotated[bool, TRAIN(help="Leave out records whose image is missing or unreadable.")] = False,
     plan: Annotated[bool, DYN(help="Print the memory per GPU the run needs and if it fits; train nothing.")] = False,
     gpus: Annotated[int | None, DYN(help="GPUs of the planned run (default: torchrun's WORLD_SIZE, or 1).")] = None,

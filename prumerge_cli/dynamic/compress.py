@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ from ..errors import PrumergeError
 from ..lm.positions import DEFAULT_POSITIONS
 from ..models.loading import read_config
 from ..training.checkpoints import file_digest
-from ..training.conversations import Dataset, load_examples
+from ..training.conversations import Dataset, load_examples, resolve_template
 from ..training.distributed import barrier, init_rank, shutdown
 from ..training.loop import PRECISIONS, StepLog, TrainOptions
 from ..training.progress import train_with_progress
@@ -36,7 +36,7 @@ class DynamicJob:
     config: SparseConfig
     options: TrainOptions
     vision_source: str = "predictor"
-    template: str = "plain"
+    template: str = "auto"
     skip_missing_images: bool = False
     resume: bool = False
     force: bool = False
@@ -75,6 +75,7 @@ def run_dynamic(job: DynamicJob, console: Console, on_step=None) -> list[StepLog
     try:
         torch.manual_seed(job.options.seed)
         model, tokenizer = load_llava(job.model_dir)
+        job = replace(job, template=resolve_template(job.template, tokenizer))
         if not job.options.train_llm and job.options.precision != "fp32":  # a frozen LM computes in that dtype anyway
             model.model.language_model.to(PRECISIONS[job.options.precision])
             model.lm_head.to(PRECISIONS[job.options.precision])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +15,12 @@ from ..errors import PrumergeError
 from ..lm.llava_lm import LlavaLm
 from ..lm.positions import DEFAULT_POSITIONS
 from ..training.checkpoints import file_digest
-from ..training.conversations import Dataset, load_examples
+from ..training.conversations import Dataset, load_examples, resolve_template
 from ..training.distributed import barrier, init_rank, shutdown
-from ..training.loop import StepLog, TrainOptions
+from ..training.loop import PRECISIONS, StepLog, TrainOptions
 from ..training.progress import train_with_progress
 from .bundle import write_finetuned_bundle
-from .lora import LoraSettings, attach_lora
+from .lora import LoraSettings, attach_lora, hold_frozen_lm_in
 from .training import FinetuneTrainer
 
 
@@ -36,7 +36,7 @@ class FinetuneJob:
     options: TrainOptions
     lora: LoraSettings = field(default_factory=LoraSettings)
     params: dict[str, Any] = field(default_factory=dict)
-    template: str = "plain"
+    template: str = "auto"
     skip_missing_images: bool = False
     resume: bool = False
     force: bool = False
@@ -67,11 +67,14 @@ def run_finetune(job: FinetuneJob, console: Console, on_step=None) -> list[StepL
     try:
         torch.manual_seed(job.options.seed)
         lm = LlavaLm.from_pretrained(job.model_dir)
+        job = replace(job, template=resolve_template(job.template, lm.tokenizer))
         encoder = ReducedVisionEncoder.from_pretrained(job.model_dir, job.method, positions=job.positions,
                                                        **job.params)  # fmt: skip
         data = load_examples(job.data, job.images, lm.tokenizer, job.template, job.skip_missing_images,
                              keep_text_only=True)  # fmt: skip
         peft_model = attach_lora(lm.model, job.lora)
+        if PRECISIONS[job.options.precision] is not None:  # the frozen base in the compute dtype, as upstream's bf16
+            hold_frozen_lm_in(lm.model, PRECISIONS[job.options.precision])
         lm.model.to(rank.device)
         encoder.to(rank.device)
         encoder.projector = lm.model.model.multi_modal_projector

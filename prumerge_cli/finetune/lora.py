@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import PrumergeError
@@ -53,3 +54,12 @@ def attach_lora(model: nn.Module, settings: LoraSettings):
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The adapter weights of a model with LoRA attached."""
     return [p for name, p in model.named_parameters() if "lora_" in name]
+
+
+def hold_frozen_lm_in(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the frozen weights of a LLaVA's LM and head (everything but the adapters) to `dtype`, as a bf16 or fp16
+    run holds its base model; the adapters stay in fp32 for the optimizer."""
+    for module in (model.model.language_model, model.lm_head):
+        for name, parameter in module.named_parameters():
+            if "lora_" not in name:
+                parameter.data = parameter.data.to(dtype)

@@ -101,7 +101,7 @@ class FinetuneTrainer(Trainer):
             empty = torch.zeros(len(examples), 0, width, device=device)
             return ReducedTokens(empty, lengths, torch.zeros(len(examples), 0, dtype=torch.long, device=device))
         pixels = preprocess(self.encoder.processor, [open_image(examples[i].image) for i in rows]).to(device)
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):  # the reducer as at inference, no autocast
             signals = self.encoder.tower(pixels, with_scores=self.encoder.reducer.needs_scores,
                                          score_dtype=self.encoder.score_dtype)  # fmt: skip
             reduced = self.encoder.reduce(signals)

@@ -51,6 +51,7 @@ class Recipe:
     llava_steps: int = 4000
     llava_images: int = 16
     llava_lr: float = 1.5e-3
+    llava_subset_share: float = 0.25
     seed: int = 0
     threads: int = 2
     precision: str = "auto"
@@ -64,7 +65,7 @@ class Recipe:
     def llava(self) -> dict[str, Any]:
         """What the LLaVA stage's weights depend on (beside the CLIP's)."""
         return {"steps": self.llava_steps, "images": self.llava_images, "lr": self.llava_lr, "seed": self.seed,
-                "precision": self.precision}  # fmt: skip
+                "precision": self.precision, "subset_share": self.llava_subset_share}  # fmt: skip
 
 
 def progress_bar(console: Console) -> Progress:
@@ -160,7 +161,8 @@ class Build:
             clip = CLIPModel.from_pretrained(str(self.out / "clip"), dtype=torch.float32).eval()
             llava = build_llava(clip, self.tokenizer, self.recipe.seed)
             r = self.recipe
-            run = llava_run(llava, self.tokenizer, r.llava_steps, r.llava_images, r.seed, r.llava_lr, r.precision)
+            run = llava_run(llava, self.tokenizer, r.llava_steps, r.llava_images, r.seed, r.llava_lr, r.precision,
+                            r.llava_subset_share)  # fmt: skip
         inputs = self.inputs(stage)
         with progress_bar(self.console) as bar:
             task = bar.add_task(stage, total=run.steps, loss=float("nan"))

@@ -47,6 +47,7 @@ def model_card(recipe: Any, records: dict[str, dict[str, Any]]) -> str:
     clip, llava = records.get("clip"), records.get("llava")
     return CARD.format(
         r=recipe,
+        subset_pct=100 * recipe.llava_subset_share,
         vocab=len(vocabulary()),
         region_weight=REGION_WEIGHT,
         clip_stage=stage_line(clip),
@@ -94,6 +95,10 @@ ranges (train from 0, val from 10,000,000, test from 20,000,000). The word-level
 - Training (all 256 visual tokens): per image its training conversation (`world.lesson`, loss on answers and
   `</s>`), {r.llava_steps} steps of {r.llava_images} fresh images, precision {r.precision}, AdamW (lr
   {r.llava_lr}), 5% warm-up then cosine decay, seed {r.seed}.
+- **Reduced inputs in training:** {subset_pct:.0f}% of the training images show the LM only a random subset of
+  their tokens (8 to 64 of 256, at their patches' original positions), so that it learns to answer from
+  whatever tokens it is given. A stock LLaVA never sees reduced inputs in training, so the training-free
+  figures of every method are kinder here than they would be on it.
 - Stage: {llava_stage}.
 
 ## Held-out VQA accuracy, all visual tokens ({questions} test questions, greedy first answer token)

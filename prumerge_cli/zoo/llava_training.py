@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from ..encoder import project_tokens
 from ..lm.llava_lm import LlavaLm
 from ..lm.splice import IGNORE, splice
 from ..models.tower import VisionTower
-from ..reducers import ReducedTokens
+from ..reducers import PAD_INDEX, ReducedTokens
 from .clip_training import image_processor
 from .precision import autocast
 from .stage import TrainingRun, warmup_cosine
@@ -58,6 +59,24 @@ def conversation_batch(split: str, start: int, count: int, processor, tokenizer)
     return pixels, texts, targets
 
 
+def token_subsets(features: torch.Tensor, share: float, generator: torch.Generator) -> ReducedTokens:
+    """Every patch of each image, except that with probability `share` an image keeps only a random subset of
+    8..N/4 of its N patches, in raster order at their original positions (`span` N)."""
+    count, n = features.shape[:2]
+    chosen = []
+    for _ in range(count):
+        if float(torch.rand((), generator=generator)) < share:
+            k = int(torch.randint(8, n // 4 + 1, (), generator=generator))
+            chosen.append(torch.randperm(n, generator=generator)[:k].sort().values)
+        else:
+            chosen.append(torch.arange(n))
+    lengths = torch.tensor([len(c) for c in chosen])
+    indices = torch.nn.utils.rnn.pad_sequence(chosen, batch_first=True, padding_value=PAD_INDEX)
+    tokens = features.gather(1, indices.clamp(min=0)[..., None].expand(-1, -1, features.shape[2]))
+    tokens = tokens * (indices >= 0)[..., None].to(tokens.dtype)
+    return ReducedTokens(tokens, lengths, indices, span=n)
+
+
 def llava_run(
     model: LlavaForConditionalGeneration,
     tokenizer,
@@ -66,9 +85,11 @@ def llava_run(
     seed: int,
     lr: float = 1.5e-3,
     precision: str = "auto",
+    subset_share: float = 0.0,
 ) -> TrainingRun:
     """Training of projector and LM on the conversations of `images_per_step` fresh images per step
-    (`precision`: see `precision.resolve`)."""
+    (`precision`: see `precision.resolve`); a `subset_share` of the images show the LM a random subset of their
+    tokens (`token_subsets`), so that it learns to answer from whichever tokens it is given."""
     torch.manual_seed(seed)
     processor = image_processor()
     tower = VisionTower(model.model.vision_tower, "clip", feature_layer=-2)
@@ -82,10 +103,10 @@ def llava_run(
         pixels, texts, targets = conversation_batch("train", i * images_per_step, images_per_step, processor, tokenizer)
         with torch.no_grad():
             features = tower(pixels, with_scores=False).features
-        full = torch.full((len(features),), features.shape[1], dtype=torch.long)
-        patches = torch.arange(features.shape[1]).expand(len(features), -1)
+        kept = token_subsets(features, subset_share, torch.Generator().manual_seed(seed * 1_000_003 + i))
         with autocast(precision):
-            image = ReducedTokens(model.model.multi_modal_projector(features), full, patches)
+            projected = project_tokens(model.model.multi_modal_projector, kept.tokens, kept.lengths)
+            image = ReducedTokens(projected, kept.lengths, kept.indices, span=kept.span)
             batch = splice(lm.embed, lm.bos_id, image, texts, targets)
             logits = lm.logits(batch)
         loss = F.cross_entropy(logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE)
