@@ -165,7 +165,8 @@ def finetuned_rows(finetuned_dir: Path, model: Path, images: int, device: torch.
         score = vqa_accuracy(encoder, lm, images=images)
         record = read_bundle(bundle)
         rows.append({"method": record["method"], "params": record["finetune"].get("params", {}),
-                     "regime": "fine-tuned", "bundle": str(bundle), "tokens": score.tokens_mean,
+                     "regime": "fine-tuned", "positions": encoder.positions, "bundle": str(bundle),
+                     "tokens": score.tokens_mean,
                      "accuracy": score.accuracy["overall"], "per_type": score.accuracy})  # fmt: skip
     return rows
 
@@ -187,6 +188,9 @@ def print_finetuned(rows: list[dict[str, Any]], tuned: list[dict[str, Any]], con
                       "-" if same is None else f"{100 * same['accuracy']:.1f}", f"{100 * r['accuracy'] / full:.0f}%",
                       *(f"{100 * r['per_type'][k]:.0f}" for k in kinds))  # fmt: skip
     console.print(table)
+    placed = ", ".join(sorted({r["positions"] for r in tuned}))
+    console.print(f"Fine-tuned rows place the tokens as their bundles were trained ({placed} positions); the "
+                  f"training-free column is the demo's ({rows[0]['positions']}).", highlight=False)  # fmt: skip
 
 
 def print_rows(rows: list[dict[str, Any]], images: int, batch: int, console: Console) -> None:

@@ -162,9 +162,10 @@ def test_upstream_prumerge_lora_converts_to_a_finetuned_bundle(llava_deep_dir, i
     assert result.code == 0, result.err
     record = json.loads((tmp_path / "out" / "bundle" / "reducer.json").read_text())
     assert record["method"] == "prumerge+" and record["regime"] == "fine-tuned"
+    assert record["positions"] == "contiguous"  # where upstream PruMerge puts the kept tokens
     tuned, encoder = load_finetuned_lm(tmp_path / "out" / "bundle"), prumerge_cli.load(tmp_path / "out" / "bundle")
     direct = LlavaLm(model.eval(), tokenizer)
-    direct_encoder = ReducedVisionEncoder.from_pretrained(llava_deep_dir, "prumerge+")
+    direct_encoder = ReducedVisionEncoder.from_pretrained(llava_deep_dir, "prumerge+", positions="contiguous")
     direct_encoder.projector = model.model.multi_modal_projector
     images = [open_image(p) for p in image_paths[:2]]
     texts = direct.encode(["what color is the object", "how many objects are there"])
