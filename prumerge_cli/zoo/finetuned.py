@@ -26,6 +26,7 @@ from ..lm.llava_lm import LlavaLm
 from ..training.loop import TrainOptions
 from . import FINETUNED_DIR, LLAVA_DIR
 from .llava_json import DATA_FILE, write_llava_json
+from .precision import resolve
 from .vqa import vqa_accuracy
 
 CACHE_DIR = Path(os.environ.get("PRUMERGE_CACHE", Path.home() / ".cache" / "prumerge")) / "zoo-finetune"
@@ -44,6 +45,8 @@ class FinetuneRecipe:
     conversations: int = 3200
     seed: int = 0
     save_every: int = 50
+    precision: str = "auto"
+    """bf16 autocast where the CPU has native bf16 (the frozen LM held in bf16), fp32 elsewhere."""
 
 
 def methods(budget_images: int = 200) -> dict[str, dict[str, Any]]:
@@ -72,7 +75,7 @@ def build_finetuned(recipe: FinetuneRecipe, console: Console, force: bool = Fals
         write_llava_json(data_dir, "train", recipe.conversations, force=True)
     options = TrainOptions(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr,
                            projector_lr=recipe.projector_lr, save_every=recipe.save_every,
-                           seed=recipe.seed)  # fmt: skip
+                           seed=recipe.seed, precision=resolve(recipe.precision))  # fmt: skip
     lora = LoraSettings(recipe.lora_rank, recipe.lora_alpha, 0.05)
     for method, params in methods().items():
         output = FINETUNED_DIR / method
