@@ -58,7 +58,7 @@ def test_method_none_is_the_unpatched_model_exactly(stock):
 def test_patched_greedy_equals_prumerge_generate_over_a_batch_of_different_counts(stock, tmp_path):
     model, processor = stock
     bundle = tmp_path / "bundle"
-    prumerge_cli.ReducedVisionEncoder.from_pretrained(LLAVA_DIR, "prumerge").save(bundle)
+    prumerge_cli.ReducedVisionEncoder.from_pretrained(LLAVA_DIR, "prumerge", positions="contiguous").save(bundle)
     samples = samples_of("test", 3, 3)
     images, questions = [s.image for s in samples], [s.qas[1].question for s in samples]
     asker = Asker(bundle)
@@ -73,7 +73,7 @@ def test_patched_greedy_equals_prumerge_generate_over_a_batch_of_different_count
         assert asker.lm.until_eos(row) == answer.token_ids
 
 
-def test_patch_refuses_what_it_cannot_reduce(stock):
+def test_patch_refuses_what_it_cannot_reduce(stock, tmp_path):
     model, _ = stock
     tiny = LlavaNextConfig(
         vision_config=CLIPVisionConfig(image_size=112, **VISION).to_dict(),
@@ -85,4 +85,8 @@ def test_patch_refuses_what_it_cannot_reduce(stock):
         prumerge_cli.patch(LlavaNextForConditionalGeneration(tiny), "prumerge")
     with pytest.raises(prumerge_cli.PrumergeError, match="unknown method 'bogus'"):
         prumerge_cli.patch(model, "bogus")
+    original = tmp_path / "original"
+    prumerge_cli.ReducedVisionEncoder.from_pretrained(LLAVA_DIR, "prumerge", positions="original").save(original)
+    with pytest.raises(prumerge_cli.PrumergeError, match="--positions contiguous"):
+        prumerge_cli.patch(model, original)
     assert type(model) is LlavaForConditionalGeneration

@@ -143,7 +143,7 @@ def export_decode(bundle: Path, output: Path, options: DecodeOptions, trt: bool,
     if options.batch < 1 or options.prompt_tokens < 2 or options.new_tokens < 1:
         raise PrumergeError("--batch-size, --prompt-tokens and --new-tokens must be positive")
     dynamic, encoder = load_dynamic(bundle, model_dir=model, full_hash=full_hash)
-    if encoder.positions != "contiguous":
+    if encoder.positions != "contiguous" and encoder.reducer.name != "none":
         raise PrumergeError(
             f"{bundle} places image tokens at their patches' positions; the exported decode step "
             "takes positions from its dense counter (contiguous), so it exports only such bundles"

@@ -94,8 +94,8 @@ def reducer_of(bundle_or_method: str | Path, params: dict[str, Any]):
             raise PrumergeError("a Dynamic-LLaVA bundle acts inside the LM; patch takes training-free reducers")
         if record.get("positions", "contiguous") != "contiguous":
             raise PrumergeError(
-                "the bundle places tokens at their patches' positions; transformers' generation, "
-                "which patch keeps, places them contiguously (use `prumerge generate`)"
+                "the bundle places tokens at their patches' positions, and transformers' generation, which patch "
+                "keeps, places them contiguously: compress with --positions contiguous, or use `prumerge generate`"
             )
         return build_reducer(record["method"], **{**record["params"], **params})
     return build_reducer(str(bundle_or_method), **params)
@@ -116,7 +116,9 @@ def patch(model: Any, bundle_or_method: str | Path, **params: Any) -> Any:
     family = "siglip" if "siglip" in vision_type else "clip"
     loaded = LoadedModel("llava", family, model.model.vision_tower, model.model.multi_modal_projector,
                          config.vision_feature_layer, None, [])  # fmt: skip
-    encoder = ReducedVisionEncoder(loaded, reducer_of(bundle_or_method, params), Path(config.name_or_path or "."))
+    encoder = ReducedVisionEncoder(
+        loaded, reducer_of(bundle_or_method, params), Path(config.name_or_path or "."), positions="contiguous"
+    )  # what transformers' generation gives the tokens
     model.__class__ = ReducedLlava
     model._prumerge_encoder = encoder
     return model
