@@ -42,6 +42,7 @@ def test_bench_bundle_and_export_on_two_backends(capsys, clip_dir, image_paths, 
         ("none", "torch"), ("none", "ort"), ("prumerge", "torch"), ("prumerge", "ort"),
         ("prumerge", "torch"), ("prumerge", "ort"),
     ]  # fmt: skip
+    assert {r["positions"] for r in rows} == {"original"}  # the bundle's and the export's own setting
     base = rows[0]
     assert base["tokens"]["mean"] == 576 and base["by_batch"]["2"]["ratios"]["latency"] == 1.0
     reduced = rows[2]
@@ -64,10 +65,14 @@ def test_bench_bundle_and_export_on_two_backends(capsys, clip_dir, image_paths, 
 def test_bench_with_a_llava_llm_reports_prefill_kv_and_answers(capsys, llava_dir, image_paths, tmp_path):
     report_path = tmp_path / "bench.json"
     res = run_cli(capsys, "bench", llava_dir, "--methods", "prumerge,pool", "--llm", llava_dir, "--images",
-                  image_paths[0].parent, "--json", report_path, *FAST)  # fmt: skip
+                  image_paths[0].parent, "--json", report_path, "--positions", "contiguous", *FAST)  # fmt: skip
     assert res.code == 0, res.err
-    llm = json.loads(report_path.read_text())["llm"]
-    assert [r["variant"] for r in llm if r["batch"] == 1] == ["none", "prumerge", "pool side=12"]
+    report = json.loads(report_path.read_text())
+    assert {r["positions"] for r in report["encoder"]} == {"contiguous"}
+    llm = report["llm"]
+    assert [r["variant"] for r in llm if r["batch"] == 1] == [
+        "none", "prumerge (contiguous positions)", "pool side=12 (contiguous positions)"
+    ]  # fmt: skip
     base, reduced = llm[0], llm[1]
     assert base["fidelity"] == {"next_token_kl": 0.0, "greedy_agreement": 1.0}
     assert reduced["fidelity"]["next_token_kl"] >= 0 and 0 <= reduced["fidelity"]["greedy_agreement"] <= 1

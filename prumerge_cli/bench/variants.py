@@ -43,7 +43,7 @@ class Variant:
     def __post_init__(self) -> None:
         extra = "".join(f" {k}={v}" for k, v in self.params.items() if k in ("budget", "side") and v is not None)
         self.label = f"{self.method}{extra}" + (" fine-tuned" if self.regime == "fine-tuned" else "")
-        if self.positions != DEFAULT_POSITIONS:
+        if self.positions != DEFAULT_POSITIONS and self.method != "none":  # every token: the same either way
             self.label += f" ({self.positions} positions)"
 
 
@@ -102,7 +102,7 @@ def build_variants(
     if len(models) != 1:
         raise PrumergeError(f"bench compares variants of one model; the targets use {len(models)}")
     model_dir = models.pop()
-    specs = [Spec(model_dir, "none", {}), *(s for s in specs if s.method != "none")]
+    specs = [Spec(model_dir, "none", {}, positions=positions), *(s for s in specs if s.method != "none")]
     model = load_model(model_dir, dtype)  # one copy of the weights, shared by every variant (exported on the CPU)
     variants = []
     baseline_encoder = None
