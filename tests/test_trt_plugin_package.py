@@ -9,6 +9,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -36,11 +38,21 @@ def run_harness(version: str, tmp_path: Path) -> dict:
     return json.loads(proc.stdout)
 
 
+@pytest.fixture(scope="module")
+def harnesses(tmp_path_factory) -> Iterator[dict[str, Future]]:
+    """Every version's harness, run side by side (a process each, as many at once as there are cores); a version's
+    test waits for its own result and fails with its own error."""
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+    futures = {v: pool.submit(run_harness, v, tmp_path_factory.mktemp(f"trt-{v}")) for v in VERSIONS}
+    yield futures
+    pool.shutdown(wait=True)
+
+
 @pytest.mark.parametrize("version", VERSIONS)
-def test_plugins_register_create_shape_and_launch(version, tmp_path):
+def test_plugins_register_create_shape_and_launch(version, harnesses):
     from prumerge_cli.plugins.kernels.token_select import NUM_WARPS
 
-    report = run_harness(version, tmp_path)
+    report = harnesses[version].result()
     print(json.dumps(report, indent=1))
     assert report["version"] == version
     assert report["registered"] == ["AdaptiveTokenSelect", "AdaptiveTokenSelectCount", "SparseKVAttention"]
