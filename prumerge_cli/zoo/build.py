@@ -27,7 +27,8 @@ from ..training.checkpoints import file_digest
 from ..versions import cpu_name
 from . import ZOO_DIR
 from .card import model_card
-from .clip_training import image_processor, retrieval_top1
+from .clip_training import clip_run, image_processor, retrieval_top1
+from .llava_training import build_llava, llava_run
 from .precision import PRECISIONS, native_bf16, resolve
 from .scores import score_llava
 from .stage import CACHE_DIR, run_resumable
@@ -150,17 +151,12 @@ class Build:
         """Train (or resume) a stage and save it; False if it stopped early."""
         torch.set_num_threads(self.recipe.threads)
         torch.use_deterministic_algorithms(True)
+        r = self.recipe
         if stage == "clip":
-            from .clip_training import clip_run
-
-            r = self.recipe
             run = clip_run(self.tokenizer, r.clip_steps, r.clip_batch, r.seed, r.precision)
         else:
-            from .llava_training import build_llava, llava_run
-
             clip = CLIPModel.from_pretrained(str(self.out / "clip"), dtype=torch.float32).eval()
-            llava = build_llava(clip, self.tokenizer, self.recipe.seed)
-            r = self.recipe
+            llava = build_llava(clip, self.tokenizer, r.seed)
             run = llava_run(llava, self.tokenizer, r.llava_steps, r.llava_images, r.seed, r.llava_lr, r.precision,
                             r.llava_subset_share)  # fmt: skip
         inputs = self.inputs(stage)
