@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -13,6 +15,18 @@ import prumerge_cli
 from prumerge_cli.models.images import open_image
 
 from .cli_helpers import run_cli, run_subprocess
+
+
+def test_public_names_load_on_first_use():
+    assert sorted(prumerge_cli.__all__) == sorted(prumerge_cli._HOMES)
+    for name in prumerge_cli.__all__:
+        assert getattr(prumerge_cli, name) is not None
+    try:
+        prumerge_cli.no_such_name  # noqa: B018
+    except AttributeError as exc:
+        assert "no_such_name" in str(exc)
+    else:
+        raise AssertionError("an unknown name must raise AttributeError")
 
 
 def assert_clean_error(result, fragment: str) -> None:
@@ -120,6 +134,11 @@ def test_inspect_bad_image_is_a_clean_error(capsys, clip_dir, tmp_path):
 def test_subprocess_help_and_exit_codes(clip_dir, tmp_path):
     res = run_subprocess("--help")
     assert res.code == 0 and "compress" in res.out and "inspect" in res.out
+    helps = "\n".join(f"sys.argv = ['prumerge', '{c}', '--help']\ntry:\n    main()\nexcept SystemExit:\n    pass"
+                      for c in ("compress", "export", "inspect", "bench", "generate", "demo", "convert"))  # fmt: skip
+    script = f"import sys\nfrom prumerge_cli.cli import main\n{helps}\nprint('transformers' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.count("Usage") == 7 and proc.stdout.split()[-1] == "False", proc.stdout[-300:] + proc.stderr
     res = run_subprocess("compress", tmp_path / "nothing", "-o", tmp_path / "b")
     assert_clean_error(res, "does not exist")
     res = run_subprocess("compress", clip_dir, "--bogus-option")

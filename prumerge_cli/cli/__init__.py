@@ -44,11 +44,15 @@ def _register() -> None:
 
 
 def quiet_transformers() -> None:
-    """No per-file progress bars or info logs from transformers inside our own output."""
-    from transformers.utils import logging as hf_logging
+    """No per-file progress bars or info logs from transformers inside our own output (through its environment
+    variables, so that nothing imports transformers before a command needs it)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # already loaded: the variables were read, so tell it directly
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
     # peft still asks for a property transformers 5 has renamed; the warning says nothing to a user of prumerge
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import torch
 import typer
@@ -12,11 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .. import atomic, devices, dtypes
-from ..dynamic.compress import DynamicJob, run_dynamic
-from ..dynamic.config import SparseConfig
-from ..encoder import ReducedVisionEncoder
 from ..errors import PrumergeError
-from ..finetune.compress import FinetuneJob, run_finetune
 from ..finetune.lora import LINEAR_LAYERS, LoraSettings
 from ..lm.positions import DEFAULT_POSITIONS, POSITIONS_HELP, check_positions
 from ..reducers import REDUCERS
@@ -24,6 +20,11 @@ from ..training.loop import TrainOptions
 from . import app
 from .console import out_console
 from .options import PARAM_HELP, parse_params
+
+if TYPE_CHECKING:  # the training and model modules load transformers: imported where a command needs them
+    from ..dynamic.compress import DynamicJob
+    from ..dynamic.config import SparseConfig
+    from ..finetune.compress import FinetuneJob
 
 
 def DYN(**kwargs: object) -> typer.models.OptionInfo:
@@ -122,6 +123,8 @@ def compress(
         out_console().print(f"wrote {output}: a LlavaForConditionalGeneration with the adapters and projector merged")
         return
     if finetune:
+        from ..finetune.compress import FinetuneJob
+
         if method not in REDUCERS:
             raise PrumergeError(f"--finetune takes a training-free method ({', '.join(REDUCERS)}); got {method!r}")
         if data is None or images is None:
@@ -136,6 +139,9 @@ def compress(
                                  positions=positions))  # fmt: skip
         return
     if method == "dynamic":
+        from ..dynamic.compress import DynamicJob
+        from ..dynamic.config import SparseConfig
+
         if (data is None or images is None) and not plan:
             raise typer.BadParameter("--method dynamic needs --data and --images", param_hint="--data")
         config = SparseConfig(sparse_layer=sparse_layer, d_model=predictor_width, nhead=predictor_heads,
@@ -159,6 +165,8 @@ def compress(
         raise PrumergeError(f"--score-dtype takes 'model' or 'fp32', got {score_dtype!r}")
     score_dtype = "model" if score_dtype == "model" else "float32"
     dtype = dtypes.canonical(dtype)
+    from ..encoder import ReducedVisionEncoder
+
     console = out_console()
     with console.status(f"loading {model_dir} and checking {method}..."):
         encoder = ReducedVisionEncoder.from_pretrained(
@@ -206,6 +214,9 @@ def show_plan(model_dir: Path, config: SparseConfig, options: TrainOptions, seq_
 
 def run_training(job: DynamicJob | FinetuneJob) -> None:
     """Run a training job; Ctrl-C leaves the last checkpoint and says how to resume."""
+    from ..dynamic.compress import DynamicJob, run_dynamic
+    from ..finetune.compress import FinetuneJob, run_finetune
+
     console = out_console()
     try:
         history = run_dynamic(job, console) if isinstance(job, DynamicJob) else run_finetune(job, console)

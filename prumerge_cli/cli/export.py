@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from .. import atomic, devices, dtypes
-from ..bundle import is_bundle
-from ..dynamic.bundle import is_dynamic
 from ..errors import PrumergeError
-from ..exporters.decode_export import DecodeOptions
 from ..exporters.trt_support import PLUGIN_MODES
-from ..targets import open_encoder
 from . import app
 from .console import out_console
 from .options import PARAM_HELP, parse_params
+
+if TYPE_CHECKING:  # loads transformers: imported where the command needs it
+    from ..exporters.decode_export import DecodeOptions
 
 
 def DECODE(**kwargs: object) -> typer.models.OptionInfo:
@@ -77,6 +76,11 @@ def export(
     atomic.check_output(output, force)
     where = devices.resolve_device(device)
     console = out_console()
+    from ..bundle import is_bundle
+    from ..dynamic.bundle import is_dynamic
+    from ..exporters.decode_export import DecodeOptions
+    from ..targets import open_encoder
+
     if is_bundle(target) and is_dynamic(target):
         options = DecodeOptions(batch_size or 1, prompt_tokens, new_tokens, plugins != "none", plugins == "aot", check)
         export_decode(target, output, options, trt, dtype, timing_cache, force, console, model, full_hash)

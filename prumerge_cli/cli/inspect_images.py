@@ -16,7 +16,6 @@ from ..errors import PrumergeError
 from ..models.images import collect_images, open_image
 from ..overlay import model_view, render_overlay, save_png
 from ..reducers import EXTRA_INDEX, REDUCERS
-from ..targets import open_encoder
 from . import app
 from .console import out_console
 from .options import PARAM_HELP, parse_params
@@ -54,6 +53,8 @@ def inspect_images(
 
         encoder = OrtEncoder(target, threads=threads)
     elif backend == "torch":
+        from ..targets import open_encoder
+
         encoder = open_encoder(target, method, parse_params(param), model, full_hash, dtype).to(where)
     else:
         raise PrumergeError(f"unknown backend {backend!r}; choose torch or ort")
