@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml constraints.txt tests/tensorrt_versions.txt
 	done
 	touch $(STAMP)
 
+# One pytest worker per core (at most 4): most of the suite is single-threaded Python around tiny models.
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist worksteal
 
 lint: setup
 	$(BIN)/ruff check .

@@ -9,7 +9,6 @@ to the `prumerge::AdaptiveTokenSelect` plugin (op type = plugin name, `plugin_na
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -131,8 +130,8 @@ def register_ort_pyop() -> str:
     return get_library_path()
 
 
-def ort_model_with_pyops(model_path: Path) -> Path:
-    """A copy of the model whose plugin nodes sit in the domain onnxruntime-extensions serves."""
+def ort_model_with_pyops(model_path: Path, out_dir: Path) -> Path:
+    """A copy of the model, in `out_dir`, whose plugin nodes sit in the domain onnxruntime-extensions serves."""
     model = onnx.load(str(model_path))
     for node in model.graph.node:
         if node.domain == DOMAIN:
@@ -140,6 +139,6 @@ def ort_model_with_pyops(model_path: Path) -> Path:
     imports = [o for o in model.opset_import if o.domain != DOMAIN]
     del model.opset_import[:]
     model.opset_import.extend([*imports, onnx.helper.make_opsetid(ORT_CONTRIB_DOMAIN, 1)])
-    out = Path(tempfile.mkdtemp(prefix="prumerge-pyops-")) / "model.onnx"
+    out = out_dir / "model.onnx"
     onnx.save(model, str(out))
     return out

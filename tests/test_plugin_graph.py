@@ -4,6 +4,7 @@ onnxruntime-extensions, equal to the plugin-free graph."""
 from __future__ import annotations
 
 import json
+import tempfile
 
 import onnx
 import pytest
@@ -20,7 +21,7 @@ from .test_cli import assert_clean_error
 
 
 @pytest.mark.parametrize("method", ["prumerge", "prumerge+"])
-def test_plugin_graph_equals_plugin_free_graph(clip_dir, image_paths, tmp_path, method):
+def test_plugin_graph_equals_plugin_free_graph(clip_dir, image_paths, tmp_path, method, monkeypatch):
     encoder = prumerge_cli.ReducedVisionEncoder.from_pretrained(clip_dir, method)
     manifest = export_onnx(encoder, tmp_path / "plug", OnnxOptions(plugins=True))
     export_onnx(encoder, tmp_path / "plain", OnnxOptions())
@@ -34,12 +35,16 @@ def test_plugin_graph_equals_plugin_free_graph(clip_dir, image_paths, tmp_path, 
     assert manifest["plugins"][0]["tensorrt_plugin"] == "prumerge::AdaptiveTokenSelect"
     assert manifest["parity"]["passed"]
     images = [open_image(p) for p in image_paths[:3]]
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the session's rewritten copy goes, and leaves
     plug, plain = (
         OrtEncoder(tmp_path / "plug").encode_images(images),
         OrtEncoder(tmp_path / "plain").encode_images(images),
     )
     assert torch.equal(plug.indices, plain.indices) and torch.equal(plug.lengths, plain.lengths)
     torch.testing.assert_close(plug.tokens, plain.tokens, atol=1e-5, rtol=1e-5)
+    assert list(scratch.iterdir()) == []
 
 
 def test_plugins_cli_and_unsupported_methods(capsys, clip_dir, tmp_path):

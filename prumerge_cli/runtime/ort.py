@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,19 +33,24 @@ def create_session(model_path: Path, threads: int | None, providers: list[Any] |
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
-    if plugins:
-        try:
-            from ..plugins import attention_ops
-            from ..plugins.onnx_ops import ort_model_with_pyops, register_ort_pyop
-        except ImportError:
-            raise PrumergeError('plugin graphs need onnxruntime-extensions: pip install "prumerge[dev]"') from None
-        attention_ops.register_ort_pyop()
-        options.register_custom_ops_library(register_ort_pyop())
-        model_path = ort_model_with_pyops(model_path)
+    if not plugins:
+        return _open(ort, model_path, options, providers, model_path)
     try:
-        return ort.InferenceSession(str(model_path), options, providers=providers or ["CPUExecutionProvider"])
+        from ..plugins import attention_ops
+        from ..plugins.onnx_ops import ort_model_with_pyops, register_ort_pyop
+    except ImportError:
+        raise PrumergeError('plugin graphs need onnxruntime-extensions: pip install "prumerge[dev]"') from None
+    attention_ops.register_ort_pyop()
+    options.register_custom_ops_library(register_ort_pyop())
+    with tempfile.TemporaryDirectory(prefix="prumerge-pyops-") as tmp:  # the session holds the graph once created
+        return _open(ort, ort_model_with_pyops(model_path, Path(tmp)), options, providers, model_path)
+
+
+def _open(ort, path: Path, options, providers: list[Any] | None, shown: Path):
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for unreadable or invalid models
-        raise PrumergeError(f"cannot load {model_path}: {str(exc).splitlines()[0]}") from None
+        raise PrumergeError(f"cannot load {shown}: {str(exc).splitlines()[0]}") from None
 
 
 def read_manifest(out_dir: str | Path) -> dict[str, Any]:
