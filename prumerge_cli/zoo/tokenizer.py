@@ -14,9 +14,9 @@ SPECIALS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 IMAGE_TOKEN = "<image>"
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Specials first (<pad>=0, <unk>=1, <s>=2, </s>=3, <image>=4), then the world's words."""
-    vocab = {word: i for i, word in enumerate((*SPECIALS, *vocabulary()))}
+def build_tokenizer(extra: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """Specials first (<pad>=0, <unk>=1, <s>=2, </s>=3, <image>=4), then the world's words, then `extra` words."""
+    vocab = {word: i for i, word in enumerate((*SPECIALS, *vocabulary(), *extra))}
     core = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     core.normalizer = Lowercase()
     core.pre_tokenizer = Whitespace()  # words and punctuation apart: "Describe the image." reads as the world's words
