@@ -30,6 +30,10 @@ def test_every_family_speaks_the_probe_vocabulary_and_presence_at_is_balanced_an
     assert 35 <= answers.count("yes") <= 65
     two_step = FAMILIES["presence-at-two-step"](samples[0], rng)
     assert len(two_step.answer.split()) in (2, 3) and two_step.answer.split()[-1] in ("yes", "no")
+    for sample in samples[:20]:
+        first, attribute, second, other, verdict = FAMILIES["compare-at-two-step"](sample, rng).answer.split()
+        where = {POSITIONS[t.cell]: {t.colour, t.shape, t.size} for t in sample.scene}
+        assert attribute in where[first] and other in where[second] and verdict in ("yes", "no")
 
 
 def test_a_probe_trains_and_scores_each_family():

@@ -76,6 +76,17 @@ def compare_at(sample: Sample, rng: random.Random) -> QA:
     return QA(f"is the object at {pa} {relation} the object at {pb}", "yes" if holds(a, b) else "no", "compare-at")
 
 
+def compare_at_two_step(sample: Sample, rng: random.Random) -> QA:
+    """`compare_at`, answered as each position word followed by what is there, then yes or no
+    ("west small center large no"): every readout comes right after its own position word."""
+    qa = compare_at(sample, rng)
+    words = qa.question.split()
+    attribute = "size" if "larger" in words else "colour" if "color" in words else "shape"
+    cells = [w for w in words if w in POSITIONS]
+    there = {POSITIONS[t.cell]: getattr(t, attribute) for t in sample.scene}
+    return QA(qa.question, " ".join(f"{c} {there[c]}" for c in cells) + f" {qa.answer}", "compare-at-two-step")
+
+
 def colour_of_shape(sample: Sample, rng: random.Random) -> QA:
     """Content-keyed lookup with a one-word readout: the colour of the scene's only object of a shape (else the
     colour at a position)."""
@@ -100,6 +111,7 @@ FAMILIES: dict[str, Family] = {
     "presence-at": presence_at,
     "presence-at-two-step": presence_at_two_step,
     "compare-at": compare_at,
+    "compare-at-two-step": compare_at_two_step,
     "color-of-shape": colour_of_shape,
 }
 
