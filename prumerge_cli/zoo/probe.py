@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel
 
+from ..cli import quiet_transformers
 from ..lm.llava_lm import LlavaLm
 from ..lm.splice import IGNORE, splice
 from ..models.tower import VisionTower
@@ -206,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    quiet_transformers()
     torch.manual_seed(args.seed)
     try:
         probe = Probe(args.families.split(","), args.seed)
