@@ -148,7 +148,7 @@ class Probe:
         projected = self.model.model.multi_modal_projector(pooled.tokens[rows])
         return ReducedTokens(projected, pooled.lengths[rows], pooled.indices[rows])
 
-    def train(self, steps: int, every: int, images: int = 8, per_family: int = 2, lr: float = 1.5e-3,
+    def train(self, steps: int, every: int, images: int = 8, per_family: int = 4, lr: float = 1.5e-3,
               report: Callable[[int, dict[str, float]], None] | None = None,
               score_images: int = 300) -> dict[str, float]:  # fmt: skip
         """`steps` of AdamW under warmup-cosine; held-out scores (`score_images`) every `every` steps and at the
