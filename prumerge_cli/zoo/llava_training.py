@@ -16,7 +16,7 @@ from .clip_training import image_processor
 from .precision import autocast
 from .stage import TrainingRun, warmup_cosine
 from .tokenizer import IMAGE_TOKEN
-from .world import samples_of
+from .world import QA, samples_of
 
 
 def llava_config(clip: CLIPModel, tokenizer) -> LlavaConfig:
@@ -40,6 +40,13 @@ def build_llava(clip: CLIPModel, tokenizer, seed: int) -> LlavaForConditionalGen
     return model
 
 
+def qa_tokens(tokenizer, qa: QA) -> tuple[list[int], list[bool]]:
+    """`question answer </s>` as ids, with the answer and `</s>` marked as targets."""
+    question = tokenizer(qa.question, add_special_tokens=False)["input_ids"]
+    answer = [*tokenizer(qa.answer, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    return question + answer, [False] * len(question) + [True] * len(answer)
+
+
 def conversation_batch(split: str, start: int, count: int, processor, tokenizer):
     """Pixels of `count` samples and, per image, its training conversation (`Sample.lesson`):
     `q1 a1 </s> q2 a2 </s> ... describe the image . <caption> </s>`, with answers and `</s>` as targets."""
@@ -50,10 +57,9 @@ def conversation_batch(split: str, start: int, count: int, processor, tokenizer)
         text: list[int] = []
         target: list[bool] = []
         for qa in sample.lesson:
-            question = tokenizer(qa.question, add_special_tokens=False)["input_ids"]
-            answer = [*tokenizer(qa.answer, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
-            text += question + answer
-            target += [False] * len(question) + [True] * len(answer)
+            ids, is_target = qa_tokens(tokenizer, qa)
+            text += ids
+            target += is_target
         texts.append(text)
         targets.append(target)
     return pixels, texts, targets

@@ -23,7 +23,7 @@ from ..models.tower import VisionTower
 from ..reducers import ReducedTokens, build_reducer
 from . import CLIP_DIR
 from .clip_training import image_processor
-from .llava_training import build_llava
+from .llava_training import build_llava, qa_tokens
 from .stage import warmup_cosine
 from .tokenizer import build_tokenizer
 from .world import COLOURS, POSITIONS, QA, QUESTION_TYPES, SHAPES, Sample, ask, ask_about, samples_of
@@ -161,13 +161,8 @@ class Probe:
         for step in range(steps):
             self.model.train()
             pooled, rows, qas = self.batch("train", step * images, images, rng, per_family)
-            texts, targets = [], []
-            for qa in qas:
-                question = self.lm.encode([qa.question])[0]
-                answer = [*self.lm.encode([qa.answer])[0], self.tokenizer.eos_token_id]
-                texts.append(question + answer)
-                targets.append([False] * len(question) + [True] * len(answer))
-            batch = splice(self.lm.embed, self.lm.bos_id, self.image_tokens(pooled, rows), texts, targets)
+            texts, targets = zip(*(qa_tokens(self.tokenizer, qa) for qa in qas), strict=True)
+            batch = splice(self.lm.embed, self.lm.bos_id, self.image_tokens(pooled, rows), list(texts), list(targets))
             loss = F.cross_entropy(self.lm.logits(batch).flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE)
             opt.zero_grad(set_to_none=True)
             loss.backward()
