@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+from collections import Counter
 
 import numpy as np
 import torch
@@ -14,7 +16,16 @@ from prumerge_cli.lm.llava_lm import LlavaLm
 from prumerge_cli.lm.splice import IGNORE, splice
 from prumerge_cli.reducers import ReducedTokens
 from prumerge_cli.zoo.tokenizer import build_tokenizer
-from prumerge_cli.zoo.world import QUESTION_TYPES, make_sample, split_seed, vocabulary
+from prumerge_cli.zoo.world import (
+    POSITIONS,
+    QUESTION_TYPES,
+    RELATIONS,
+    ask,
+    fingerprint,
+    make_sample,
+    split_seed,
+    vocabulary,
+)
 
 from .cli_helpers import run_cli
 
@@ -34,14 +45,46 @@ def test_every_question_type_is_asked_and_tokenizable():
         sample = make_sample(split_seed("train", i))
         assert [qa.kind for qa in sample.qas] == list(QUESTION_TYPES)
         for qa in sample.qas:
-            ids = tok(f"{qa.question} {qa.answer} {sample.caption}", add_special_tokens=False)["input_ids"]
+            ids = tok(f"{qa.question} {qa.reply} {sample.caption}", add_special_tokens=False)["input_ids"]
             assert unk not in ids
             answers[qa.kind].append(qa.answer)
-    for kind in ("presence", "relation"):
-        yes = answers[kind].count("yes") / len(answers[kind])
-        assert 0.35 < yes < 0.65, (kind, yes)
+    yes = answers["presence"].count("yes") / 200
+    nothing = answers["relation"].count("nothing") / 200
+    assert 0.35 < yes < 0.65 and 0.3 < nothing < 0.7, (yes, nothing)
     assert set(answers["count"]) == {"two", "three", "four"}
     assert len(vocabulary()) == len(set(vocabulary()))
+
+
+def test_presence_and_relation_say_what_is_at_the_cell_then_answer():
+    rng = random.Random(0)
+    misses = Counter()
+    for i in range(100):
+        scene = list(make_sample(split_seed("train", i)).scene)
+        there = {POSITIONS[t.cell]: t.name for t in scene}
+        presence = ask(scene, "presence", rng)
+        *_, colour, shape, _, cell = presence.question.split()
+        assert presence.steps == there.get(cell, "nothing") and presence.reply.endswith(presence.answer)
+        assert (presence.answer == "yes") == (there.get(cell) == f"{colour} {shape}"), presence
+        if presence.answer == "no":
+            misses["empty" if cell not in there else "colour" if there[cell].endswith(shape) else "shape"] += 1
+        relation = ask(scene, "relation", rng)
+        words = relation.question.split()
+        row, col = divmod(POSITIONS.index(words[-1]), 3)
+        dr, dc = RELATIONS[" ".join(words[2:-4])]
+        assert words[-1] in there and relation.steps == POSITIONS[(row + dr) * 3 + col + dc]
+        assert relation.answer == there.get(relation.steps, "nothing")
+    assert min(misses.values()) >= 8 and set(misses) == {"empty", "colour", "shape"}  # every kind of near miss
+
+
+def test_the_fingerprint_follows_what_a_stage_trains_on(monkeypatch):
+    from prumerge_cli.zoo import world
+
+    scenes, lessons = fingerprint(lessons=False), fingerprint(lessons=True)
+    assert fingerprint(lessons=True) == lessons != scenes
+    monkeypatch.setattr(world, "lesson", lambda scene, rng: (world.ask_about(scene[0], "color"),))
+    assert fingerprint(lessons=False) == scenes and fingerprint(lessons=True) != lessons  # other questions
+    monkeypatch.setattr(world, "SIZES", ("large",))
+    assert fingerprint(lessons=False) != scenes  # other images
 
 
 def test_training_conversation_and_near_miss():
@@ -55,7 +98,7 @@ def test_training_conversation_and_near_miss():
         assert kinds.count("relation") == 3 and kinds.count("presence") == 4 and kinds.count("count") == 1
         true, near = set(sample.caption.split(" and ")), set(sample.near_miss.split(" and "))
         assert len(true - near) == len(near - true) == 1  # one object changed (one of its attributes)
-        text = " ".join(f"{qa.question} {qa.answer}" for qa in sample.lesson) + " " + sample.near_miss
+        text = " ".join(f"{qa.question} {qa.reply}" for qa in sample.lesson) + " " + sample.near_miss
         assert tok.unk_token_id not in tok(text, add_special_tokens=False)["input_ids"]
     assert tok("Describe the image.", add_special_tokens=False)["input_ids"] == tok("describe the image .")["input_ids"]
 
@@ -94,7 +137,7 @@ def test_world_writes_llava_conversation_json(capsys, tmp_path):
     turns = records[0]["conversations"]
     assert turns[0]["from"] == "human" and turns[0]["value"].startswith("<image>\n") and turns[1]["from"] == "gpt"
     sample = make_sample(split_seed("val", 0))
-    assert len(turns) == 2 * len(sample.lesson) and turns[1]["value"] == sample.lesson[0].answer
+    assert len(turns) == 2 * len(sample.lesson) and turns[1]["value"] == sample.lesson[0].reply
     assert turns[-2]["value"] == "describe the image ." and turns[-1]["value"] == sample.caption
     written = Image.open(tmp_path / "data" / "images" / "val-0000000.png")
     assert np.array_equal(np.asarray(written), np.asarray(sample.image))

@@ -45,6 +45,22 @@ def test_llava_answers_held_out_questions_above_chance(lm):
     assert score.accuracy["color"] >= 0.8 and score.accuracy["count"] >= 0.7, score.accuracy
 
 
+def test_replies_decoded_by_prefilling_anew_are_the_cached_greedy_ones(lm):
+    """`vqa` decodes an answerer's multi-word replies by prefilling each step anew (so that any answerer can);
+    for the LM's own logits that must be what its KV-cached greedy decoder says."""
+    from prumerge_cli.zoo.vqa import greedy_replies
+    from prumerge_cli.zoo.world import samples_of
+
+    samples = samples_of("test", 0, 4)
+    image = ReducedVisionEncoder.from_pretrained(LLAVA_DIR, "prumerge").encode_images([s.image for s in samples],
+                                                                                       project=True)  # fmt: skip
+    questions = lm.encode([s.qas[k].question for s in samples for k in (0, 5)])
+    image = image.select(torch.arange(4).repeat_interleave(2))
+    with torch.no_grad():
+        cached = greedy_replies(lm, image, questions, 4)
+        assert greedy_replies(lm, image, questions, 4, answer=lambda batch, _: lm.next_token_logits(batch)) == cached
+
+
 def test_prumerge_on_the_embedded_model_keeps_few_tokens(lm):
     score = vqa_accuracy(ReducedVisionEncoder.from_pretrained(LLAVA_DIR, "prumerge"), lm, images=25)
     assert score.tokens_max <= 65 and score.tokens_mean < 256 / 3

@@ -28,7 +28,7 @@ def test_a_stopped_stage_resumes_to_the_uninterrupted_weights(tmp_path):
     assert not (tmp_path / "interrupted" / "zoo" / "clip").exists()  # nothing written before the stage ends
     resumed = build(tmp_path, "interrupted")
     assert resumed.train("clip", stop_after=None)
-    assert resumed.weights("clip") == straight.weights("clip")
+    assert resumed.weights("clip") == straight.weights("clip") and resumed.records["clip"]["precision"] == "fp32"
     assert resumed.up_to_date("clip") and resumed.plan(["clip"]) == []
 
     assert resumed.train("llava", stop_after=None)
@@ -39,6 +39,7 @@ def test_a_stopped_stage_resumes_to_the_uninterrupted_weights(tmp_path):
     assert build(tmp_path, "interrupted").plan(["llava"]) == []
     retrained = Build(replace(TINY, seed=1), resumed.out, resumed.cache, Console(quiet=True))
     assert retrained.plan(["clip", "llava"]) == ["clip", "llava"]  # another recipe: both stale
+    assert Recipe().clip()["precision"] == "auto"  # a stage trained in fp32 is not stale where bf16 is native
 
 
 def test_without_native_bf16_the_full_build_is_refused():

@@ -91,7 +91,8 @@ def test_precision_is_bf16_only_where_native():
 
 def test_model_card_fills_every_field():
     accuracy = {kind: 0.5 for kind in (*QUESTION_TYPES, "overall")} | {"color": 0.875}
-    machine = {"minutes": 2.5, "seconds_per_step": 0.75, "cpu": cpu_name(), "native_bf16": native_bf16(), "threads": 2}
+    machine = {"minutes": 2.5, "seconds_per_step": 0.75, "cpu": cpu_name(), "native_bf16": native_bf16(),
+               "threads": 2, "precision": "fp32"}  # fmt: skip
     records = {
         "clip": {**machine, "retrieval_top1": 0.9},
         "llava": {**machine, "vqa": accuracy, "questions": 60,
@@ -100,7 +101,7 @@ def test_model_card_fills_every_field():
     }  # fmt: skip
     card = model_card(Recipe(precision="fp32"), records)
     assert "| color | 87.5 |" in card and "| overall | 50.0 |" in card and "**90.0%**" in card
-    assert f"on {cpu_name()} (native bf16: {'yes' if native_bf16() else 'no'}" in card
+    assert f"on {cpu_name()} (native bf16: {'yes' if native_bf16() else 'no'}, trained in fp32" in card
     assert "**70.0%**" in card and "(+15.0 points)" in card and "| prumerge | 40.0 | 50.0 |" in card
     assert "{" not in card and "}" not in card
     assert "not built by this recipe yet" in model_card(Recipe(), {})

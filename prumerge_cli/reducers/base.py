@@ -41,6 +41,11 @@ class ReducedTokens:
         """[B, Kmax] bool, True on valid tokens."""
         return torch.arange(self.tokens.shape[1], device=self.lengths.device) < self.lengths[:, None]
 
+    def select(self, rows: torch.Tensor) -> ReducedTokens:
+        """The batch rows `rows` (int64 [R], repeats allowed), in that order."""
+        nb = None if self.neighbours is None else self.neighbours[rows]
+        return ReducedTokens(self.tokens[rows], self.lengths[rows], self.indices[rows], nb, self.span)
+
     def row(self, b: int) -> ReducedTokens:
         """Row b alone, trimmed to its length (a batch of one)."""
         n = int(self.lengths[b])

@@ -33,6 +33,7 @@ from .precision import PRECISIONS, native_bf16, resolve
 from .scores import score_llava
 from .stage import CACHE_DIR, run_resumable
 from .tokenizer import build_tokenizer
+from .world import fingerprint
 
 STAGES = ("clip", "llava", "finetuned")
 BUILD_FILE = "build.json"
@@ -45,7 +46,9 @@ FINETUNE_MINUTES = {True: 12.0, False: 25.0}
 
 @dataclass(frozen=True)
 class Recipe:
-    """Steps, batch sizes, seed, threads and precision (`precision.PRECISIONS`) of a zoo build."""
+    """Steps, batch sizes, seed, threads and precision (`precision.PRECISIONS`) of a zoo build. The precision is
+    the one asked for: `auto` stays `auto`, so that a stage trained in fp32 where bf16 is emulated is not stale on
+    a CPU with native bf16; each stage's record says what it ran in."""
 
     clip_steps: int = 1200
     clip_batch: int = 64
@@ -105,10 +108,10 @@ class Build:
         return file_digest(path) if path.is_file() else None
 
     def inputs(self, stage: str) -> dict[str, Any]:
-        """The recipe and the upstream weights a stage's output depends on."""
+        """The recipe, the upstream weights and the world a stage's output depends on."""
         if stage == "clip":
-            return {"recipe": self.recipe.clip()}
-        return {"recipe": self.recipe.llava(), "clip": self.weights("clip")}
+            return {"recipe": self.recipe.clip(), "world": fingerprint(lessons=False)}
+        return {"recipe": self.recipe.llava(), "clip": self.weights("clip"), "world": fingerprint(lessons=True)}
 
     def up_to_date(self, stage: str) -> bool:
         """Whether the saved weights are those the recorded run wrote, for the current recipe and inputs."""
@@ -143,8 +146,8 @@ class Build:
                 todo.append(stage)
                 total += minutes
         self.console.print(f"expected: about {total:.0f} min on this CPU ({cpu_name()}, native bf16: "
-                           f"{'yes' if native_bf16() else 'no'}, precision {self.recipe.precision}); checkpoints in "
-                           f"{self.cache}")  # fmt: skip
+                           f"{'yes' if native_bf16() else 'no'}, precision {resolve(self.recipe.precision)}); "
+                           f"checkpoints in {self.cache}")  # fmt: skip
         return todo
 
     def train(self, stage: str, stop_after: int | None) -> bool:
@@ -170,7 +173,7 @@ class Build:
         save_model(run.model, self.tokenizer, self.out / stage)
         record = {**inputs, "weights": self.weights(stage), "minutes": round(progress.minutes, 2),
                   "seconds_per_step": round(60 * progress.minutes / run.steps, 3), "cpu": cpu_name(),
-                  "native_bf16": native_bf16(), "threads": self.recipe.threads}  # fmt: skip
+                  "native_bf16": native_bf16(), "precision": resolve(r.precision), "threads": r.threads}  # fmt: skip
         record.update(self.evaluate(stage, run.model))
         self.records[stage] = record
         self.write_records()
@@ -240,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         print(f"error: {why}", file=sys.stderr)
         return 2
-    recipe = Recipe(precision=resolve(args.precision))
+    recipe = Recipe(precision=args.precision)
     if args.quick:
         recipe = replace(recipe, clip_steps=4, clip_batch=8, llava_steps=4, llava_images=2, retrieval_images=16,
                          vqa_images=10)  # fmt: skip

@@ -28,6 +28,7 @@ from . import FINETUNED_DIR, LLAVA_DIR
 from .llava_json import DATA_FILE, write_llava_json
 from .precision import resolve
 from .vqa import vqa_accuracy
+from .world import fingerprint
 
 CACHE_DIR = Path(os.environ.get("PRUMERGE_CACHE", Path.home() / ".cache" / "prumerge")) / "zoo-finetune"
 
@@ -69,7 +70,7 @@ def up_to_date(bundle: Path) -> bool:
 
 def build_finetuned(recipe: FinetuneRecipe, console: Console, force: bool = False) -> None:
     """Fine-tune every method that has no bundle yet (all with `force`)."""
-    data_dir = CACHE_DIR / f"train-{recipe.conversations}"
+    data_dir = CACHE_DIR / f"train-{recipe.conversations}-{fingerprint(lessons=True)[:12]}"  # a new world: new data
     if not (data_dir / DATA_FILE).is_file():
         console.print(f"writing {recipe.conversations} training conversations to {data_dir}")
         write_llava_json(data_dir, "train", recipe.conversations, force=True)

@@ -18,7 +18,7 @@ def conversation(index: int, split: str) -> tuple[dict, object]:
     turns = []
     for i, qa in enumerate(sample.lesson):
         turns.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + qa.question})
-        turns.append({"from": "gpt", "value": qa.answer})
+        turns.append({"from": "gpt", "value": qa.reply})
     record = {"id": name, "image": f"{name}.png", "caption": sample.caption, "conversations": turns}
     return record, sample.image
 

@@ -41,9 +41,9 @@ def build_llava(clip: CLIPModel, tokenizer, seed: int) -> LlavaForConditionalGen
 
 
 def qa_tokens(tokenizer, qa: QA) -> tuple[list[int], list[bool]]:
-    """`question answer </s>` as ids, with the answer and `</s>` marked as targets."""
+    """`question reply </s>` as ids, with the reply (steps and answer) and `</s>` marked as targets."""
     question = tokenizer(qa.question, add_special_tokens=False)["input_ids"]
-    answer = [*tokenizer(qa.answer, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    answer = [*tokenizer(qa.reply, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
     return question + answer, [False] * len(question) + [True] * len(answer)
 
 

@@ -1,8 +1,9 @@
 """A cheap learnability test for question families, before they go into an hour-long `make zoo`: a fresh LM of the
 zoo's LLaVA layout, on the committed CLIP's tokens pooled to 8x8, trained on the chosen families only, scored on
-held-out images every `--every` steps (greedy answer; its last word, and its first for the two-step families).
+held-out images every `--every` steps (the greedy reply scored as `vqa` scores it, and the steps said before the
+answer where a family has them).
 About 1.3 s per step on 2 AVX2 cores.
-Usage: python -m prumerge_cli.zoo.probe color,presence-at [--steps 500] [--every 250] [--seed 0]"""
+Usage: python -m prumerge_cli.zoo.probe color,presence [--steps 500] [--every 250] [--seed 0]"""
 
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ from .clip_training import image_processor
 from .llava_training import build_llava, qa_tokens
 from .stage import warmup_cosine
 from .tokenizer import build_tokenizer
-from .world import COLOURS, POSITIONS, QA, QUESTION_TYPES, SHAPES, Sample, ask, ask_about, samples_of
+from .vqa import greedy_replies
+from .world import POSITIONS, QA, QUESTION_TYPES, Sample, ask, ask_about, samples_of
 
-PROBE_WORDS = ("an", "nothing", "larger", "than", "same", "as")
+PROBE_WORDS = ("an", "larger", "than", "same", "as")
 """Words the candidate families use beyond the world's vocabulary."""
 
 
@@ -37,31 +39,6 @@ def object_at(sample: Sample, rng: random.Random) -> QA:
     taken = [t.cell for t in sample.scene]
     cell = rng.choice(taken) if rng.random() < 0.5 else rng.choice([c for c in range(9) if c not in taken])
     return QA(f"is there an object at {POSITIONS[cell]}", "yes" if cell in taken else "no", "object-at")
-
-
-def presence_at(sample: Sample, rng: random.Random) -> QA:
-    """Position-keyed yes/no that binds colour and shape: the object there, or a near miss there (other colour or
-    other shape), or any object at an empty cell."""
-    if rng.random() < 0.5:
-        t = rng.choice(sample.scene)
-        return QA(f"is there a {t.name} at {POSITIONS[t.cell]}", "yes", "presence-at")
-    empty = [c for c in range(9) if c not in {t.cell for t in sample.scene}]
-    kind = rng.choice(("colour", "shape", "empty"))
-    if kind == "empty":
-        return QA(f"is there a {rng.choice(list(COLOURS))} {rng.choice(SHAPES)} at {POSITIONS[rng.choice(empty)]}",
-                  "no", "presence-at")  # fmt: skip
-    t = rng.choice(sample.scene)
-    colour = rng.choice([c for c in COLOURS if c != t.colour]) if kind == "colour" else t.colour
-    shape = rng.choice([s for s in SHAPES if s != t.shape]) if kind == "shape" else t.shape
-    return QA(f"is there a {colour} {shape} at {POSITIONS[t.cell]}", "no", "presence-at")
-
-
-def presence_at_two_step(sample: Sample, rng: random.Random) -> QA:
-    """`presence_at`, answered in two steps: what is there ('blue circle' or 'nothing'), then yes or no."""
-    qa = presence_at(sample, rng)
-    cell = POSITIONS.index(qa.question.split()[-1])
-    there = [t.name for t in sample.scene if t.cell == cell] or ["nothing"]
-    return QA(qa.question, f"{there[0]} {qa.answer}", "presence-at-two-step")
 
 
 def compare_at(sample: Sample, rng: random.Random) -> QA:
@@ -85,7 +62,7 @@ def compare_at_two_step(sample: Sample, rng: random.Random) -> QA:
     attribute = "size" if "larger" in words else "colour" if "color" in words else "shape"
     cells = [w for w in words if w in POSITIONS]
     there = {POSITIONS[t.cell]: getattr(t, attribute) for t in sample.scene}
-    return QA(qa.question, " ".join(f"{c} {there[c]}" for c in cells) + f" {qa.answer}", "compare-at-two-step")
+    return QA(qa.question, qa.answer, "compare-at-two-step", " ".join(f"{c} {there[c]}" for c in cells))
 
 
 def colour_of_shape(sample: Sample, rng: random.Random) -> QA:
@@ -109,8 +86,6 @@ def world_family(kind: str) -> Family:
 FAMILIES: dict[str, Family] = {
     **{kind: world_family(kind) for kind in QUESTION_TYPES},
     "object-at": object_at,
-    "presence-at": presence_at,
-    "presence-at-two-step": presence_at_two_step,
     "compare-at": compare_at,
     "compare-at-two-step": compare_at_two_step,
     "color-of-shape": colour_of_shape,
@@ -177,20 +152,21 @@ class Probe:
 
     @torch.no_grad()
     def score(self, images: int = 300, batch_images: int = 50) -> dict[str, float]:
-        """Held-out accuracy per family of the answer's last word, and of its first where answers have two steps."""
+        """Held-out accuracy per family: of the answer, as `vqa` scores it, and of the steps said before it."""
         self.model.eval()
         rng = random.Random(1)
         correct: dict[str, list[bool]] = defaultdict(list)
         for start in range(0, images, batch_images):
             pooled, rows, qas = self.batch("test", start, min(batch_images, images - start), rng, 1)
-            wanted = self.lm.encode([qa.answer for qa in qas])
-            batch = splice(self.lm.embed, self.lm.bos_id, self.image_tokens(pooled, rows),
-                           self.lm.encode([qa.question for qa in qas]))  # fmt: skip
-            said = self.lm.greedy(batch, max(map(len, wanted)))
-            for qa, want, got in zip(qas, wanted, said, strict=True):
-                correct[qa.kind].append(len(got) >= len(want) and got[len(want) - 1] == want[-1])
-                if len(want) > 1:
-                    correct[f"{qa.kind} (first word)"].append(got[:1] == want[:1])
+            replies = self.lm.encode([qa.reply for qa in qas])
+            said = greedy_replies(self.lm, self.image_tokens(pooled, rows), self.lm.encode([qa.question for qa in qas]),
+                                  max(map(len, replies)) + 1)  # fmt: skip
+            for qa, reply, got in zip(qas, replies, said, strict=True):
+                answer = self.lm.encode([qa.answer])[0]
+                correct[qa.kind].append(got[-len(answer) :] == answer)
+                if qa.steps:
+                    steps = reply[: len(reply) - len(answer)]
+                    correct[f"{qa.kind} (steps)"].append(got[: len(steps)] == steps)
         return {kind: sum(c) / len(c) for kind, c in sorted(correct.items())}
 
 

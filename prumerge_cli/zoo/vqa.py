@@ -1,4 +1,5 @@
-"""Held-out VQA accuracy of a LLaVA fed by any reducer: greedy first answer token, per question type."""
+"""Held-out VQA accuracy of a LLaVA fed by any reducer, per question type: the greedy reply, scored by whether it
+ends with the answer (a reply may say its steps first, see `world.QA`)."""
 
 from __future__ import annotations
 
@@ -53,15 +54,32 @@ def vqa_accuracy(
         else:
             out = encoder(samples)
         tokens += out.lengths.tolist()
-        rows = torch.tensor([i for i, s in enumerate(samples) for _ in s.qas])
-        qas = [qa for s in samples for qa in s.qas]
-        image = ReducedTokens(out.tokens[rows], out.lengths[rows], out.indices[rows], span=out.span)
-        batch = splice(lm.embed, lm.bos_id, image, lm.encode([qa.question for qa in qas]))
-        logits = lm.next_token_logits(batch) if answer is None else answer(batch, image)
-        predicted = logits.argmax(-1).tolist()
-        for qa, guess in zip(qas, predicted, strict=True):
-            correct[qa.kind].append(guess == lm.encode([qa.answer])[0][0])
+        asked = [(i, qa) for i, s in enumerate(samples) for qa in s.qas]
+        wanted = lm.encode([qa.answer for _, qa in asked])
+        longest = max(len(r) for r in lm.encode([qa.reply for _, qa in asked]))
+        for words in {1, longest + 1}:  # one-word replies: the first token; the others: until `</s>` or too long
+            rows = [j for j, (_, qa) in enumerate(asked) if (len(qa.reply.split()) == 1) == (words == 1)]
+            if not rows:
+                continue
+            image = out.select(torch.tensor([asked[j][0] for j in rows]))
+            said = greedy_replies(lm, image, lm.encode([asked[j][1].question for j in rows]), words, answer)
+            for j, reply in zip(rows, said, strict=True):
+                correct[asked[j][1].kind].append(reply[-len(wanted[j]) :] == wanted[j])
     accuracy = {kind: sum(correct[kind]) / len(correct[kind]) for kind in QUESTION_TYPES}
     everything = [c for kind in QUESTION_TYPES for c in correct[kind]]
     accuracy["overall"] = sum(everything) / len(everything)
     return VqaScore(accuracy, sum(tokens) / len(tokens), min(tokens), max(tokens), len(everything), tokens)
+
+
+def greedy_replies(lm: LlavaLm, image: ReducedTokens, questions: list[list[int]], steps: int,
+                   answer: Answerer | None = None) -> list[list[int]]:  # fmt: skip
+    """Up to `steps` greedy tokens after each question, cut before `</s>`: the LM's own, with its KV cache; or
+    `answer`'s (next-token logits of a spliced batch), prefilling anew at each step."""
+    if answer is None:
+        return lm.greedy(splice(lm.embed, lm.bos_id, image, questions), steps)
+    said: list[list[int]] = [[] for _ in questions]
+    for _ in range(steps):
+        batch = splice(lm.embed, lm.bos_id, image, [q + s for q, s in zip(questions, said, strict=True)])
+        for reply, token in zip(said, answer(batch, image).argmax(-1).tolist(), strict=True):
+            reply.append(token)
+    return [lm.until_eos(reply) for reply in said]
