@@ -9,7 +9,7 @@ from ..versions import package_versions
 from .clip_training import REGION_WEIGHT
 from .world import QUESTION_TYPES, vocabulary
 
-PENDING = "not built by this recipe yet (run `make zoo`)"
+PENDING = "not built by this recipe yet; the weights there now come from an earlier recipe (run `make zoo`)"
 
 
 def stage_line(record: dict[str, Any] | None) -> str:
@@ -72,16 +72,16 @@ by accuracy. Saved in fp16 safetensors.
 224x224 images: 2-4 objects (6 colours, 4 shapes, 2 sizes: radius 13-16 or 22-28 pixels) in distinct cells of
 a 3x3 layout, jittered inside their cell, over grey clutter (noise, lines and specks). A cell is named by one
 word (northwest, north, ..., center, ..., southeast). A caption lists every object with its size, colour, shape
-and position. Six question types need spatial detail: the colour, the shape and
-the size of the object at a position, the number of objects, what is left of / right of / above / below the
-object at a position, and whether a named object is at a position (POPE-like yes/no, balanced; a no is a near
-miss at an object's cell, other colour or other shape, or an empty cell). Questions end with their last word,
-no "?", and the reply follows it: "what color is the object at northwest" -> "red". Relation and presence are
-answered in two steps, the lookup first: "what is left of the object at center" -> "west blue square" (or
-"west nothing"), "is there a red circle at northwest" -> "blue circle no". Asked directly, a from-scratch LM of
-this size did not learn them (issue #19: questions keyed by an object's looks, and yes/no answers that compare
-two things, stayed at chance); each step of the two-step form is a lookup it learns. Splits are disjoint seed
-ranges (train from 0, val from 10,000,000, test from 20,000,000). The word-level vocabulary has {vocab} words.
+and position. Six question types need spatial detail: the colour, the shape and the size of the object at a
+position, the number of objects, what is left of / right of / above / below the object at a position, and
+whether a named object is at a position (POPE-like yes/no, balanced; a no is a near miss at an object's cell,
+other colour or other shape, or an empty cell). Questions end with their last word, no "?", and the reply
+follows it: "what color is the object at northwest" -> "red". Relation and presence are answered in two steps,
+the lookup first: "what is left of the object at center" -> "west blue square" (or "west nothing"), "is there
+a red circle at northwest" -> "blue circle no"; a reply is right if it ends with the answer. Asked directly
+(by an object's looks, or as a yes/no that compares two things) they stayed at chance in every earlier build
+and probe (issue #19). Splits are disjoint seed ranges (train from 0, val from 10,000,000, test from
+20,000,000). The word-level vocabulary has {vocab} words.
 
 ## `clip/` - CLIPModel
 - Vision: ViT, 224x224 pixels, 14-pixel patches (16x16 = 256 patches + CLS), 4 layers, width 128, 4 heads;
@@ -107,7 +107,7 @@ ranges (train from 0, val from 10,000,000, test from 20,000,000). The word-level
   figures of every method are kinder here than they would be on it.
 - Stage: {llava_stage}.
 
-## Held-out VQA accuracy, all visual tokens ({questions} test questions; greedy reply, right if it ends with the answer)
+## Held-out VQA accuracy, all visual tokens ({questions} test questions, greedy replies)
 
 | question type | accuracy % |
 |---|---|

@@ -57,12 +57,12 @@ def vqa_accuracy(
         asked = [(i, qa) for i, s in enumerate(samples) for qa in s.qas]
         wanted = lm.encode([qa.answer for _, qa in asked])
         longest = max(len(r) for r in lm.encode([qa.reply for _, qa in asked]))
-        for words in {1, longest + 1}:  # one-word replies: the first token; the others: until `</s>` or too long
-            rows = [j for j, (_, qa) in enumerate(asked) if (len(qa.reply.split()) == 1) == (words == 1)]
+        for one_word, steps in ((True, 1), (False, longest + 1)):  # one-word replies need no decoding after it
+            rows = [j for j, (_, qa) in enumerate(asked) if (len(qa.reply.split()) == 1) == one_word]
             if not rows:
                 continue
             image = out.select(torch.tensor([asked[j][0] for j in rows]))
-            said = greedy_replies(lm, image, lm.encode([asked[j][1].question for j in rows]), words, answer)
+            said = greedy_replies(lm, image, lm.encode([asked[j][1].question for j in rows]), steps, answer)
             for j, reply in zip(rows, said, strict=True):
                 correct[asked[j][1].kind].append(reply[-len(wanted[j]) :] == wanted[j])
     accuracy = {kind: sum(correct[kind]) / len(correct[kind]) for kind in QUESTION_TYPES}
