@@ -101,6 +101,7 @@ def test_model_card_fills_every_field():
     }  # fmt: skip
     card = model_card(Recipe(precision="fp32"), records)
     assert "| color | 87.5 |" in card and "| overall | 50.0 |" in card and "**90.0%**" in card
+    assert "(60 test questions, greedy replies)" in card
     assert f"on {cpu_name()} (native bf16: {'yes' if native_bf16() else 'no'}, trained in fp32" in card
     assert "**70.0%**" in card and "(+15.0 points)" in card and "| prumerge | 40.0 | 50.0 |" in card
     assert "{" not in card and "}" not in card

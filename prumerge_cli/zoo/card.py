@@ -54,7 +54,7 @@ def model_card(recipe: Any, records: dict[str, dict[str, Any]]) -> str:
         clip_stage=stage_line(clip),
         llava_stage=stage_line(llava),
         retrieval=PENDING if clip is None else f"**{100 * clip['retrieval_top1']:.1f}%**",
-        questions="-" if llava is None else llava["questions"],
+        questions="" if llava is None else f"{llava['questions']} test questions, ",
         rows=accuracy_rows(llava),
         token_choice=token_choice(llava),
         versions=", ".join(f"{k} {v}" for k, v in package_versions().items()),
@@ -99,15 +99,15 @@ and probe (issue #19). Splits are disjoint seed ranges (train from 0, val from 1
 - Vision tower: the CLIP above, frozen; `vision_feature_layer=-2`, strategy `default` (CLS dropped).
 - Projector: 2-layer MLP with GELU (128 -> 256 -> 256). LM: Llama, 4 layers, width 256, 4 heads.
 - Training (all 256 visual tokens): per image its training conversation (`world.lesson`, loss on answers and
-  `</s>`), {r.llava_steps} steps of {r.llava_images} fresh images, AdamW (lr
-  {r.llava_lr}), 5% warm-up then cosine decay, seed {r.seed}.
+  `</s>`), {r.llava_steps} steps of {r.llava_images} fresh images, AdamW (lr {r.llava_lr}), 5% warm-up then cosine
+  decay, seed {r.seed}.
 - **Reduced inputs in training:** {subset_pct:.0f}% of the training images show the LM only a random subset of
   their tokens (8 to 64 of 256, at their patches' original positions), so that it learns to answer from
   whatever tokens it is given. A stock LLaVA never sees reduced inputs in training, so the training-free
   figures of every method are kinder here than they would be on it.
 - Stage: {llava_stage}.
 
-## Held-out VQA accuracy, all visual tokens ({questions} test questions, greedy replies)
+## Held-out VQA accuracy, all visual tokens ({questions}greedy replies)
 
 | question type | accuracy % |
 |---|---|
