@@ -65,6 +65,13 @@ def compare_at_two_step(sample: Sample, rng: random.Random) -> QA:
     return QA(qa.question, qa.answer, "compare-at-two-step", " ".join(f"{c} {there[c]}" for c in cells))
 
 
+def relation_at(sample: Sample, rng: random.Random) -> QA:
+    """The world's relation with the cell named as a readout question names it ("at west blue square"), so that
+    the lookup happens in the same words as in "what color is the object at west"."""
+    qa = ask(list(sample.scene), "relation", rng)
+    return QA(qa.question, qa.answer, "relation-at", f"at {qa.steps}")
+
+
 def colour_of_shape(sample: Sample, rng: random.Random) -> QA:
     """Content-keyed lookup with a one-word readout: the colour of the scene's only object of a shape (else the
     colour at a position)."""
@@ -89,6 +96,7 @@ FAMILIES: dict[str, Family] = {
     "compare-at": compare_at,
     "compare-at-two-step": compare_at_two_step,
     "color-of-shape": colour_of_shape,
+    "relation-at": relation_at,
 }
 
 
