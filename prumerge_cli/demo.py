@@ -210,6 +210,6 @@ def print_rows(rows: list[dict[str, Any]], images: int, batch: int, console: Con
         )  # fmt: skip
     console.print(table)
     console.print(
-        "(x...) = ratio to the unreduced baseline measured in the same run; accuracy is the greedy first answer "
-        "token (training-free: the LLM was trained with all visual tokens)."
+        "(x...) = ratio to the unreduced baseline measured in the same run; accuracy: the greedy reply ends with "
+        "the answer (training-free: the LLM was trained with all visual tokens)."
     )
