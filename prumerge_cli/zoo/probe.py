@@ -27,7 +27,7 @@ from .clip_training import image_processor
 from .llava_training import build_llava, qa_tokens
 from .stage import warmup_cosine
 from .tokenizer import build_tokenizer
-from .vqa import greedy_replies
+from .vqa import answered, greedy_replies
 from .world import POSITIONS, QA, QUESTION_TYPES, Sample, ask, ask_about, samples_of
 
 PROBE_WORDS = ("an", "larger", "than", "same", "as")
@@ -171,7 +171,7 @@ class Probe:
                                   max(map(len, replies)) + 1)  # fmt: skip
             for qa, reply, got in zip(qas, replies, said, strict=True):
                 answer = self.lm.encode([qa.answer])[0]
-                correct[qa.kind].append(got[-len(answer) :] == answer)
+                correct[qa.kind].append(answered(got, answer))
                 if qa.steps:
                     steps = reply[: len(reply) - len(answer)]
                     correct[f"{qa.kind} (steps)"].append(got[: len(steps)] == steps)

@@ -64,11 +64,16 @@ def vqa_accuracy(
             image = out.select(torch.tensor([asked[j][0] for j in rows]))
             said = greedy_replies(lm, image, lm.encode([asked[j][1].question for j in rows]), steps, answer)
             for j, reply in zip(rows, said, strict=True):
-                correct[asked[j][1].kind].append(reply[-len(wanted[j]) :] == wanted[j])
+                correct[asked[j][1].kind].append(answered(reply, wanted[j]))
     accuracy = {kind: sum(correct[kind]) / len(correct[kind]) for kind in QUESTION_TYPES}
     everything = [c for kind in QUESTION_TYPES for c in correct[kind]]
     accuracy["overall"] = sum(everything) / len(everything)
     return VqaScore(accuracy, sum(tokens) / len(tokens), min(tokens), max(tokens), len(everything), tokens)
+
+
+def answered(reply: list[int], answer: list[int]) -> bool:
+    """Whether a reply (ids) ends with the answer's ids: the scoring rule of every question type."""
+    return reply[-len(answer) :] == answer
 
 
 def greedy_replies(lm: LlavaLm, image: ReducedTokens, questions: list[list[int]], steps: int,
