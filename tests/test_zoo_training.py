@@ -106,6 +106,10 @@ def test_model_card_fills_every_field():
     assert "**70.0%**" in card and "(+15.0 points)" in card and "| prumerge | 40.0 | 50.0 |" in card
     assert "{" not in card and "}" not in card
     assert "not built by this recipe yet" in model_card(Recipe(), {})
+    assert "come from a run" not in card
+    records["llava"]["recipe"] = {**Recipe(precision="fp32").llava(), "steps": 1200}
+    shorter = model_card(Recipe(precision="fp32"), records)
+    assert f"**The weights here come from a run with steps 1200 (recipe: {Recipe().llava_steps})**" in shorter
 
 
 def test_token_subsets_keep_random_patches_at_their_positions():
@@ -123,3 +127,21 @@ def test_token_subsets_keep_random_patches_at_their_positions():
         kept = out.indices[b, :n]
         assert torch.equal(kept, kept.sort().values) and torch.equal(out.tokens[b, :n], features[b, kept])
     assert torch.equal(token_subsets(features, 0.0, torch.Generator()).tokens, features)
+
+
+def test_token_subsets_tilt_between_background_and_objects():
+    from prumerge_cli.zoo.llava_training import token_subsets
+
+    features = torch.randn(64, 256, 4)
+    cover = torch.zeros(64, 256)
+    cover[:, :32] = 1.0  # an eighth of the patches are object patches
+
+    def object_shares(bias: float) -> torch.Tensor:
+        out = token_subsets(features, 1.0, torch.Generator().manual_seed(1), cover, bias)
+        kept = [out.indices[b, : int(out.lengths[b])] for b in range(64)]
+        return torch.tensor([float((k < 32).float().mean()) for k in kept])
+
+    uniform, tilted = object_shares(0.0), object_shares(4.0)
+    assert abs(float(uniform.mean()) - 0.125) < 0.05 and float(uniform.max()) < 0.4
+    assert float(tilted.max()) > 0.6 and float(tilted.min()) < 0.05
+    assert torch.equal(tilted, object_shares(4.0))

@@ -12,14 +12,20 @@ from .world import QUESTION_TYPES, vocabulary
 PENDING = "not built by this recipe yet; the weights there now come from an earlier recipe (run `make zoo`)"
 
 
-def stage_line(record: dict[str, Any] | None) -> str:
-    """'23.7 min of training (...) on <cpu> (native bf16: yes, trained in bf16, 2 threads)' or the pending note."""
+def stage_line(record: dict[str, Any] | None, recipe: dict[str, Any]) -> str:
+    """'23.7 min of training (...) on <cpu> (native bf16: yes, trained in bf16, 2 threads)' or the pending note;
+    where the recorded run used other settings than `recipe` (the stage's part of the current recipe), which."""
     if record is None:
         return PENDING
     bf16 = "yes" if record["native_bf16"] else "no"
-    return (f"{record['minutes']:.1f} min of training ({record['seconds_per_step']:.2f} s per step) on "
+    line = (f"{record['minutes']:.1f} min of training ({record['seconds_per_step']:.2f} s per step) on "
             f"{record['cpu']} (native bf16: {bf16}, trained in {record['precision']}, "
             f"{record['threads']} threads)")  # fmt: skip
+    ran = record.get("recipe", recipe)
+    changed = [f"{key} {ran.get(key)} (recipe: {value})" for key, value in recipe.items() if ran.get(key) != value]
+    if changed:
+        line += f". **The weights here come from a run with {', '.join(changed)}**; `make zoo` retrains them"
+    return line
 
 
 def accuracy_rows(record: dict[str, Any] | None) -> str:
@@ -51,8 +57,8 @@ def model_card(recipe: Any, records: dict[str, dict[str, Any]]) -> str:
         subset_pct=100 * recipe.llava_subset_share,
         vocab=len(vocabulary()),
         region_weight=REGION_WEIGHT,
-        clip_stage=stage_line(clip),
-        llava_stage=stage_line(llava),
+        clip_stage=stage_line(clip, recipe.clip()),
+        llava_stage=stage_line(llava, recipe.llava()),
         retrieval=PENDING if clip is None else f"**{100 * clip['retrieval_top1']:.1f}%**",
         questions="" if llava is None else f"{llava['questions']} test questions, ",
         rows=accuracy_rows(llava),
@@ -101,10 +107,13 @@ and probe (issue #19). Splits are disjoint seed ranges (train from 0, val from 1
 - Training (all 256 visual tokens): per image its training conversation (`world.lesson`, loss on answers and
   `</s>`), {r.llava_steps} steps of {r.llava_images} fresh images, AdamW (lr {r.llava_lr}), 5% warm-up then cosine
   decay, seed {r.seed}.
-- **Reduced inputs in training:** {subset_pct:.0f}% of the training images show the LM only a random subset of
-  their tokens (8 to 64 of 256, at their patches' original positions), so that it learns to answer from
-  whatever tokens it is given. A stock LLaVA never sees reduced inputs in training, so the training-free
-  figures of every method are kinder here than they would be on it.
+- **Reduced inputs in training:** {subset_pct:.0f}% of the training images show the LM only a subset of their
+  tokens (8 to 64 of 256, at their patches' original positions), drawn with weights exp(b x the share of the
+  patch an object covers), b uniform in [-{r.llava_subset_bias}, {r.llava_subset_bias}] per image: from mostly
+  background through uniform to mostly object patches. So the LM learns to answer from whatever tokens it is
+  given, and to count and size objects from the tokens it has rather than from their share of the image. A stock
+  LLaVA never sees reduced inputs in training, so the training-free figures of every method are kinder here than
+  they would be on it.
 - Stage: {llava_stage}.
 
 ## Held-out VQA accuracy, all visual tokens ({questions}greedy replies)

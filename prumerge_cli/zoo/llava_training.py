@@ -3,6 +3,8 @@ trained on the world's questions with all visual tokens, as LLaVA-1.5's instruct
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from transformers import CLIPModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
@@ -13,10 +15,11 @@ from ..lm.splice import IGNORE, splice
 from ..models.tower import VisionTower
 from ..reducers import PAD_INDEX, ReducedTokens
 from .clip_training import image_processor
+from .oracle import covered_area
 from .precision import autocast
 from .stage import TrainingRun, warmup_cosine
 from .tokenizer import IMAGE_TOKEN
-from .world import QA, samples_of
+from .world import IMAGE_SIZE, QA, Sample, samples_of
 
 
 def llava_config(clip: CLIPModel, tokenizer) -> LlavaConfig:
@@ -47,10 +50,9 @@ def qa_tokens(tokenizer, qa: QA) -> tuple[list[int], list[bool]]:
     return question + answer, [False] * len(question) + [True] * len(answer)
 
 
-def conversation_batch(split: str, start: int, count: int, processor, tokenizer):
-    """Pixels of `count` samples and, per image, its training conversation (`Sample.lesson`):
+def conversation_batch(samples: list[Sample], processor, tokenizer):
+    """Pixels of the samples and, per image, its training conversation (`Sample.lesson`):
     `q1 a1 </s> q2 a2 </s> ... describe the image . <caption> </s>`, with answers and `</s>` as targets."""
-    samples = samples_of(split, start, count)
     pixels = processor(images=[s.image for s in samples], return_tensors="pt")["pixel_values"]
     texts, targets = [], []
     for sample in samples:
@@ -65,15 +67,26 @@ def conversation_batch(split: str, start: int, count: int, processor, tokenizer)
     return pixels, texts, targets
 
 
-def token_subsets(features: torch.Tensor, share: float, generator: torch.Generator) -> ReducedTokens:
-    """Every patch of each image, except that with probability `share` an image keeps only a random subset of
-    8..N/4 of its N patches, in raster order at their original positions (`span` N)."""
+def token_subsets(
+    features: torch.Tensor,
+    share: float,
+    generator: torch.Generator,
+    cover: torch.Tensor | None = None,
+    bias: float = 0.0,
+) -> ReducedTokens:
+    """Every patch of each image, except that with probability `share` an image keeps only a subset of 8..N/4 of
+    its N patches, in raster order at their original positions (`span` N). The subset is drawn with weights
+    `exp(b * cover)` (`cover` [B, N]: the share of each patch an object covers; `b` uniform in [-bias, bias] per
+    image), so that subsets range from mostly background through uniform to mostly object patches; uniform
+    without `cover`."""
     count, n = features.shape[:2]
     chosen = []
-    for _ in range(count):
+    for b in range(count):
         if float(torch.rand((), generator=generator)) < share:
             k = int(torch.randint(8, n // 4 + 1, (), generator=generator))
-            chosen.append(torch.randperm(n, generator=generator)[:k].sort().values)
+            tilt = (2 * float(torch.rand((), generator=generator)) - 1) * bias
+            weights = torch.ones(n) if cover is None else torch.exp(tilt * cover[b])
+            chosen.append(torch.multinomial(weights, k, generator=generator).sort().values)
         else:
             chosen.append(torch.arange(n))
     lengths = torch.tensor([len(c) for c in chosen])
@@ -92,10 +105,12 @@ def llava_run(
     lr: float = 1.5e-3,
     precision: str = "auto",
     subset_share: float = 0.0,
+    subset_bias: float = 0.0,
 ) -> TrainingRun:
     """Training of projector and LM on the conversations of `images_per_step` fresh images per step
     (`precision`: see `precision.resolve`); a `subset_share` of the images show the LM a random subset of their
-    tokens (`token_subsets`), so that it learns to answer from whichever tokens it is given."""
+    tokens, tilted towards or away from the objects' patches by up to `subset_bias` (`token_subsets`), so that
+    it learns to answer from whichever tokens it is given."""
     torch.manual_seed(seed)
     processor = image_processor()
     tower = VisionTower(model.model.vision_tower, "clip", feature_layer=-2)
@@ -106,10 +121,14 @@ def llava_run(
     model.train()
 
     def step(i: int) -> float:
-        pixels, texts, targets = conversation_batch("train", i * images_per_step, images_per_step, processor, tokenizer)
+        samples = samples_of("train", i * images_per_step, images_per_step)
+        pixels, texts, targets = conversation_batch(samples, processor, tokenizer)
         with torch.no_grad():
             features = tower(pixels, with_scores=False).features
-        kept = token_subsets(features, subset_share, torch.Generator().manual_seed(seed * 1_000_003 + i))
+        side = math.isqrt(features.shape[1])
+        cover = torch.stack([covered_area(s, side, IMAGE_SIZE // side) for s in samples]) / (IMAGE_SIZE // side) ** 2
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        kept = token_subsets(features, subset_share, generator, cover, subset_bias)
         with autocast(precision):
             projected = project_tokens(model.model.multi_modal_projector, kept.tokens, kept.lengths)
             image = ReducedTokens(projected, kept.lengths, kept.indices, span=kept.span)
