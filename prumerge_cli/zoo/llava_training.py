@@ -126,7 +126,8 @@ def llava_run(
         with torch.no_grad():
             features = tower(pixels, with_scores=False).features
         side = math.isqrt(features.shape[1])
-        cover = torch.stack([covered_area(s, side, IMAGE_SIZE // side) for s in samples]) / (IMAGE_SIZE // side) ** 2
+        patch = IMAGE_SIZE // side
+        cover = torch.stack([covered_area(s, side, patch) for s in samples]) / patch**2
         generator = torch.Generator().manual_seed(seed * 1_000_003 + i)
         kept = token_subsets(features, subset_share, generator, cover, subset_bias)
         with autocast(precision):
