@@ -43,9 +43,10 @@ bench: setup
 
 # Retrain the embedded models in stages: CLIP, LLaVA (about an hour on 2 cores with native bf16), then the LLaVA
 # fine-tuned with each reducer active. Stages checkpoint to ~/.cache/prumerge/zoo and resume when rerun; a stage
-# that is up to date is kept. Without native bf16 it refuses unless FORCE=1.
+# that is up to date is kept. Without native bf16 it refuses unless FORCE=1. MINUTES=M checkpoints and stops after
+# M minutes of training, for a build that spans sessions (rerun to resume).
 zoo: setup
-	$(BIN)/python -m prumerge_cli.zoo.build $(if $(FORCE),--force)
+	$(BIN)/python -m prumerge_cli.zoo.build $(if $(FORCE),--force) $(if $(MINUTES),--minutes $(MINUTES))
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -3,9 +3,11 @@ stage is kept, a changed CLIP makes the LLaVA stale, and a CPU without native bf
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import pytest
+import torch
 from rich.console import Console
 
 from prumerge_cli.zoo.build import Build, Recipe, main, refusal
@@ -24,8 +26,11 @@ def test_a_stopped_stage_resumes_to_the_uninterrupted_weights(tmp_path):
     assert straight.train("clip", stop_after=None)
     interrupted = build(tmp_path, "interrupted")
     assert not interrupted.train("clip", stop_after=1)
-    assert (tmp_path / "interrupted" / "cache" / "clip" / "state.pt").is_file()
+    state = tmp_path / "interrupted" / "cache" / "clip" / "state.pt"
+    assert torch.load(state, weights_only=True)["step"] == 1
     assert not (tmp_path / "interrupted" / "zoo" / "clip").exists()  # nothing written before the stage ends
+    assert not build(tmp_path, "interrupted").train("clip", stop_after=None, deadline=time.perf_counter())
+    assert torch.load(state, weights_only=True)["step"] == 2  # past the deadline: one more step, then stopped
     resumed = build(tmp_path, "interrupted")
     assert resumed.train("clip", stop_after=None)
     assert resumed.weights("clip") == straight.weights("clip") and resumed.records["clip"]["precision"] == "fp32"
@@ -56,3 +61,10 @@ def test_make_zoo_refuses_in_one_line(capsys, tmp_path):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "no native bf16" in err
     assert not (tmp_path / "zoo").exists()
+
+
+def test_a_time_budget_checkpoints_and_stops(tmp_path):
+    args = ["--quick", "--stages", "clip", "--out", str(tmp_path / "zoo"), "--cache", str(tmp_path / "cache")]
+    assert main([*args, "--minutes", "0"]) == 0
+    assert torch.load(tmp_path / "cache" / "clip" / "state.pt", weights_only=True)["step"] == 1
+    assert not (tmp_path / "zoo" / "clip").exists()

@@ -152,8 +152,8 @@ class Build:
                            f"checkpoints in {self.cache}")  # fmt: skip
         return todo
 
-    def train(self, stage: str, stop_after: int | None) -> bool:
-        """Train (or resume) a stage and save it; False if it stopped early."""
+    def train(self, stage: str, stop_after: int | None, deadline: float | None = None) -> bool:
+        """Train (or resume) a stage and save it; False if it stopped early (see `run_resumable`)."""
         torch.set_num_threads(self.recipe.threads)
         torch.use_deterministic_algorithms(True)
         r = self.recipe
@@ -168,7 +168,8 @@ class Build:
         with progress_bar(self.console) as bar:
             task = bar.add_task(stage, total=run.steps, loss=float("nan"))
             log = step_logger(bar, task, self.console, stage, run.steps)
-            progress = run_resumable(run, self.cache / stage, inputs, self.console, log, stop_after)
+            progress = run_resumable(run, self.cache / stage, inputs, self.console, log, stop_after,
+                                     deadline=deadline)  # fmt: skip
         if not progress.finished:
             self.console.print(f"{stage}: stopped; rerun to resume from {self.cache / stage}")
             return False
@@ -233,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=CACHE_DIR, help="Where checkpoints go.")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="Training precision (see the card).")
     parser.add_argument("--stop-after", type=int, help="Checkpoint and stop a stage after N steps of this run.")
+    parser.add_argument("--minutes", type=float, help="Checkpoint and stop once this run has trained for M minutes "
+                        "(rerun to resume): for a build that spans sessions.")  # fmt: skip
     args = parser.parse_args(argv)
+    deadline = None if args.minutes is None else time.perf_counter() + 60 * args.minutes
     quiet_transformers()
     console = Console()
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -258,8 +262,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.out.resolve() != ZOO_DIR.resolve():
                 console.print("finetuned: skipped (it fine-tunes the LLaVA in prumerge_cli/zoo/)")
                 continue
+            left = None if deadline is None else (deadline - time.perf_counter()) / 60
+            if left is not None and left < FINETUNE_MINUTES[native_bf16()]:
+                console.print(f"finetuned: not started, {max(left, 0):.0f} min of --minutes left; rerun to build it")
+                continue
             build_finetuned(FinetuneRecipe(), console)
-        elif not build.train(stage, args.stop_after):
+        elif not build.train(stage, args.stop_after, deadline):
             return 0
     return 0
 

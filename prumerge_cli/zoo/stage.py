@@ -68,9 +68,11 @@ def run_resumable(
     log: Callable[[int, float], None] | None = None,
     stop_after: int | None = None,
     every_minutes: float = CHECKPOINT_MINUTES,
+    deadline: float | None = None,
 ) -> StageProgress:
     """Train from the checkpoint in `directory` (if it was written for `recipe`) to the end, checkpointing every
-    `every_minutes` and at the end; `stop_after` checkpoints and stops after that many steps of this call."""
+    `every_minutes` and at the end; checkpoint and stop after `stop_after` steps of this call, or after the first
+    step that ends past `deadline` (a `time.perf_counter()` value)."""
     start, minutes = resume(run, directory, recipe, console)
     began = last = time.perf_counter()
     for i in range(start, run.steps):
@@ -79,7 +81,8 @@ def run_resumable(
             log(i, loss)
         now = time.perf_counter()
         done = i + 1 == run.steps
-        stopping = stop_after is not None and i + 1 - start >= stop_after and not done
+        late = deadline is not None and now >= deadline
+        stopping = not done and (late or (stop_after is not None and i + 1 - start >= stop_after))
         if done or stopping or now - last >= 60 * every_minutes:
             save(run, directory, recipe, i + 1, minutes + (now - began) / 60)
             last = now
