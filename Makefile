@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml constraints.txt tests/tensorrt_versions.txt
 
 # One pytest worker per core (at most 4): most of the suite is single-threaded Python around tiny models.
 test: setup
-	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist worksteal
+	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist worksteal --durations=10
 
 lint: setup
 	$(BIN)/ruff check .

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from prumerge_cli.zoo.probe import FAMILIES, PROBE_WORDS, Probe, main
 from prumerge_cli.zoo.tokenizer import build_tokenizer
@@ -37,6 +38,27 @@ def test_a_probe_trains_and_scores_each_family():
     assert all(0.0 <= v <= 1.0 for v in scores.values())
     with pytest.raises(ValueError, match="unknown families"):
         Probe(["colour"])
+
+
+def test_a_lesson_probe_trains_on_whole_conversations_and_scores_the_families_named():
+    swapping = Probe(["relation-repeat"], lesson=True, swaps={"relation": "relation-repeat"})
+    sample = samples_of("train", 0, 1)[0]
+    kinds = [qa.kind for qa in swapping.swapped(sample, random.Random(0)).lesson]
+    assert kinds.count("relation-repeat") == 3 and "relation" not in kinds and len(kinds) == len(sample.lesson)
+    with pytest.raises(ValueError, match="unknown families"):
+        Probe(["relation"], lesson=True, swaps={"relation": "no-such-family"})
+    probe = Probe(["relation"], lesson=True)
+    pooled, rows, texts, targets = probe.training_batch(0, 2, random.Random(0), per_family=1)
+    assert rows.tolist() == [0, 1] and pooled.tokens.shape[:2] == (2, 64)
+    for sample, text, target in zip(samples_of("train", 0, 2), texts, targets, strict=True):
+        replies = [probe.tokenizer.decode([t for t, y in zip(text, target, strict=True) if y])]
+        assert sample.lesson[-1].answer in replies[0] and len(text) == len(target)
+        assert sum(t == probe.tokenizer.eos_token_id for t in text) == len(sample.lesson)  # every question of it
+    before = [p.detach().clone() for p in probe.model.parameters() if p.requires_grad]
+    scores = probe.train(1, every=1, images=2, score_images=4)
+    assert set(scores) == {"relation", "relation (steps)"}
+    after = [p for p in probe.model.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 
 def test_the_probe_command_refuses_unknown_families(capsys):

@@ -3,7 +3,8 @@ zoo's LLaVA layout, on the committed CLIP's tokens pooled to 8x8, trained on the
 held-out images every `--every` steps (the greedy reply scored as `vqa` scores it, and the steps said before the
 answer where a family has them).
 About 1.3 s per step on 2 AVX2 cores.
-Usage: python -m prumerge_cli.zoo.probe color,presence [--steps 500] [--every 250] [--seed 0]"""
+Usage: python -m prumerge_cli.zoo.probe color,presence [--steps 500] [--every 250] [--seed 0]
+       [--lesson [--swap TYPE=FAMILY]]"""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import random
 import sys
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +26,7 @@ from ..models.tower import VisionTower
 from ..reducers import ReducedTokens, build_reducer
 from . import CLIP_DIR
 from .clip_training import image_processor
-from .llava_training import build_llava, qa_tokens
+from .llava_training import build_llava, conversation_batch, qa_tokens
 from .stage import warmup_cosine
 from .tokenizer import build_tokenizer
 from .vqa import answered, greedy_replies
@@ -72,6 +74,13 @@ def relation_at(sample: Sample, rng: random.Random) -> QA:
     return QA(qa.question, qa.answer, "relation-at", f"at {qa.steps}")
 
 
+def relation_repeat(sample: Sample, rng: random.Random) -> QA:
+    """The world's relation with the cell said, then named again as a readout question names it ("west at west blue
+    square"): the step from the question's cell to its neighbour stays apart from the lookup after "at"."""
+    qa = ask(list(sample.scene), "relation", rng)
+    return QA(qa.question, qa.answer, "relation-repeat", f"{qa.steps} at {qa.steps}")
+
+
 def colour_of_shape(sample: Sample, rng: random.Random) -> QA:
     """Content-keyed lookup with a one-word readout: the colour of the scene's only object of a shape (else the
     colour at a position)."""
@@ -97,17 +106,28 @@ FAMILIES: dict[str, Family] = {
     "compare-at-two-step": compare_at_two_step,
     "color-of-shape": colour_of_shape,
     "relation-at": relation_at,
+    "relation-repeat": relation_repeat,
 }
 
 
 class Probe:
-    """A fresh LLaVA on the committed CLIP, trained on some families with one question per sequence."""
+    """A fresh LLaVA on the committed CLIP, trained on some families with one question per sequence, or on the
+    world's training conversations (`lesson`), where what one question type learns can carry over to another;
+    scored on the families, one question per sequence."""
 
-    def __init__(self, families: list[str], seed: int = 0, pool_side: int = 8):
-        unknown = [f for f in families if f not in FAMILIES]
+    def __init__(
+        self,
+        families: list[str],
+        seed: int = 0,
+        pool_side: int = 8,
+        lesson: bool = False,
+        swaps: dict[str, str] | None = None,
+    ):
+        unknown = [f for f in [*families, *(swaps or {}).values()] if f not in FAMILIES]
+        unknown += [t for t in swaps or {} if t not in QUESTION_TYPES]
         if unknown:
             raise ValueError(f"unknown families {unknown}; choose from {', '.join(FAMILIES)}")
-        self.families = families
+        self.families, self.lesson, self.swaps = families, lesson, swaps or {}
         self.tokenizer = build_tokenizer(extra=PROBE_WORDS)
         clip = CLIPModel.from_pretrained(str(CLIP_DIR), dtype=torch.float32).eval()
         self.model = build_llava(clip, self.tokenizer, seed)
@@ -126,6 +146,26 @@ class Probe:
                  for _ in range(per_family)]  # fmt: skip
         return pooled, torch.tensor([i for i, _ in asked]), [qa for _, qa in asked]
 
+    def training_batch(self, step: int, images: int, rng: random.Random, per_family: int):
+        """Pooled tokens, the image row of each sequence, and the sequences' ids and targets: questions of the
+        families, or one training conversation per image (`lesson`)."""
+        if not self.lesson:
+            pooled, rows, qas = self.batch("train", step * images, images, rng, per_family)
+            texts, targets = zip(*(qa_tokens(self.tokenizer, qa) for qa in qas), strict=True)
+            return pooled, rows, list(texts), list(targets)
+        samples = [self.swapped(s, rng) for s in samples_of("train", step * images, images)]
+        pixels, texts, targets = conversation_batch(samples, self.processor, self.tokenizer)
+        with torch.no_grad():
+            pooled = self.pool(self.tower(pixels, with_scores=False))
+        return pooled, torch.arange(images), texts, targets
+
+    def swapped(self, sample: Sample, rng: random.Random) -> Sample:
+        """The sample whose training conversation asks, for each question of a swapped type, one of its family."""
+        swaps = self.swaps
+        return replace(
+            sample, lesson=tuple(FAMILIES[swaps[q.kind]](sample, rng) if q.kind in swaps else q for q in sample.lesson)
+        )
+
     def image_tokens(self, pooled: ReducedTokens, rows: torch.Tensor) -> ReducedTokens:
         """The projected pooled tokens of each question's image."""
         projected = self.model.model.multi_modal_projector(pooled.tokens[rows])
@@ -143,9 +183,8 @@ class Probe:
         scores: dict[str, float] = {}
         for step in range(steps):
             self.model.train()
-            pooled, rows, qas = self.batch("train", step * images, images, rng, per_family)
-            texts, targets = zip(*(qa_tokens(self.tokenizer, qa) for qa in qas), strict=True)
-            batch = splice(self.lm.embed, self.lm.bos_id, self.image_tokens(pooled, rows), list(texts), list(targets))
+            pooled, rows, texts, targets = self.training_batch(step, images, rng, per_family)
+            batch = splice(self.lm.embed, self.lm.bos_id, self.image_tokens(pooled, rows), texts, targets)
             loss = F.cross_entropy(self.lm.logits(batch).flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -185,11 +224,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--every", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--swap",
+        action="append",
+        default=[],
+        metavar="TYPE=FAMILY",
+        help="with --lesson: ask the family's questions instead of the type's (e.g. relation=relation-at)",
+    )
+    parser.add_argument(
+        "--lesson",
+        action="store_true",
+        help="train on the world's training conversations (every type), score the families named",
+    )
     args = parser.parse_args(argv)
     quiet_transformers()
     torch.manual_seed(args.seed)
     try:
-        probe = Probe(args.families.split(","), args.seed)
+        swaps = dict(swap.split("=", 1) for swap in args.swap if "=" in swap)
+        if len(swaps) != len(args.swap):
+            raise ValueError("--swap takes TYPE=FAMILY")
+        probe = Probe(args.families.split(","), args.seed, lesson=args.lesson, swaps=swaps)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
