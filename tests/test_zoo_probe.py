@@ -64,3 +64,7 @@ def test_a_lesson_probe_trains_on_whole_conversations_and_scores_the_families_na
 def test_the_probe_command_refuses_unknown_families(capsys):
     assert main(["no-such-family", "--steps", "1"]) == 2
     assert "unknown families" in capsys.readouterr().err
+    assert main(["relation", "--lesson", "--swap", "relation"]) == 2
+    assert "--swap takes TYPE=FAMILY" in capsys.readouterr().err
+    assert main(["relation", "--lesson", "--swap", "colour=relation-at"]) == 2
+    assert "unknown question types" in capsys.readouterr().err

@@ -2,7 +2,7 @@
 zoo's LLaVA layout, on the committed CLIP's tokens pooled to 8x8, trained on the chosen families only, scored on
 held-out images every `--every` steps (the greedy reply scored as `vqa` scores it, and the steps said before the
 answer where a family has them).
-About 1.3 s per step on 2 AVX2 cores.
+About 1.3 s per step on 2 AVX2 cores; about 1 s with `--lesson` (8 whole conversations per step).
 Usage: python -m prumerge_cli.zoo.probe color,presence [--steps 500] [--every 250] [--seed 0]
        [--lesson [--swap TYPE=FAMILY]]"""
 
@@ -124,9 +124,11 @@ class Probe:
         swaps: dict[str, str] | None = None,
     ):
         unknown = [f for f in [*families, *(swaps or {}).values()] if f not in FAMILIES]
-        unknown += [t for t in swaps or {} if t not in QUESTION_TYPES]
         if unknown:
             raise ValueError(f"unknown families {unknown}; choose from {', '.join(FAMILIES)}")
+        types = [t for t in swaps or {} if t not in QUESTION_TYPES]
+        if types:
+            raise ValueError(f"unknown question types {types}; choose from {', '.join(QUESTION_TYPES)}")
         self.families, self.lesson, self.swaps = families, lesson, swaps or {}
         self.tokenizer = build_tokenizer(extra=PROBE_WORDS)
         clip = CLIPModel.from_pretrained(str(CLIP_DIR), dtype=torch.float32).eval()
