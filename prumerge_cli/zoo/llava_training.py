@@ -96,6 +96,12 @@ def token_subsets(
     return ReducedTokens(tokens, lengths, indices, span=n)
 
 
+def object_cover(samples: list[Sample], side: int) -> torch.Tensor:
+    """[B, side*side]: the share of each patch the objects of each sample cover."""
+    patch = IMAGE_SIZE // side
+    return torch.stack([covered_area(s, side, patch) for s in samples]) / patch**2
+
+
 def llava_run(
     model: LlavaForConditionalGeneration,
     tokenizer,
@@ -125,9 +131,7 @@ def llava_run(
         pixels, texts, targets = conversation_batch(samples, processor, tokenizer)
         with torch.no_grad():
             features = tower(pixels, with_scores=False).features
-        side = math.isqrt(features.shape[1])
-        patch = IMAGE_SIZE // side
-        cover = torch.stack([covered_area(s, side, patch) for s in samples]) / patch**2
+        cover = object_cover(samples, math.isqrt(features.shape[1])) if subset_bias else None
         generator = torch.Generator().manual_seed(seed * 1_000_003 + i)
         kept = token_subsets(features, subset_share, generator, cover, subset_bias)
         with autocast(precision):
