@@ -70,9 +70,10 @@ def test_presence_and_relation_say_what_is_at_the_cell_then_answer():
         relation = ask(scene, "relation", rng)
         words = relation.question.split()
         row, col = divmod(POSITIONS.index(words[-1]), 3)
-        dr, dc = RELATIONS[" ".join(words[2:-4])]
-        assert words[-1] in there and relation.steps == POSITIONS[(row + dr) * 3 + col + dc]
-        assert relation.answer == there.get(relation.steps, "nothing")
+        dr, dc = RELATIONS[" ".join(words[3:-4])]
+        assert words[:3] == ["what", "color", "is"] and words[-1] in there
+        assert relation.steps == POSITIONS[(row + dr) * 3 + col + dc]
+        assert relation.answer == there.get(relation.steps, "nothing").split()[0]  # the colour of the name
     assert min(misses.values()) >= 8 and set(misses) == {"empty", "colour", "shape"}  # every kind of near miss
 
 

@@ -30,7 +30,7 @@ from .llava_training import build_llava, conversation_batch, qa_tokens
 from .stage import warmup_cosine
 from .tokenizer import build_tokenizer
 from .vqa import answered, greedy_replies
-from .world import POSITIONS, QA, QUESTION_TYPES, Sample, ask, ask_about, samples_of
+from .world import DESCRIBE, POSITIONS, QA, QUESTION_TYPES, Sample, ask, ask_about, samples_of
 
 PROBE_WORDS = ("an", "larger", "than", "same", "as")
 """Words the candidate families use beyond the world's vocabulary."""
@@ -68,17 +68,24 @@ def compare_at_two_step(sample: Sample, rng: random.Random) -> QA:
 
 
 def relation_at(sample: Sample, rng: random.Random) -> QA:
-    """The world's relation with the cell named as a readout question names it ("at west blue square"), so that
+    """The world's relation with the cell named as a readout question names it ("at west blue"), so that
     the lookup happens in the same words as in "what color is the object at west"."""
     qa = ask(list(sample.scene), "relation", rng)
     return QA(qa.question, qa.answer, "relation-at", f"at {qa.steps}")
 
 
 def relation_repeat(sample: Sample, rng: random.Random) -> QA:
-    """The world's relation with the cell said, then named again as a readout question names it ("west at west blue
-    square"): the step from the question's cell to its neighbour stays apart from the lookup after "at"."""
+    """The world's relation with the cell said, then named again as a readout question names it ("west at west
+    blue"): the step from the question's cell to its neighbour stays apart from the lookup after "at"."""
     qa = ask(list(sample.scene), "relation", rng)
     return QA(qa.question, qa.answer, "relation-repeat", f"{qa.steps} at {qa.steps}")
+
+
+def describe_cells(sample: Sample, rng: random.Random) -> QA:
+    """The description with each object's cell first ("northwest large red circle and center small blue cross"):
+    every object is then read out after a cell the model said itself, as a relation's answer is."""
+    things = " and ".join(f"{POSITIONS[t.cell]} {t.size} {t.name}" for t in sample.scene)
+    return QA(DESCRIBE, things, "describe-cells")
 
 
 def colour_of_shape(sample: Sample, rng: random.Random) -> QA:
@@ -107,7 +114,9 @@ FAMILIES: dict[str, Family] = {
     "color-of-shape": colour_of_shape,
     "relation-at": relation_at,
     "relation-repeat": relation_repeat,
+    "describe-cells": describe_cells,
 }
+SWAPPABLE = (*QUESTION_TYPES, "describe")
 
 
 class Probe:
@@ -126,9 +135,9 @@ class Probe:
         unknown = [f for f in [*families, *(swaps or {}).values()] if f not in FAMILIES]
         if unknown:
             raise ValueError(f"unknown families {unknown}; choose from {', '.join(FAMILIES)}")
-        types = [t for t in swaps or {} if t not in QUESTION_TYPES]
+        types = [t for t in swaps or {} if t not in SWAPPABLE]
         if types:
-            raise ValueError(f"unknown question types {types}; choose from {', '.join(QUESTION_TYPES)}")
+            raise ValueError(f"unknown question types {types}; choose from {', '.join(SWAPPABLE)}")
         self.families, self.lesson, self.swaps = families, lesson, swaps or {}
         self.tokenizer = build_tokenizer(extra=PROBE_WORDS)
         clip = CLIPModel.from_pretrained(str(CLIP_DIR), dtype=torch.float32).eval()
