@@ -1,6 +1,6 @@
 """Resumable training for the stages of `make zoo`: a run checkpoints its model, optimizer, scheduler and step to a
 cache outside the repository every few minutes and resumes from there when rerun, so a build cut short loses at
-most that much. A checkpoint of another recipe is set aside, never resumed."""
+most that much. A checkpoint of another recipe is deleted, never resumed."""
 
 from __future__ import annotations
 
