@@ -41,10 +41,14 @@ def test_a_probe_trains_and_scores_each_family():
 
 
 def test_a_lesson_probe_trains_on_whole_conversations_and_scores_the_families_named():
-    swapping = Probe(["relation-repeat"], lesson=True, swaps={"relation": "relation-repeat"})
+    swaps = {"relation": "relation-repeat", "describe": "describe-cells"}
+    swapping = Probe(["relation-repeat"], lesson=True, swaps=swaps)
     sample = samples_of("train", 0, 1)[0]
-    kinds = [qa.kind for qa in swapping.swapped(sample, random.Random(0)).lesson]
+    lesson = swapping.swapped(sample, random.Random(0)).lesson
+    kinds = [qa.kind for qa in lesson]
     assert kinds.count("relation-repeat") == 3 and "relation" not in kinds and len(kinds) == len(sample.lesson)
+    first = sample.scene[0]
+    assert kinds[-1] == "describe-cells" and lesson[-1].answer.split()[:2] == [POSITIONS[first.cell], first.size]
     with pytest.raises(ValueError, match="unknown families"):
         Probe(["relation"], lesson=True, swaps={"relation": "no-such-family"})
     probe = Probe(["relation"], lesson=True)
