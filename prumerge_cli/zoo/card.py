@@ -81,9 +81,9 @@ word (northwest, north, ..., center, ..., southeast). A caption lists every obje
 and position. Six question types need spatial detail: the colour, the shape and the size of the object at a
 position, the number of objects, the colour of what is left of / right of / above / below the object at a
 position, and whether a named object is at a position (POPE-like yes/no, balanced; a no is a near miss at an
-object's cell, other colour or other shape, or an empty cell). Questions end with their last word, no "?", and the reply
-follows it: "what color is the object at northwest" -> "red". Relation and presence are answered in two steps,
-the lookup first: "what color is left of the object at center" -> "west blue" (or "west nothing"), "is there
+object's cell, other colour or other shape, or an empty cell). Questions end with their last word, no "?", and
+the reply follows it: "what color is the object at northwest" -> "red". Relation and presence are answered in two
+steps, the lookup first: "what color is left of the object at center" -> "west blue" (or "west nothing"), "is there
 a red circle at northwest" -> "blue circle no"; a reply is right if it ends with the answer. Asked directly
 (by an object's looks, or as a yes/no that compares two things) they stayed at chance in every earlier build
 and probe (issue #19). Splits are disjoint seed ranges (train from 0, val from 10,000,000, test from
