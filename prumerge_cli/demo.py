@@ -148,27 +148,34 @@ def print_per_type(rows: list[dict[str, Any]], console: Console) -> None:
                   "would score.", highlight=False)  # fmt: skip
 
 
-def finetuned_rows(finetuned_dir: Path, model: Path, images: int, device: torch.device) -> list[dict[str, Any]]:
-    """Held-out accuracy of each fine-tuned bundle of `model` in `finetuned_dir` (LoRA LM, trained projector)."""
+def finetuned_rows(
+    finetuned_dir: Path, model: Path, images: int, device: torch.device
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Held-out accuracy of each fine-tuned bundle of `model` in `finetuned_dir` (LoRA LM, trained projector),
+    and why each bundle that does not load was skipped (weights changed since it was trained)."""
     from .bundle import is_bundle, load, read_bundle
     from .finetune.bundle import load_finetuned_lm
+    from .model_ref import resolve_model
 
-    rows = []
+    rows, skipped = [], []
     bundles = sorted(p for p in finetuned_dir.iterdir() if is_bundle(p)) if finetuned_dir.is_dir() else []
     for bundle in bundles:
-        encoder = load(bundle)
-        if encoder.model_dir.resolve() != model.resolve():
+        record = read_bundle(bundle)
+        try:
+            if resolve_model(record["model"], bundle).resolve() != model.resolve():
+                continue
+            encoder, lm = load(bundle), load_finetuned_lm(bundle)
+        except PrumergeError as exc:
+            skipped.append(f"{bundle.name}: {exc}")
             continue
-        lm = load_finetuned_lm(bundle)
         lm.model.to(device)
         encoder.to(device)
         score = vqa_accuracy(encoder, lm, images=images)
-        record = read_bundle(bundle)
         rows.append({"method": record["method"], "params": record["finetune"].get("params", {}),
                      "regime": "fine-tuned", "positions": encoder.positions, "bundle": str(bundle),
                      "tokens": score.tokens_mean,
                      "accuracy": score.accuracy["overall"], "per_type": score.accuracy})  # fmt: skip
-    return rows
+    return rows, skipped
 
 
 def print_finetuned(rows: list[dict[str, Any]], tuned: list[dict[str, Any]], console: Console) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -67,13 +68,39 @@ def test_prumerge_on_the_embedded_model_keeps_few_tokens(lm):
     assert score.accuracy["overall"] > 0.3
 
 
-def test_demo_runs_every_method(capsys, tmp_path):
+@pytest.fixture(scope="module")
+def tuned_dir(tmp_path_factory):
+    """Two fine-tuned bundles of the embedded LLaVA: `prumerge` (2 steps), and `stale`, its copy recording
+    other weights (as a bundle does once the LLaVA is retrained)."""
+    from rich.console import Console
+
+    from prumerge_cli.finetune.compress import FinetuneJob, run_finetune
+    from prumerge_cli.finetune.lora import LoraSettings
+    from prumerge_cli.training.loop import TrainOptions
+    from prumerge_cli.zoo.llava_json import write_llava_json
+
+    root = tmp_path_factory.mktemp("tuned")
+    data = write_llava_json(root / "data", "train", 4)
+    options = TrainOptions(steps=2, batch_size=2, lr=1e-3, projector_lr=1e-3, save_every=2)
+    job = FinetuneJob(LLAVA_DIR, "prumerge", data, data.parent / "images", root / "ft" / "prumerge", options,
+                      LoraSettings(rank=4, alpha=8, dropout=0.0))  # fmt: skip
+    run_finetune(job, Console(quiet=True))
+    shutil.copytree(root / "ft" / "prumerge", root / "ft" / "stale")
+    record = json.loads((root / "ft" / "stale" / "reducer.json").read_text())
+    record["model"]["sha256"] = "0" * 64
+    for print_ in record["model"]["fingerprints"]:
+        print_["head_sha256"] = "0" * 64
+    (root / "ft" / "stale" / "reducer.json").write_text(json.dumps(record))
+    return root / "ft"
+
+
+def test_demo_runs_every_method(capsys, tmp_path, tuned_dir):
     """Every method compressed, exported and scored, on --device cpu with nothing created elsewhere."""
     from prumerge_cli.devices import DeviceAudit
 
     with DeviceAudit() as audit:
         res = run_cli(capsys, "demo", "-o", tmp_path / "demo", "--num-images", "6", "--iters", "1", "--batch-size",
-                      "2", "--device", "cpu")  # fmt: skip
+                      "2", "--device", "cpu", "--finetuned", tuned_dir)  # fmt: skip
     assert res.code == 0, res.err
     assert audit.seen == {"cpu"}
     everything = json.loads((tmp_path / "demo" / "demo.json").read_text())
@@ -81,15 +108,34 @@ def test_demo_runs_every_method(capsys, tmp_path):
     assert [r["method"] for r in rows] == ["none", "prumerge", "prumerge+", "topk", "random", "pool", "oracle"]
     assert rows[-1]["params"] == rows[4]["params"] and rows[-1]["tokens"] == rows[4]["params"]["budget"]
     assert "by question type" in res.out and "Regime: training-free" in res.out
-    tuned = [r for r in everything if r["regime"] == "fine-tuned"]  # the committed bundles, with their adapters
-    assert sorted(r["method"] for r in tuned) == ["pool", "prumerge", "prumerge+", "random"]
-    assert "Fine-tuned with the reducer active" in res.out and all(0 < r["accuracy"] <= 1 for r in tuned)
+    tuned = [r for r in everything if r["regime"] == "fine-tuned"]
+    assert [r["method"] for r in tuned] == ["prumerge"] and 0 < tuned[0]["accuracy"] <= 1
+    assert "Fine-tuned with the reducer active" in res.out
+    assert "Fine-tuned bundle skipped, stale: the weights in" in " ".join(res.out.split())
     assert rows[0]["tokens_ratio"] == 1.0 and rows[0]["torch_ratio"] == 1.0
     budget = rows[3]["params"]["budget"]
     assert budget == max(1, round(rows[1]["tokens"] - 1)) and rows[4]["params"]["budget"] == budget
     assert (tmp_path / "demo" / "onnx" / "prumerge" / "model.onnx").is_file()
     assert (tmp_path / "demo" / "bundles" / "pool" / "reducer.json").is_file()
     assert "accuracy" in res.out
+
+
+def test_a_retrained_llava_drops_the_bundles_of_the_previous_one(tuned_dir, tmp_path):
+    from rich.console import Console
+
+    from prumerge_cli.zoo.finetuned import drop_stale
+
+    shutil.copytree(tuned_dir, tmp_path / "ft")
+    drop_stale(tmp_path / "ft", Console(quiet=True))
+    assert sorted(p.name for p in (tmp_path / "ft").iterdir()) == ["prumerge"]
+
+
+def test_the_committed_finetuned_bundles_were_trained_on_the_committed_llava():
+    from prumerge_cli import load
+    from prumerge_cli.zoo import FINETUNED_DIR
+
+    for bundle in sorted(FINETUNED_DIR.iterdir()) if FINETUNED_DIR.is_dir() else []:
+        assert load(bundle, full_hash=True).model_dir.resolve() == LLAVA_DIR.resolve()
 
 
 def test_the_oracle_keeps_the_patches_covering_the_objects():

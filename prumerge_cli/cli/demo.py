@@ -46,6 +46,8 @@ def demo(
     print_rows(rows, num_images, batch_size, console)
     oracle = oracle_row(rows, model, num_images, where, positions)
     print_per_type([*rows, oracle], console)
-    tuned = finetuned_rows(finetuned, model, num_images, where)
+    tuned, skipped = finetuned_rows(finetuned, model, num_images, where)
     print_finetuned(rows, tuned, console)
+    for reason in skipped:
+        console.print(f"Fine-tuned bundle skipped, {reason}: fine-tune it again on them.", highlight=False)
     atomic.write_text(output / "demo.json", json.dumps([*rows, oracle, *tuned], indent=2) + "\n")

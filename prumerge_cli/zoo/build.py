@@ -175,6 +175,10 @@ class Build:
             self.console.print(f"{stage}: stopped; rerun to resume from {self.cache / stage}")
             return False
         save_model(run.model, self.tokenizer, self.out / stage)
+        if stage == "llava" and (self.out / "finetuned").is_dir():
+            from .finetuned import drop_stale
+
+            drop_stale(self.out / "finetuned", self.console)
         record = {**inputs, "weights": self.weights(stage), "minutes": round(progress.minutes, 2),
                   "seconds_per_step": round(60 * progress.minutes / run.steps, 3), "cpu": cpu_name(),
                   "native_bf16": native_bf16(), "precision": resolve(r.precision), "threads": r.threads}  # fmt: skip

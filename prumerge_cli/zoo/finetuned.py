@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from ..bundle import load
+from ..bundle import is_bundle, load
 from ..cli import quiet_transformers
 from ..demo import fixed_budget_params
 from ..encoder import ReducedVisionEncoder
@@ -66,6 +67,14 @@ def up_to_date(bundle: Path) -> bool:
     except PrumergeError:
         return False
     return True
+
+
+def drop_stale(directory: Path, console: Console) -> None:
+    """Remove the bundles in `directory` that were not trained on the LLaVA there is now (it was retrained)."""
+    for bundle in sorted(p for p in directory.iterdir() if is_bundle(p)):
+        if not up_to_date(bundle):
+            shutil.rmtree(bundle)
+            console.print(f"finetuned: removed {bundle}, trained on the previous LLaVA")
 
 
 def build_finetuned(recipe: FinetuneRecipe, console: Console, force: bool = False) -> None:
