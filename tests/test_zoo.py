@@ -139,7 +139,7 @@ def test_the_committed_finetuned_bundles_were_trained_on_the_committed_llava():
 
 
 def test_the_oracle_keeps_the_patches_covering_the_objects():
-    from prumerge_cli.zoo.oracle import covered_area, oracle_patches
+    from prumerge_cli.zoo.oracle import box_area, covered_area, oracle_patches
     from prumerge_cli.zoo.world import make_sample, split_seed
 
     sample = make_sample(split_seed("test", 0))
@@ -148,5 +148,6 @@ def test_the_oracle_keeps_the_patches_covering_the_objects():
     assert 0 < len(covering) < 256 and float(area.sum()) >= sum((x1 - x0) ** 2 for x0, _, x1, _ in sample.boxes) - 1
     few = oracle_patches(sample, 8, 16, 14)
     assert len(few) == 8 and set(few) <= covering and few == sorted(few)
+    assert all(box_area(box, 16, 14)[few].sum() > 0 for box in sample.boxes)  # a part of every object
     many = oracle_patches(sample, len(covering) + 10, 16, 14)
     assert covering < set(many) and len(many) == len(covering) + 10  # topped up with background

@@ -1,5 +1,6 @@
 """`make zoo` in stages: a stage stopped part-way resumes to the very weights of an uninterrupted run, a finished
-stage is kept, a changed CLIP makes the LLaVA stale, and a CPU without native bf16 is refused."""
+stage is kept, a changed second phase continues the LLaVA's first, a changed CLIP makes the LLaVA stale, and a CPU
+without native bf16 is refused."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from rich.console import Console
 from prumerge_cli.zoo.build import Build, Recipe, main, refusal
 from prumerge_cli.zoo.precision import native_bf16
 
-TINY = Recipe(clip_steps=3, clip_batch=4, llava_steps=2, llava_images=2, precision="fp32", retrieval_images=8,
-              vqa_images=4)  # fmt: skip
+TINY = Recipe(clip_steps=3, clip_batch=4, llava_steps=2, focus_steps=1, llava_images=2, precision="fp32",
+              retrieval_images=8, vqa_images=4)  # fmt: skip
 
 
 def build(tmp_path, name: str) -> Build:
@@ -29,6 +30,8 @@ def test_a_stopped_stage_resumes_to_the_uninterrupted_weights(tmp_path):
     state = tmp_path / "interrupted" / "cache" / "clip" / "state.pt"
     assert torch.load(state, weights_only=True)["step"] == 1
     assert not (tmp_path / "interrupted" / "zoo" / "clip").exists()  # nothing written before the stage ends
+    plan = build(tmp_path, "interrupted")
+    assert plan.expected_minutes("clip") == pytest.approx(plan.expected_minutes("clip", fresh=True) * 2 / 3)
     assert not build(tmp_path, "interrupted").train("clip", stop_after=None, deadline=time.perf_counter())
     assert torch.load(state, weights_only=True)["step"] == 2  # past the deadline: one more step, then stopped
     resumed = build(tmp_path, "interrupted")
@@ -42,6 +45,13 @@ def test_a_stopped_stage_resumes_to_the_uninterrupted_weights(tmp_path):
     assert "| presence |" in (tmp_path / "interrupted" / "zoo" / "MODEL_CARD.md").read_text()
     assert resumed.plan(["clip", "llava"]) == []
     assert build(tmp_path, "interrupted").plan(["llava"]) == []
+    refocused = Build(replace(TINY, focus_steps=2), resumed.out, resumed.cache, Console(quiet=True))
+    assert refocused.plan(["clip", "llava"]) == ["llava"]  # a new second phase continues the first one's weights
+    assert refocused.train("llava", stop_after=None)
+    cache = tmp_path / "interrupted" / "cache"
+    steps = [torch.load(cache / name / "state.pt", weights_only=True)["step"] for name in ("llava", "llava-focus")]
+    assert steps == [2, 2]
+    assert set(refocused.records["llava"]["phase_minutes"]) == {"llava", "llava-focus"}
     retrained = Build(replace(TINY, seed=1), resumed.out, resumed.cache, Console(quiet=True))
     assert retrained.plan(["clip", "llava"]) == ["clip", "llava"]  # another recipe: both stale
     assert Recipe().clip()["precision"] == "auto"  # a stage trained in fp32 is not stale where bf16 is native

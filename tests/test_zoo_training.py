@@ -96,7 +96,8 @@ def test_model_card_fills_every_field():
     records = {
         "clip": {**machine, "retrieval_top1": 0.9},
         "llava": {**machine, "vqa": accuracy, "questions": 60,
-                  "token_choice": {"budget": 26, "of": 256, "oracle": 0.7, "random": 0.55, "positions": "original"},
+                  "token_choice": {"budget": 26, "of": 256, "oracle": 0.7, "random": 0.55, "positions": "original",
+                                   "per_type": {"oracle": accuracy, "random": accuracy | {"count": 0.25}}},
                   "positions": {"prumerge": {"contiguous": 0.4, "original": 0.5}}},
     }  # fmt: skip
     card = model_card(Recipe(precision="fp32"), records)
@@ -104,12 +105,18 @@ def test_model_card_fills_every_field():
     assert "(60 test questions, greedy replies)" in card
     assert f"on {cpu_name()} (native bf16: {'yes' if native_bf16() else 'no'}, trained in fp32" in card
     assert "**70.0%**" in card and "(+15.0 points)" in card and "| prumerge | 40.0 | 50.0 |" in card
+    assert "| oracle | 87.5 | 50.0 | 50.0 | 50.0 |" in card and "| random | 87.5 | 50.0 | 50.0 | 25.0 |" in card
     assert "{" not in card and "}" not in card
     assert "not built by this recipe yet" in model_card(Recipe(), {})
     assert "come from a run" not in card
     records["llava"]["recipe"] = {**Recipe(precision="fp32").llava(), "steps": 1200}
     shorter = model_card(Recipe(precision="fp32"), records)
     assert f"**The weights here come from a run with steps 1200 (recipe: {Recipe().llava_steps})**" in shorter
+    records["llava"]["focus"] = {**Recipe().focus(), "steps": 100}
+    records["llava"]["phase_minutes"] = {"llava": 2.0, "llava-focus": 0.5}
+    phased = model_card(Recipe(precision="fp32"), records)
+    assert f"focus steps 100 (recipe: {Recipe().focus_steps})" in phased
+    assert "2.5 min of training: 2.0 (llava) + 0.5 (llava-focus) (0.75 s per step)" in phased
 
 
 def test_token_subsets_keep_random_patches_at_their_positions():
@@ -136,8 +143,8 @@ def test_token_subsets_tilt_between_background_and_objects():
     cover = torch.zeros(64, 256)
     cover[:, :32] = 1.0  # an eighth of the patches are object patches
 
-    def object_shares(bias: float) -> torch.Tensor:
-        out = token_subsets(features, 1.0, torch.Generator().manual_seed(1), cover, bias)
+    def object_shares(bias: float, lean: float = 0.0) -> torch.Tensor:
+        out = token_subsets(features, 1.0, torch.Generator().manual_seed(1), cover, bias, lean)
         kept = [out.indices[b, : int(out.lengths[b])] for b in range(64)]
         return torch.tensor([float((k < 32).float().mean()) for k in kept])
 
@@ -145,3 +152,7 @@ def test_token_subsets_tilt_between_background_and_objects():
     assert abs(float(uniform.mean()) - 0.125) < 0.05 and float(uniform.max()) < 0.4
     assert float(tilted.max()) > 0.6 and float(tilted.min()) < 0.05
     assert torch.equal(tilted, object_shares(4.0))
+    leaning = token_subsets(features, 1.0, torch.Generator().manual_seed(1), cover, 0.0, 12.0)
+    for b in range(64):  # as many object patches as the subset holds: object-only up to 32 patches
+        n = int(leaning.lengths[b])
+        assert int((leaning.indices[b, :n] < 32).sum()) == min(n, 32)

@@ -31,7 +31,7 @@ from .clip_training import clip_run, image_processor, retrieval_top1
 from .llava_training import build_llava, llava_run
 from .precision import PRECISIONS, native_bf16, resolve
 from .scores import score_llava
-from .stage import CACHE_DIR, run_resumable
+from .stage import CACHE_DIR, TrainingRun, checkpoint_step, run_resumable
 from .tokenizer import build_tokenizer
 from .world import fingerprint
 
@@ -58,6 +58,11 @@ class Recipe:
     llava_lr: float = 1.5e-3
     llava_subset_share: float = 0.25
     llava_subset_bias: float = 4.0
+    focus_steps: int = 250
+    focus_lr: float = 5e-4
+    focus_share: float = 0.5
+    focus_lean: float = 4.0
+    focus_bias: float = 8.0
     seed: int = 0
     threads: int = 2
     precision: str = "auto"
@@ -73,6 +78,11 @@ class Recipe:
         return {"steps": self.llava_steps, "images": self.llava_images, "lr": self.llava_lr, "seed": self.seed,
                 "precision": self.precision, "subset_share": self.llava_subset_share,
                 "subset_bias": self.llava_subset_bias}  # fmt: skip
+
+    def focus(self) -> dict[str, Any]:
+        """What the LLaVA stage's second phase adds: more steps, half of the images tilted up to object-only."""
+        return {"steps": self.focus_steps, "lr": self.focus_lr, "subset_share": self.focus_share,
+                "subset_lean": self.focus_lean, "subset_bias": self.focus_bias}  # fmt: skip
 
 
 def progress_bar(console: Console) -> Progress:
@@ -114,7 +124,8 @@ class Build:
         """The recipe, the upstream weights and the world a stage's output depends on."""
         if stage == "clip":
             return {"recipe": self.recipe.clip(), "world": fingerprint(lessons=False)}
-        return {"recipe": self.recipe.llava(), "clip": self.weights("clip"), "world": fingerprint(lessons=True)}
+        return {"recipe": self.recipe.llava(), "focus": self.recipe.focus(), "clip": self.weights("clip"),
+                "world": fingerprint(lessons=True)}  # fmt: skip
 
     def up_to_date(self, stage: str) -> bool:
         """Whether the saved weights are those the recorded run wrote, for the current recipe and inputs."""
@@ -123,10 +134,12 @@ class Build:
             return False
         return all(record.get(k) == v for k, v in self.inputs(stage).items())
 
-    def expected_minutes(self, stage: str) -> float:
-        """Training minutes of a stage on this machine: this kind of machine's last measured pace, else the table."""
+    def expected_minutes(self, stage: str, fresh: bool = False) -> float:
+        """Training minutes of a stage on this machine (`fresh`: ignoring its checkpoints): the steps its
+        checkpoints have not done yet, at this kind of machine's last measured pace, else the table's."""
         native = native_bf16()
-        steps = self.recipe.clip_steps if stage == "clip" else self.recipe.llava_steps
+        steps = sum(total - (0 if fresh else checkpoint_step(self.cache / name, settings))
+                    for name, settings, total in self.phase_plan(stage))  # fmt: skip
         record = self.records.get(stage, {})
         pace = record.get("seconds_per_step") if record.get("native_bf16") == native else None
         return steps * (pace or SECONDS_PER_STEP[(stage, native)]) / 60
@@ -144,7 +157,7 @@ class Build:
             elif self.up_to_date(stage) and not (stage == "llava" and "clip" in todo):
                 self.console.print(f"- {stage}: up to date ({self.out / stage}), kept")
             else:
-                minutes = self.expected_minutes(stage)
+                minutes = self.expected_minutes(stage, fresh="clip" in todo)
                 self.console.print(f"- {stage}: train, ~{minutes:.0f} min")
                 todo.append(stage)
                 total += minutes
@@ -153,39 +166,64 @@ class Build:
                            f"checkpoints in {self.cache}")  # fmt: skip
         return todo
 
+    def phase_plan(self, stage: str) -> list[tuple[str, dict[str, Any], int]]:
+        """A stage's training runs in order: checkpoint name, the settings its checkpoint is for, steps. CLIP;
+        LLaVA, then its focus phase (which continues the same model)."""
+        r, inputs = self.recipe, self.inputs(stage)
+        if stage == "clip":
+            return [("clip", inputs, r.clip_steps)]
+        first = {k: v for k, v in inputs.items() if k != "focus"}
+        return [("llava", first, r.llava_steps), ("llava-focus", inputs, r.focus_steps)]
+
+    def phases(self, stage: str) -> list[tuple[str, dict[str, Any], Callable[[], TrainingRun]]]:
+        """`phase_plan` with, for each run, what makes it."""
+        r, plan = self.recipe, self.phase_plan(stage)
+        if stage == "clip":
+            return [(*plan[0][:2], lambda: clip_run(self.tokenizer, r.clip_steps, r.clip_batch, r.seed, r.precision))]
+        clip = CLIPModel.from_pretrained(str(self.out / "clip"), dtype=torch.float32).eval()
+        llava = build_llava(clip, self.tokenizer, r.seed)
+        makers = [
+            lambda: llava_run(llava, self.tokenizer, r.llava_steps, r.llava_images, r.seed, r.llava_lr, r.precision,
+                              r.llava_subset_share, r.llava_subset_bias),
+            lambda: llava_run(llava, self.tokenizer, r.focus_steps, r.llava_images, r.seed, r.focus_lr, r.precision,
+                              r.focus_share, r.focus_bias, r.focus_lean, first=r.llava_steps),
+        ]  # fmt: skip
+        return [(name, settings, make) for (name, settings, _), make in zip(plan, makers, strict=True)]
+
     def train(self, stage: str, stop_after: int | None, deadline: float | None = None) -> bool:
-        """Train (or resume) a stage and save it; False if it stopped early (see `run_resumable`)."""
+        """Train (or resume) a stage's phases and save it; False if it stopped early (see `run_resumable`)."""
         torch.set_num_threads(self.recipe.threads)
         torch.use_deterministic_algorithms(True)
-        r = self.recipe
-        if stage == "clip":
-            run = clip_run(self.tokenizer, r.clip_steps, r.clip_batch, r.seed, r.precision)
-        else:
-            clip = CLIPModel.from_pretrained(str(self.out / "clip"), dtype=torch.float32).eval()
-            llava = build_llava(clip, self.tokenizer, r.seed)
-            run = llava_run(llava, self.tokenizer, r.llava_steps, r.llava_images, r.seed, r.llava_lr, r.precision,
-                            r.llava_subset_share, r.llava_subset_bias)  # fmt: skip
-        inputs = self.inputs(stage)
-        with progress_bar(self.console) as bar:
-            task = bar.add_task(stage, total=run.steps, loss=float("nan"))
-            log = step_logger(bar, task, self.console, stage, run.steps)
-            progress = run_resumable(run, self.cache / stage, inputs, self.console, log, stop_after,
-                                     deadline=deadline)  # fmt: skip
-        if not progress.finished:
-            self.console.print(f"{stage}: stopped; rerun to resume from {self.cache / stage}")
-            return False
+        minutes: dict[str, float] = {}
+        steps = 0
+        for name, settings, make_run in self.phases(stage):
+            run = make_run()
+            if not run.steps:
+                continue
+            with progress_bar(self.console) as bar:
+                task = bar.add_task(name, total=run.steps, loss=float("nan"))
+                log = step_logger(bar, task, self.console, name, run.steps)
+                progress = run_resumable(run, self.cache / name, settings, self.console, log, stop_after,
+                                         deadline=deadline)  # fmt: skip
+            if not progress.finished:
+                self.console.print(f"{name}: stopped; rerun to resume from {self.cache / name}")
+                return False
+            minutes[name] = round(progress.minutes, 2)
+            steps += run.steps
         save_model(run.model, self.tokenizer, self.out / stage)
         if stage == "llava" and (self.out / "finetuned").is_dir():
             from .finetuned import drop_stale
 
             drop_stale(self.out / "finetuned", self.console)
-        record = {**inputs, "weights": self.weights(stage), "minutes": round(progress.minutes, 2),
-                  "seconds_per_step": round(60 * progress.minutes / run.steps, 3), "cpu": cpu_name(),
-                  "native_bf16": native_bf16(), "precision": resolve(r.precision), "threads": r.threads}  # fmt: skip
+        total = sum(minutes.values())
+        record = {**self.inputs(stage), "weights": self.weights(stage), "minutes": round(total, 2),
+                  "phase_minutes": minutes, "seconds_per_step": round(60 * total / steps, 3), "cpu": cpu_name(),
+                  "native_bf16": native_bf16(), "precision": resolve(self.recipe.precision),
+                  "threads": self.recipe.threads}  # fmt: skip
         record.update(self.evaluate(stage, run.model))
         self.records[stage] = record
         self.write_records()
-        self.console.print(f"{stage}: {progress.minutes:.1f} min of training, saved to {self.out / stage}")
+        self.console.print(f"{stage}: {total:.1f} min of training, saved to {self.out / stage}")
         return True
 
     def evaluate(self, stage: str, model: torch.nn.Module) -> dict[str, Any]:
@@ -256,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     recipe = Recipe(precision=args.precision)
     if args.quick:
-        recipe = replace(recipe, clip_steps=4, clip_batch=8, llava_steps=4, llava_images=2, retrieval_images=16,
-                         vqa_images=10)  # fmt: skip
+        recipe = replace(recipe, clip_steps=4, clip_batch=8, llava_steps=4, focus_steps=2, llava_images=2,
+                         retrieval_images=16, vqa_images=10)  # fmt: skip
     build = Build(recipe, args.out, args.cache, console)
     console.print(f"make zoo: stages {', '.join(stages)}; recipe {asdict(recipe)}")
     for stage in build.plan(stages):

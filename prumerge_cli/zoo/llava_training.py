@@ -73,18 +73,19 @@ def token_subsets(
     generator: torch.Generator,
     cover: torch.Tensor | None = None,
     bias: float = 0.0,
+    lean: float = 0.0,
 ) -> ReducedTokens:
     """Every patch of each image, except that with probability `share` an image keeps only a subset of 8..N/4 of
     its N patches, in raster order at their original positions (`span` N). The subset is drawn with weights
-    `exp(b * cover)` (`cover` [B, N]: the share of each patch an object covers; `b` uniform in [-bias, bias] per
-    image), so that subsets range from mostly background through uniform to mostly object patches; uniform
-    without `cover`."""
+    `exp(b * cover)` (`cover` [B, N]: the share of each patch an object covers; `b` uniform in
+    [lean - bias, lean + bias] per image), so that subsets range from mostly background through uniform to mostly
+    (with a large `lean`, only) object patches; uniform without `cover`."""
     count, n = features.shape[:2]
     chosen = []
     for b in range(count):
         if float(torch.rand((), generator=generator)) < share:
             k = int(torch.randint(8, n // 4 + 1, (), generator=generator))
-            tilt = (2 * float(torch.rand((), generator=generator)) - 1) * bias
+            tilt = lean + (2 * float(torch.rand((), generator=generator)) - 1) * bias
             weights = torch.ones(n) if cover is None else torch.exp(tilt * cover[b])
             chosen.append(torch.multinomial(weights, k, generator=generator).sort().values)
         else:
@@ -112,11 +113,14 @@ def llava_run(
     precision: str = "auto",
     subset_share: float = 0.0,
     subset_bias: float = 0.0,
+    subset_lean: float = 0.0,
+    first: int = 0,
 ) -> TrainingRun:
     """Training of projector and LM on the conversations of `images_per_step` fresh images per step
     (`precision`: see `precision.resolve`); a `subset_share` of the images show the LM a random subset of their
-    tokens, tilted towards or away from the objects' patches by up to `subset_bias` (`token_subsets`), so that
-    it learns to answer from whichever tokens it is given."""
+    tokens, tilted towards or away from the objects' patches (`token_subsets`: `subset_lean` +- `subset_bias`), so
+    that it learns to answer from whichever tokens it is given. Step i trains on the images and subsets of step
+    `first + i`, so that a run continuing another (`first` = its steps) sees fresh images."""
     torch.manual_seed(seed)
     processor = image_processor()
     tower = VisionTower(model.model.vision_tower, "clip", feature_layer=-2)
@@ -127,13 +131,14 @@ def llava_run(
     model.train()
 
     def step(i: int) -> float:
+        i += first
         samples = samples_of("train", i * images_per_step, images_per_step)
         pixels, texts, targets = conversation_batch(samples, processor, tokenizer)
         with torch.no_grad():
             features = tower(pixels, with_scores=False).features
         cover = object_cover(samples, math.isqrt(features.shape[1])) if subset_bias else None
         generator = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        kept = token_subsets(features, subset_share, generator, cover, subset_bias)
+        kept = token_subsets(features, subset_share, generator, cover, subset_bias, subset_lean)
         with autocast(precision):
             projected = project_tokens(model.model.multi_modal_projector, kept.tokens, kept.lengths)
             image = ReducedTokens(projected, kept.lengths, kept.indices, span=kept.span)

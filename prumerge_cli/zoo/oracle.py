@@ -1,35 +1,46 @@
 """The oracle reduction of the embedded world: keep the patches that cover the objects (it reads the scene, so it
-is a yardstick, not a method). At a budget it keeps the patches with the most object area, then fills up with
+is a yardstick, not a method). At a budget it keeps a share of every object's patches, then fills up with
 background patches drawn by a seed; measured beside a random subset of the same size it tells whether the choice
 of tokens matters to the model at all."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import torch
 
 from ..encoder import ReducedVisionEncoder
 from ..reducers import ReducedTokens
-from .world import Sample
+from .world import Box, Sample
+
+
+def box_area(box: Box, side: int, patch: int) -> torch.Tensor:
+    """[side * side] pixels of each patch (raster order) that lie inside one bounding box."""
+    x0, y0, x1, y1 = box
+    edges = torch.arange(side + 1, dtype=torch.float32) * patch
+    width = (edges[1:].clamp(max=x1) - edges[:-1].clamp(min=x0)).clamp(min=0)
+    height = (edges[1:].clamp(max=y1) - edges[:-1].clamp(min=y0)).clamp(min=0)
+    return (height[:, None] * width[None, :]).flatten()
 
 
 def covered_area(sample: Sample, side: int, patch: int) -> torch.Tensor:
     """[side * side] pixels of each patch (raster order) that lie inside an object's bounding box."""
-    edges = torch.arange(side + 1, dtype=torch.float32) * patch
-    area = torch.zeros(side, side)
-    for x0, y0, x1, y1 in sample.boxes:
-        width = (edges[1:].clamp(max=x1) - edges[:-1].clamp(min=x0)).clamp(min=0)
-        height = (edges[1:].clamp(max=y1) - edges[:-1].clamp(min=y0)).clamp(min=0)
-        area += height[:, None] * width[None, :]
-    return area.flatten()
+    return sum((box_area(box, side, patch) for box in sample.boxes), torch.zeros(side * side))
 
 
 def oracle_patches(sample: Sample, budget: int, side: int, patch: int, seed: int = 0) -> list[int]:
-    """`budget` patches in raster order: those covering objects, most covered first, then random background."""
-    area = covered_area(sample, side, patch)
-    covering = [int(i) for i in torch.argsort(area, descending=True, stable=True) if area[i] > 0][:budget]
-    background = [i for i in range(side * side) if area[i] == 0]
+    """`budget` patches in raster order: those covering objects, one object at a time in turn (each object's
+    patches the most covered first, so that a small budget keeps a part of every object), then random background."""
+    queues = []
+    for box in sample.boxes:
+        area = box_area(box, side, patch)
+        queues.append([int(i) for i in torch.argsort(area, descending=True, stable=True) if area[i] > 0])
+    kept: dict[int, None] = {}
+    for turn in itertools.zip_longest(*queues):
+        kept.update(dict.fromkeys(i for i in turn if i is not None))
+    covering = list(kept)[:budget]
+    background = [i for i in range(side * side) if i not in kept]
     fill = random.Random(seed).sample(background, min(len(background), budget - len(covering)))
     return sorted(covering + fill)
 

@@ -27,22 +27,27 @@ def score_llava(llava_dir: Path, images: int) -> dict[str, Any]:
         encoder = ReducedVisionEncoder.from_pretrained(llava_dir, method, positions=positions, **params)
         return round(vqa_accuracy(encoder, lm, images=images).accuracy["overall"], 4)
 
-    oracle = vqa_accuracy(OracleTokens(full, budget), lm, images=images).accuracy["overall"]
+    oracle = vqa_accuracy(OracleTokens(full, budget), lm, images=images).accuracy
+    subset = ReducedVisionEncoder.from_pretrained(llava_dir, "random", positions="original", budget=budget)
+    random_subset = vqa_accuracy(subset, lm, images=images).accuracy
     positions = {
-        f"{method}{' budget=' + str(budget) if params else ''}": {where: accuracy(method, where, **params)
-                                                                  for where in ("contiguous", "original")}
-        for method, params in (("prumerge", {}), ("random", {"budget": budget}))
+        "prumerge": {where: accuracy("prumerge", where) for where in ("contiguous", "original")},
+        f"random budget={budget}": {"contiguous": accuracy("random", "contiguous", budget=budget),
+                                    "original": round(random_subset["overall"], 4)},
     }  # fmt: skip
-    random_original = positions[f"random budget={budget}"]["original"]
     return {
         "vqa": {k: round(v, 4) for k, v in everything.accuracy.items()},
         "questions": everything.questions,
         "token_choice": {
             "budget": budget,
             "of": int(everything.tokens_mean),
-            "oracle": round(oracle, 4),
-            "random": random_original,
+            "oracle": round(oracle["overall"], 4),
+            "random": round(random_subset["overall"], 4),
             "positions": "original",
+            "per_type": {
+                "oracle": {k: round(v, 4) for k, v in oracle.items()},
+                "random": {k: round(v, 4) for k, v in random_subset.items()},
+            },
         },
         "positions": positions,
     }

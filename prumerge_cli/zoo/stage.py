@@ -18,7 +18,7 @@ from rich.console import Console
 from torch import nn
 
 from ..errors import PrumergeError
-from ..training.checkpoints import load_checkpoint, save_checkpoint
+from ..training.checkpoints import STATE, load_checkpoint, save_checkpoint
 
 CACHE_DIR = Path(os.environ.get("PRUMERGE_CACHE", Path.home() / ".cache" / "prumerge")) / "zoo"
 CHECKPOINT_MINUTES = 5.0
@@ -98,6 +98,15 @@ def save(run: TrainingRun, directory: Path, recipe: dict[str, Any], step: int, m
     state = {"settings": recipe, "step": step, "minutes": minutes, "optimizer": run.optimizer.state_dict(),
              "scheduler": run.scheduler.state_dict(), "rng": torch.get_rng_state()}  # fmt: skip
     save_checkpoint(directory, weights, state)
+
+
+def checkpoint_step(directory: Path, settings: dict[str, Any]) -> int:
+    """The step of the checkpoint in `directory` if it was written for `settings`, else 0."""
+    state = directory / STATE
+    if not state.is_file():
+        return 0
+    saved = torch.load(state, weights_only=True)
+    return int(saved["step"]) if saved.get("settings") == settings else 0
 
 
 def resume(run: TrainingRun, directory: Path, recipe: dict[str, Any], console: Console) -> tuple[int, float]:
