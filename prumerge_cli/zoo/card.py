@@ -132,10 +132,11 @@ and probe (issue #19). Splits are disjoint seed ranges (train from 0, val from 1
 - **Second phase, towards object-only inputs:** {r.focus_steps} more steps of fresh images (AdamW anew, lr
   {r.focus_lr}, 5% warm-up then cosine decay), {focus_pct:.0f}% of them reduced as above with b uniform in
   [{focus_lo:g}, {focus_hi:g}]: from b of about 8 on, a subset holds only object patches as long as the objects
-  have enough of them. After the first phase alone the LM had never seen an input without background, and the
-  oracle below did no better than a random subset (61.0% against 64.9% at 26 tokens): its count and "nothing"
-  answers leant on background tokens. **A stock LLaVA never sees reduced inputs in training, so the
-  training-free figures of every method, the oracle's most of all, are kinder here than they would be on it.**
+  have enough of them. After the first phase alone the LM had never seen an input without background, and an
+  oracle keeping the objects' patches did no better than a random subset (61.0% against 64.9% at 26 tokens): its
+  count and "nothing" answers leant on background tokens. **A stock LLaVA never sees reduced inputs in training,
+  so the training-free figures of every method, the oracle's most of all, are kinder here than they would be on
+  it.**
 - Stage: {llava_stage}.
 
 ## Held-out VQA accuracy, all visual tokens ({questions}greedy replies)
