@@ -20,6 +20,7 @@ from prumerge_cli.training.loop import TrainOptions
 from prumerge_cli.zoo.llava_json import write_llava_json
 
 from .cli_helpers import run_cli
+from .tiny_models import altered_copy
 
 SMALL = SparseConfig(d_model=32, nhead=4, dim_feedforward=64, num_layers=1, text_hidden=(32, 16, 8),
                      output_len_for_training=2)  # fmt: skip
@@ -211,6 +212,7 @@ def test_ranks_see_different_samples_and_gumbel_draws():
         (("--batch-size", 3), "batch_size"),
         (("--vision-keep", 0.3), "sparse_config"),
         (("--data", "other"), "data"),
+        (("MODEL",), "model"),
     ],
 )
 def test_resume_refuses_changed_settings(llava_deep_dir, world, tmp_path, capsys, change, message):
@@ -218,6 +220,8 @@ def test_resume_refuses_changed_settings(llava_deep_dir, world, tmp_path, capsys
     change = tuple(other if c == "other" else c for c in change)
     args = compress_args(llava_deep_dir, world, tmp_path / "out", "--steps", 3, "--stop-after", 1)
     assert run_cli(capsys, *args).code == 0
+    if change == ("MODEL",):  # the same checkpoint, the base model's weights changed since
+        args, change = [args[0], altered_copy(llava_deep_dir, tmp_path / "altered"), *args[2:]], ()
     result = run_cli(capsys, *args, *change, "--resume")
     assert result.code == 2 and "other settings" in result.err and message in result.err
     assert not (tmp_path / "out").exists()

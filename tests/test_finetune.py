@@ -139,6 +139,8 @@ def test_resume_with_other_settings_and_lora_on_another_model_are_refused(llava_
     assert run_cli(capsys, *args, "--stop-after", 1).code == 0
     changed = run_cli(capsys, *args, "--lora-rank", 8, "--resume")
     assert changed.code == 2 and "other settings" in changed.err and "lora" in changed.err
+    moved = run_cli(capsys, "compress", llava_dir, *args[2:], "--resume")  # another base model, same checkpoint
+    assert moved.code == 2 and "other settings" in moved.err and "model" in moved.err
     assert run_cli(capsys, *args, "--resume").code == 0
     other = run_cli(capsys, "generate", tmp_path / "out", "--model", llava_dir, "--image", next(images.glob("*.png")),
                     "--prompt", "what color")  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +108,16 @@ def save_images(folder: Path, count: int = 3, seed: int = 0) -> list[Path]:
         Image.fromarray(img).save(path)
         paths.append(path)
     return paths
+
+
+def altered_copy(model_dir: Path, path: Path) -> Path:
+    """A copy of a checkpoint with one weight tensor changed: the same model to every setting but its weights."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, path)
+    weights = path / "model.safetensors"
+    tensors = load_file(str(weights))
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first] + 1
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    return path

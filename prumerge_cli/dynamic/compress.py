@@ -13,6 +13,7 @@ from rich.console import Console
 from ..errors import PrumergeError
 from ..lm.positions import DEFAULT_POSITIONS
 from ..models.loading import read_config
+from ..models.weights import hash_files, weight_files
 from ..training.checkpoints import file_digest
 from ..training.conversations import Dataset, load_examples, resolve_template
 from ..training.distributed import barrier, init_rank, shutdown
@@ -44,9 +45,10 @@ class DynamicJob:
     positions: str = DEFAULT_POSITIONS
 
     def settings(self, data: Dataset) -> dict[str, Any]:
-        """The data, model and method settings a resume must not change (training options are added by the
-        trainer)."""
-        return {"data": file_digest(self.data), "examples": len(data.examples), "template": self.template,
+        """The data, model (its weights' sha256) and method settings a resume must not change (training options
+        are added by the trainer)."""
+        return {"model": hash_files(weight_files(self.model_dir)), "data": file_digest(self.data),
+                "examples": len(data.examples), "template": self.template,
                 "vision_source": self.vision_source, "positions": self.positions,
                 "sparse_config": self.config.to_dict()}  # fmt: skip
 

@@ -14,6 +14,7 @@ from ..encoder import ReducedVisionEncoder
 from ..errors import PrumergeError
 from ..lm.llava_lm import LlavaLm
 from ..lm.positions import DEFAULT_POSITIONS
+from ..models.weights import hash_files
 from ..training.checkpoints import file_digest
 from ..training.conversations import Dataset, load_examples, resolve_template
 from ..training.distributed import barrier, init_rank, shutdown
@@ -49,10 +50,11 @@ class FinetuneJob:
         """Where checkpoints live until the bundle is written: `checkpoints`, else beside the output."""
         return self.checkpoints or self.output.parent / f".{self.output.name}.checkpoint"
 
-    def recipe(self, data: Dataset) -> dict[str, Any]:
-        """What the bundle records of the run, and what a resume must not change."""
+    def recipe(self, data: Dataset, model_sha256: str) -> dict[str, Any]:
+        """What the bundle records of the run, and what a resume must not change (the base model's weights
+        among them: `model_sha256`)."""
         opt = self.options
-        return {"lora": self.lora.to_dict(), "steps": opt.steps, "batch_size": opt.batch_size,
+        return {"model": model_sha256, "lora": self.lora.to_dict(), "steps": opt.steps, "batch_size": opt.batch_size,
                 "grad_accum": opt.grad_accum, "lr": opt.lr, "projector_lr": opt.projector_lr,
                 "precision": opt.precision, "template": self.template, "positions": self.positions,
                 "data": file_digest(self.data), "examples": len(data.examples), "text_only": data.text_only,
@@ -78,7 +80,7 @@ def run_finetune(job: FinetuneJob, console: Console, on_step=None) -> list[StepL
         lm.model.to(rank.device)
         encoder.to(rank.device)
         encoder.projector = lm.model.model.multi_modal_projector
-        recipe = job.recipe(data)
+        recipe = job.recipe(data, hash_files(encoder.model.weight_files))
         trainer = FinetuneTrainer(lm, peft_model, encoder, data.examples, job.options, rank, job.checkpoint_dir,
                                   recipe, job.resume)  # fmt: skip
         if rank.main:
