@@ -136,7 +136,7 @@ def oracle_row(rows: list[dict[str, Any]], model: Path, images: int, device: tor
 def print_per_type(rows: list[dict[str, Any]], console: Console) -> None:
     """Accuracy per question type, one row per method (the oracle last)."""
     kinds = list(rows[0]["per_type"])
-    table = Table(title="Training-free accuracy % by question type (the LLM was trained with all visual tokens)")
+    table = Table(title="Training-free accuracy % by question type (no reducer active in the LLM's training)")
     for col in ("method", "visual tokens", *kinds):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in rows:
@@ -218,5 +218,5 @@ def print_rows(rows: list[dict[str, Any]], images: int, batch: int, console: Con
     console.print(table)
     console.print(
         "(x...) = ratio to the unreduced baseline measured in the same run; accuracy: the greedy reply ends with "
-        "the answer (training-free: the LLM was trained with all visual tokens)."
+        "the answer (training-free: no reducer was active in the LLM's training)."
     )

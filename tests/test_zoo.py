@@ -108,6 +108,7 @@ def test_demo_runs_every_method(capsys, tmp_path, tuned_dir):
     assert [r["method"] for r in rows] == ["none", "prumerge", "prumerge+", "topk", "random", "pool", "oracle"]
     assert rows[-1]["params"] == rows[4]["params"] and rows[-1]["tokens"] == rows[4]["params"]["budget"]
     assert "by question type" in res.out and "Regime: training-free" in res.out
+    assert "object-tilted subsets of its visual tokens in training" in " ".join(res.out.split())
     tuned = [r for r in everything if r["regime"] == "fine-tuned"]
     assert [r["method"] for r in tuned] == ["prumerge"] and 0 < tuned[0]["accuracy"] <= 1
     assert "Fine-tuned with the reducer active" in res.out

@@ -46,6 +46,10 @@ def demo(
     print_rows(rows, num_images, batch_size, console)
     oracle = oracle_row(rows, model, num_images, where, positions)
     print_per_type([*rows, oracle], console)
+    if model.resolve() == LLAVA_DIR.resolve():
+        console.print("The embedded LLM saw random and object-tilted subsets of its visual tokens in training "
+                      f"({LLAVA_DIR.parent / 'MODEL_CARD.md'}): training-free figures are kinder on it than on a stock "
+                      "LLaVA.", highlight=False)  # fmt: skip
     tuned, skipped = finetuned_rows(finetuned, model, num_images, where)
     print_finetuned(rows, tuned, console)
     for reason in skipped:

@@ -201,7 +201,8 @@ class Build:
             if not run.steps:
                 continue
             with progress_bar(self.console) as bar:
-                task = bar.add_task(name, total=run.steps, loss=float("nan"))
+                done = checkpoint_step(self.cache / name, settings)
+                task = bar.add_task(name, total=run.steps, completed=done, loss=float("nan"))
                 log = step_logger(bar, task, self.console, name, run.steps)
                 progress = run_resumable(run, self.cache / name, settings, self.console, log, stop_after,
                                          deadline=deadline)  # fmt: skip
