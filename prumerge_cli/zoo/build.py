@@ -179,15 +179,16 @@ class Build:
         """`phase_plan` with, for each run, what makes it."""
         r, plan = self.recipe, self.phase_plan(stage)
         if stage == "clip":
-            return [(*plan[0][:2], lambda: clip_run(self.tokenizer, r.clip_steps, r.clip_batch, r.seed, r.precision))]
-        clip = CLIPModel.from_pretrained(str(self.out / "clip"), dtype=torch.float32).eval()
-        llava = build_llava(clip, self.tokenizer, r.seed)
-        makers = [
-            lambda: llava_run(llava, self.tokenizer, r.llava_steps, r.llava_images, r.seed, r.llava_lr, r.precision,
-                              r.llava_subset_share, r.llava_subset_bias),
-            lambda: llava_run(llava, self.tokenizer, r.focus_steps, r.llava_images, r.seed, r.focus_lr, r.precision,
-                              r.focus_share, r.focus_bias, r.focus_lean, first=r.llava_steps),
-        ]  # fmt: skip
+            makers = [lambda: clip_run(self.tokenizer, r.clip_steps, r.clip_batch, r.seed, r.precision)]
+        else:
+            clip = CLIPModel.from_pretrained(str(self.out / "clip"), dtype=torch.float32).eval()
+            llava = build_llava(clip, self.tokenizer, r.seed)
+            makers = [
+                lambda: llava_run(llava, self.tokenizer, r.llava_steps, r.llava_images, r.seed, r.llava_lr,
+                                  r.precision, r.llava_subset_share, r.llava_subset_bias),
+                lambda: llava_run(llava, self.tokenizer, r.focus_steps, r.llava_images, r.seed, r.focus_lr,
+                                  r.precision, r.focus_share, r.focus_bias, r.focus_lean, first=r.llava_steps),
+            ]  # fmt: skip
         return [(name, settings, make) for (name, settings, _), make in zip(plan, makers, strict=True)]
 
     def train(self, stage: str, stop_after: int | None, deadline: float | None = None) -> bool:
@@ -201,11 +202,12 @@ class Build:
             if not run.steps:
                 continue
             with progress_bar(self.console) as bar:
-                done = checkpoint_step(self.cache / name, settings)
-                task = bar.add_task(name, total=run.steps, completed=done, loss=float("nan"))
+                task = bar.add_task(name, total=run.steps, loss=float("nan"))
                 log = step_logger(bar, task, self.console, name, run.steps)
                 progress = run_resumable(run, self.cache / name, settings, self.console, log, stop_after,
                                          deadline=deadline)  # fmt: skip
+                if progress.finished:  # also where the checkpoint had every step and none ran here
+                    bar.update(task, completed=run.steps)
             if not progress.finished:
                 self.console.print(f"{name}: stopped; rerun to resume from {self.cache / name}")
                 return False
