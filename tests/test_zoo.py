@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -129,6 +130,17 @@ def test_a_retrained_llava_drops_the_bundles_of_the_previous_one(tuned_dir, tmp_
     shutil.copytree(tuned_dir, tmp_path / "ft")
     drop_stale(tmp_path / "ft", Console(quiet=True))
     assert sorted(p.name for p in (tmp_path / "ft").iterdir()) == ["prumerge"]
+
+
+def test_a_changed_recipe_makes_a_finetuned_bundle_stale(tuned_dir):
+    from prumerge_cli.zoo.finetuned import FinetuneRecipe, up_to_date
+
+    same = FinetuneRecipe(steps=2, batch_size=2, lr=1e-3, projector_lr=1e-3, lora_rank=4, lora_alpha=8,
+                          conversations=4)  # fmt: skip
+    assert up_to_date(tuned_dir / "prumerge", same) and up_to_date(tuned_dir / "prumerge")
+    assert not up_to_date(tuned_dir / "prumerge", replace(same, steps=3))
+    assert not up_to_date(tuned_dir / "prumerge", replace(same, lora_rank=8))
+    assert not up_to_date(tuned_dir / "stale", same)
 
 
 def test_the_committed_finetuned_bundles_were_trained_on_the_committed_llava():

@@ -1,7 +1,8 @@
 """The embedded LLaVA fine-tuned with each reducer active (PruMerge's regime), one bundle per method in
 `prumerge_cli/zoo/finetuned/`: prumerge, prumerge+, and random and pool at PruMerge's token budget, all with
-the same recipe and steps. Each bundle is written as soon as its run ends and kept on a rerun; runs checkpoint
-to a cache outside the repository and resume from it. Usage: python -m prumerge_cli.zoo.finetuned [--force]"""
+the same recipe and steps. Each bundle is written as soon as its run ends and kept on a rerun while the recipe
+stays; runs checkpoint to a cache outside the repository and resume from it.
+Usage: python -m prumerge_cli.zoo.finetuned [--force]"""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from ..bundle import is_bundle, load
+from ..bundle import is_bundle, load, read_bundle
 from ..cli import quiet_transformers
 from ..demo import fixed_budget_params
 from ..encoder import ReducedVisionEncoder
@@ -60,13 +61,23 @@ def methods(budget_images: int = 200) -> dict[str, dict[str, Any]]:
     return {"prumerge": {}, "prumerge+": {}, "random": budget["random"], "pool": budget["pool"]}
 
 
-def up_to_date(bundle: Path) -> bool:
-    """Whether `bundle` exists and was trained on the LLaVA there is now."""
+def up_to_date(bundle: Path, recipe: FinetuneRecipe | None = None) -> bool:
+    """Whether `bundle` exists and was trained on the LLaVA there is now (and, given `recipe`, with it)."""
     try:
         load(bundle)
     except PrumergeError:
         return False
-    return True
+    return recipe is None or trained_with(read_bundle(bundle).get("finetune") or {}) == trained_with(recipe)
+
+
+def trained_with(source: FinetuneRecipe | dict[str, Any]) -> tuple[Any, ...]:
+    """The recipe settings a bundle's `finetune` record shows: steps, batch, rates, LoRA size, data size, seed."""
+    if isinstance(source, FinetuneRecipe):
+        return (source.steps, source.batch_size, source.lr, source.projector_lr, source.lora_rank,
+                float(source.lora_alpha), source.conversations, source.seed)  # fmt: skip
+    lora = source.get("lora") or {}
+    return (source.get("steps"), source.get("batch_size"), source.get("lr"), source.get("projector_lr"),
+            lora.get("rank"), float(lora.get("alpha", 0)), source.get("examples"), source.get("seed"))  # fmt: skip
 
 
 def drop_stale(directory: Path, console: Console) -> None:
@@ -89,7 +100,7 @@ def build_finetuned(recipe: FinetuneRecipe, console: Console, force: bool = Fals
     lora = LoraSettings(recipe.lora_rank, recipe.lora_alpha, 0.05)
     for method, params in methods().items():
         output = FINETUNED_DIR / method
-        if not force and up_to_date(output):
+        if not force and up_to_date(output, recipe):
             console.print(f"{method}: {output} is up to date, kept")
             continue
         checkpoints = CACHE_DIR / f"checkpoint-{method}"
