@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import replace
 
 import pytest
@@ -141,6 +142,39 @@ def test_a_changed_recipe_makes_a_finetuned_bundle_stale(tuned_dir):
     assert not up_to_date(tuned_dir / "prumerge", replace(same, steps=3))
     assert not up_to_date(tuned_dir / "prumerge", replace(same, lora_rank=8))
     assert not up_to_date(tuned_dir / "stale", same)
+
+
+def test_the_finetuned_stage_stops_at_checkpoints_and_goes_on_when_rerun(tmp_path):
+    from rich.console import Console
+
+    from prumerge_cli.zoo.finetuned import FinetuneRecipe, build_finetuned, up_to_date
+
+    recipe = FinetuneRecipe(steps=4, batch_size=2, lora_rank=4, lora_alpha=8, conversations=4, save_every=2,
+                            budget_images=4)  # fmt: skip
+    where = {"out": tmp_path / "ft", "cache": tmp_path / "cache"}
+    console = Console(quiet=True)
+    assert not build_finetuned(recipe, console, deadline=time.perf_counter(), **where)
+    assert not (tmp_path / "cache" / "checkpoint-prumerge").exists()
+    assert not build_finetuned(recipe, console, stop_after=3, **where)
+    assert (tmp_path / "cache" / "checkpoint-prumerge" / "state.pt").is_file() and not (tmp_path / "ft").exists()
+    assert build_finetuned(recipe, console, **where)
+    assert sorted(p.name for p in (tmp_path / "ft").iterdir()) == ["pool", "prumerge", "prumerge+", "random"]
+    assert all(up_to_date(p, recipe) for p in (tmp_path / "ft").iterdir())
+    assert not (tmp_path / "cache" / "checkpoint-prumerge").exists()
+
+
+def test_a_deadline_stops_a_finetune_only_right_after_a_checkpoint():
+    from prumerge_cli.training.loop import StepLog, TrainOptions
+    from prumerge_cli.zoo.finetuned import OutOfTime, stop_at_checkpoint_after
+
+    options = TrainOptions(steps=6, save_every=2)
+    assert stop_at_checkpoint_after(None, options) is None
+    past, future = stop_at_checkpoint_after(0.0, options), stop_at_checkpoint_after(time.perf_counter() + 1e6, options)
+    past(StepLog(0, 1.0, 1.0))  # no checkpoint after step 1
+    past(StepLog(5, 1.0, 1.0))  # the last step: the run ends and writes its bundle
+    future(StepLog(1, 1.0, 1.0))
+    with pytest.raises(OutOfTime, match="checkpointed at step 4"):
+        past(StepLog(3, 1.0, 1.0))
 
 
 def test_the_committed_finetuned_bundles_were_trained_on_the_committed_llava():

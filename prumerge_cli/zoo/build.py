@@ -150,8 +150,8 @@ class Build:
         for stage in stages:
             if stage == "finetuned":
                 minutes = FINETUNE_MINUTES[native_bf16()]
-                self.console.print(f"- finetuned: LoRA fine-tuning per reducer; bundles of the current LLaVA are "
-                                   f"kept (at most ~{minutes:.0f} min)")  # fmt: skip
+                self.console.print(f"- finetuned: LoRA fine-tuning per reducer; bundles of the current LLaVA and "
+                                   f"recipe are kept (at most ~{minutes:.0f} min)")  # fmt: skip
                 todo.append(stage)
                 total += minutes
             elif self.up_to_date(stage) and not (stage == "llava" and "clip" in todo):
@@ -308,11 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.out.resolve() != ZOO_DIR.resolve():
                 console.print("finetuned: skipped (it fine-tunes the LLaVA in prumerge_cli/zoo/)")
                 continue
-            left = None if deadline is None else (deadline - time.perf_counter()) / 60
-            if left is not None and left < FINETUNE_MINUTES[native_bf16()]:
-                console.print(f"finetuned: not started, {max(left, 0):.0f} min of --minutes left; rerun to build it")
-                continue
-            build_finetuned(FinetuneRecipe(), console)
+            build_finetuned(FinetuneRecipe(), console, stop_after=args.stop_after, deadline=deadline)
         elif not build.train(stage, args.stop_after, deadline):
             return 0
     return 0

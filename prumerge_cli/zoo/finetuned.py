@@ -10,6 +10,7 @@ import argparse
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from ..errors import PrumergeError
 from ..finetune.compress import FinetuneJob, run_finetune
 from ..finetune.lora import LoraSettings
 from ..lm.llava_lm import LlavaLm
-from ..training.loop import TrainOptions
+from ..training.loop import StepLog, TrainOptions
 from . import FINETUNED_DIR, LLAVA_DIR
 from .llava_json import DATA_FILE, write_llava_json
 from .precision import resolve
@@ -48,6 +49,8 @@ class FinetuneRecipe:
     conversations: int = 3200
     seed: int = 0
     save_every: int = 50
+    budget_images: int = 200
+    """Held-out images over which PruMerge's mean token count is taken as random's and pool's budget."""
     precision: str = "auto"
     """bf16 autocast where the CPU has native bf16 (the frozen LM held in bf16), fp32 elsewhere."""
 
@@ -88,35 +91,81 @@ def drop_stale(directory: Path, console: Console) -> None:
             console.print(f"finetuned: removed {bundle}, trained on the previous LLaVA")
 
 
-def build_finetuned(recipe: FinetuneRecipe, console: Console, force: bool = False) -> None:
-    """Fine-tune every method that has no bundle yet (all with `force`)."""
-    data_dir = CACHE_DIR / f"train-{recipe.conversations}-{fingerprint(lessons=True)[:12]}"  # a new world: new data
+class OutOfTime(Exception):
+    """The build's deadline passed; raised right after a checkpoint, so nothing trained is lost."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"checkpointed at step {step}")
+        self.step = step
+
+
+def stop_at_checkpoint_after(deadline: float | None, options: TrainOptions) -> Callable[[StepLog], None] | None:
+    """A step hook that stops the run at its first checkpoint past `deadline` (a `time.perf_counter` time)."""
+    if deadline is None:
+        return None
+
+    def check(log: StepLog) -> None:
+        done = log.step + 1
+        if done % options.save_every == 0 and done < options.steps and time.perf_counter() >= deadline:
+            raise OutOfTime(done)
+
+    return check
+
+
+def fine_tune(job: FinetuneJob, console: Console, on_step: Callable[[StepLog], None] | None) -> list[StepLog]:
+    """`run_finetune`, starting the method over where its checkpoint is of another recipe."""
+    try:
+        return run_finetune(job, console, on_step)
+    except PrumergeError as exc:
+        if not job.resume:
+            raise
+        console.print(f"{job.method}: not resuming ({exc}); starting over")
+        return run_finetune(replace(job, resume=False), console, on_step)
+
+
+def build_finetuned(
+    recipe: FinetuneRecipe,
+    console: Console,
+    force: bool = False,
+    stop_after: int | None = None,
+    deadline: float | None = None,
+    out: Path = FINETUNED_DIR,
+    cache: Path = CACHE_DIR,
+) -> bool:
+    """Fine-tune every method that has no bundle of this recipe yet (all with `force`) into `out`, checkpointing
+    to `cache`. A method stops at a checkpoint after `stop_after` steps of this call or at its first checkpoint
+    past `deadline` (a `time.perf_counter` time); then the rest wait. Returns whether every bundle is written."""
+    data_dir = cache / f"train-{recipe.conversations}-{fingerprint(lessons=True)[:12]}"  # a new world: new data
     if not (data_dir / DATA_FILE).is_file():
         console.print(f"writing {recipe.conversations} training conversations to {data_dir}")
         write_llava_json(data_dir, "train", recipe.conversations, force=True)
     options = TrainOptions(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr,
                            projector_lr=recipe.projector_lr, save_every=recipe.save_every,
-                           seed=recipe.seed, precision=resolve(recipe.precision))  # fmt: skip
+                           seed=recipe.seed, precision=resolve(recipe.precision), stop_after=stop_after)  # fmt: skip
     lora = LoraSettings(recipe.lora_rank, recipe.lora_alpha, 0.05)
-    for method, params in methods().items():
-        output = FINETUNED_DIR / method
+    for method, params in methods(recipe.budget_images).items():
+        output = out / method
         if not force and up_to_date(output, recipe):
             console.print(f"{method}: {output} is up to date, kept")
             continue
-        checkpoints = CACHE_DIR / f"checkpoint-{method}"
+        if deadline is not None and time.perf_counter() >= deadline:
+            console.print(f"{method}: not started, --minutes spent; rerun to go on")
+            return False
+        checkpoints = cache / f"checkpoint-{method}"
         resume = (checkpoints / "state.pt").is_file()
         console.print(f"{method} {params or ''}: {recipe.steps} steps" + (" (resuming)" if resume else ""))
         start = time.perf_counter()
         job = FinetuneJob(LLAVA_DIR, method, data_dir / DATA_FILE, data_dir / "images", output, options, lora,
                           params, resume=resume, force=True, checkpoints=checkpoints)  # fmt: skip
         try:
-            run_finetune(job, console)
-        except PrumergeError as exc:  # a checkpoint of another recipe: start this method over
-            if not resume:
-                raise
-            console.print(f"{method}: not resuming ({exc}); starting over")
-            run_finetune(replace(job, resume=False), console)
+            history = fine_tune(job, console, stop_at_checkpoint_after(deadline, options))
+        except OutOfTime as stop:
+            console.print(f"{method}: {stop} of {recipe.steps}, --minutes spent; rerun to go on")
+            return False
+        if len(history) < recipe.steps:
+            return False
         console.print(f"{method}: {(time.perf_counter() - start) / 60:.1f} min")
+    return True
 
 
 def main() -> None:
