@@ -40,7 +40,7 @@ CACHE_DIR = Path(os.environ.get("PRUMERGE_CACHE", Path.home() / ".cache" / "prum
 class FinetuneRecipe:
     """One recipe for every method: LoRA sized for the 256-wide LM, steps, batch, rates, data, seed."""
 
-    steps: int = 400
+    steps: int = 1200
     batch_size: int = 8
     lora_rank: int = 16
     lora_alpha: float = 32.0
@@ -163,6 +163,7 @@ def build_finetuned(
             console.print(f"{method}: {stop} of {recipe.steps}, --minutes spent; rerun to go on")
             return False
         if len(history) < recipe.steps:
+            console.print(f"{method}: stopped after --stop-after steps; rerun to go on")
             return False
         console.print(f"{method}: {(time.perf_counter() - start) / 60:.1f} min")
     return True
