@@ -182,15 +182,15 @@ def print_finetuned(rows: list[dict[str, Any]], tuned: list[dict[str, Any]], con
     """Fine-tuned bundles beside the same method training-free and the full-token model, per question type."""
     if not tuned:
         return
-    free = {r["method"]: r for r in rows}
+    free = {(r["method"], str(r["params"])): r for r in rows}
     kinds = [k for k in tuned[0]["per_type"] if k != "overall"]
     table = Table(title="Fine-tuned with the reducer active (LoRA on the LM, projector trained) vs training-free")
     for col in ("method", "visual tokens", "fine-tuned %", "training-free %", "of full tokens", *kinds):
         table.add_column(col, justify="left" if col == "method" else "right")
-    full = free["none"]["accuracy"]
+    full = rows[0]["accuracy"]
     for r in tuned:
         label = r["method"] + "".join(f" {k}={v}" for k, v in r["params"].items())
-        same = free.get(r["method"])
+        same = free.get((r["method"], str(r["params"])))  # the same method at the same budget
         table.add_row(label, f"{r['tokens']:.1f}", f"{100 * r['accuracy']:.1f}",
                       "-" if same is None else f"{100 * same['accuracy']:.1f}", f"{100 * r['accuracy'] / full:.0f}%",
                       *(f"{100 * r['per_type'][k]:.0f}" for k in kinds))  # fmt: skip

@@ -158,7 +158,8 @@ def test_the_finetuned_stage_stops_at_checkpoints_and_goes_on_when_rerun(tmp_pat
     assert not build_finetuned(recipe, console, stop_after=3, **where)
     assert (tmp_path / "cache" / "checkpoint-prumerge" / "state.pt").is_file() and not (tmp_path / "ft").exists()
     assert build_finetuned(recipe, console, **where)
-    assert sorted(p.name for p in (tmp_path / "ft").iterdir()) == ["pool", "prumerge", "prumerge+", "random"]
+    built = sorted(p.name for p in (tmp_path / "ft").iterdir())
+    assert built == ["pool", "pool-plus", "prumerge", "prumerge+", "random", "random-plus"]
     assert all(up_to_date(p, recipe) for p in (tmp_path / "ft").iterdir())
     assert not (tmp_path / "cache" / "checkpoint-prumerge").exists()
 

@@ -1,5 +1,5 @@
 """The embedded LLaVA fine-tuned with each reducer active (PruMerge's regime), one bundle per method in
-`prumerge_cli/zoo/finetuned/`: prumerge, prumerge+, and random and pool at PruMerge's token budget, all with
+`prumerge_cli/zoo/finetuned/`: prumerge, prumerge+, and random and pool at each one's token budget, all with
 the same recipe and steps. Each bundle is written as soon as its run ends and kept on a rerun while the recipe
 stays; runs checkpoint to a cache outside the repository and resume from it.
 Usage: python -m prumerge_cli.zoo.finetuned [--force]"""
@@ -55,13 +55,17 @@ class FinetuneRecipe:
     """bf16 autocast where the CPU has native bf16 (the frozen LM held in bf16), fp32 elsewhere."""
 
 
-def methods(budget_images: int = 200) -> dict[str, dict[str, Any]]:
-    """prumerge, prumerge+, and random and pool at PruMerge's mean budget on the held-out images the demo
-    scores."""
+def methods(budget_images: int = 200) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Bundle name -> (method, parameters): prumerge and prumerge+, and random and pool at each one's mean token
+    count on the held-out images the demo scores (`-plus`: at prumerge+'s)."""
     lm = LlavaLm.from_pretrained(LLAVA_DIR)
-    tokens = vqa_accuracy(ReducedVisionEncoder.from_pretrained(LLAVA_DIR, "prumerge"), lm, images=budget_images)
-    budget = fixed_budget_params(tokens.tokens_mean)
-    return {"prumerge": {}, "prumerge+": {}, "random": budget["random"], "pool": budget["pool"]}
+    chosen: dict[str, tuple[str, dict[str, Any]]] = {}
+    for method, suffix in (("prumerge", ""), ("prumerge+", "-plus")):
+        encoder = ReducedVisionEncoder.from_pretrained(LLAVA_DIR, method)
+        budget = fixed_budget_params(vqa_accuracy(encoder, lm, images=budget_images).tokens_mean)
+        chosen |= {method: (method, {}), f"random{suffix}": ("random", budget["random"]),
+                   f"pool{suffix}": ("pool", budget["pool"])}  # fmt: skip
+    return chosen
 
 
 def up_to_date(bundle: Path, recipe: FinetuneRecipe | None = None) -> bool:
@@ -143,29 +147,29 @@ def build_finetuned(
                            projector_lr=recipe.projector_lr, save_every=recipe.save_every,
                            seed=recipe.seed, precision=resolve(recipe.precision), stop_after=stop_after)  # fmt: skip
     lora = LoraSettings(recipe.lora_rank, recipe.lora_alpha, 0.05)
-    for method, params in methods(recipe.budget_images).items():
-        output = out / method
+    for name, (method, params) in methods(recipe.budget_images).items():
+        output = out / name
         if not force and up_to_date(output, recipe):
-            console.print(f"{method}: {output} is up to date, kept")
+            console.print(f"{name}: {output} is up to date, kept")
             continue
         if deadline is not None and time.perf_counter() >= deadline:
-            console.print(f"{method}: not started, --minutes spent; rerun to go on")
+            console.print(f"{name}: not started, --minutes spent; rerun to go on")
             return False
-        checkpoints = cache / f"checkpoint-{method}"
+        checkpoints = cache / f"checkpoint-{name}"
         resume = (checkpoints / "state.pt").is_file()
-        console.print(f"{method} {params or ''}: {recipe.steps} steps" + (" (resuming)" if resume else ""))
+        console.print(f"{name} {params or ''}: {recipe.steps} steps" + (" (resuming)" if resume else ""))
         start = time.perf_counter()
         job = FinetuneJob(LLAVA_DIR, method, data_dir / DATA_FILE, data_dir / "images", output, options, lora,
                           params, resume=resume, force=True, checkpoints=checkpoints)  # fmt: skip
         try:
             history = fine_tune(job, console, stop_at_checkpoint_after(deadline, options))
         except OutOfTime as stop:
-            console.print(f"{method}: {stop} of {recipe.steps}, --minutes spent; rerun to go on")
+            console.print(f"{name}: {stop} of {recipe.steps}, --minutes spent; rerun to go on")
             return False
         if len(history) < recipe.steps:
-            console.print(f"{method}: stopped after --stop-after steps; rerun to go on")
+            console.print(f"{name}: stopped after --stop-after steps; rerun to go on")
             return False
-        console.print(f"{method}: {(time.perf_counter() - start) / 60:.1f} min")
+        console.print(f"{name}: {(time.perf_counter() - start) / 60:.1f} min")
     return True
 
 
