@@ -133,6 +133,11 @@ def oracle_row(rows: list[dict[str, Any]], model: Path, images: int, device: tor
             "tokens": score.tokens_mean, "accuracy": score.accuracy["overall"], "per_type": score.accuracy}  # fmt: skip
 
 
+def row_label(row: dict[str, Any]) -> str:
+    """A row's method and parameters as the tables print them, e.g. `random budget=34`."""
+    return row["method"] + "".join(f" {k}={v}" for k, v in row["params"].items())
+
+
 def print_per_type(rows: list[dict[str, Any]], console: Console) -> None:
     """Accuracy per question type, one row per method (the oracle last)."""
     kinds = list(rows[0]["per_type"])
@@ -140,8 +145,7 @@ def print_per_type(rows: list[dict[str, Any]], console: Console) -> None:
     for col in ("method", "visual tokens", *kinds):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in rows:
-        label = r["method"] + "".join(f" {k}={v}" for k, v in r["params"].items())
-        table.add_row(label, f"{r['tokens']:.1f}", *(f"{100 * r['per_type'][k]:.1f}" for k in kinds))
+        table.add_row(row_label(r), f"{r['tokens']:.1f}", *(f"{100 * r['per_type'][k]:.1f}" for k in kinds))
     console.print(table)
     console.print(f"Regime: training-free; reduced tokens at {rows[0]['positions']} positions. The oracle keeps the "
                   "patches covering the objects (it reads the scene): what a perfect selection at random's budget "
@@ -182,15 +186,15 @@ def print_finetuned(rows: list[dict[str, Any]], tuned: list[dict[str, Any]], con
     """Fine-tuned bundles beside the same method training-free and the full-token model, per question type."""
     if not tuned:
         return
-    free = {(r["method"], str(r["params"])): r for r in rows}
+    free = {row_label(r): r for r in rows}
     kinds = [k for k in tuned[0]["per_type"] if k != "overall"]
     table = Table(title="Fine-tuned with the reducer active (LoRA on the LM, projector trained) vs training-free")
     for col in ("method", "visual tokens", "fine-tuned %", "training-free %", "of full tokens", *kinds):
         table.add_column(col, justify="left" if col == "method" else "right")
     full = rows[0]["accuracy"]
     for r in tuned:
-        label = r["method"] + "".join(f" {k}={v}" for k, v in r["params"].items())
-        same = free.get((r["method"], str(r["params"])))  # the same method at the same budget
+        label = row_label(r)
+        same = free.get(label)  # the same method at the same budget
         table.add_row(label, f"{r['tokens']:.1f}", f"{100 * r['accuracy']:.1f}",
                       "-" if same is None else f"{100 * same['accuracy']:.1f}", f"{100 * r['accuracy'] / full:.0f}%",
                       *(f"{100 * r['per_type'][k]:.0f}" for k in kinds))  # fmt: skip
@@ -209,9 +213,8 @@ def print_rows(rows: list[dict[str, Any]], images: int, batch: int, console: Con
     for col in ("method", "visual tokens", "accuracy %", "encoder torch ms", "encoder ORT ms", "LLM prefill ms"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in rows:
-        label = r["method"] + "".join(f" {k}={v}" for k, v in r["params"].items())
         table.add_row(
-            label, f"{r['tokens']:.1f} (x{r['tokens_ratio']:.2f})", f"{100 * r['accuracy']:.1f}",
+            row_label(r), f"{r['tokens']:.1f} (x{r['tokens_ratio']:.2f})", f"{100 * r['accuracy']:.1f}",
             f"{r['torch_ms']:.1f} (x{r['torch_ratio']:.2f})", f"{r['ort_ms']:.1f} (x{r['ort_ratio']:.2f})",
             f"{r['prefill_ms']:.1f} (x{r['prefill_ratio']:.2f})",
         )  # fmt: skip

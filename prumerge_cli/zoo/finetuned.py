@@ -50,7 +50,7 @@ class FinetuneRecipe:
     seed: int = 0
     save_every: int = 50
     budget_images: int = 200
-    """Held-out images over which PruMerge's mean token count is taken as random's and pool's budget."""
+    """Held-out images over which PruMerge's and PruMerge+'s mean token counts are taken as the baselines' budgets."""
     precision: str = "auto"
     """bf16 autocast where the CPU has native bf16 (the frozen LM held in bf16), fp32 elsewhere."""
 
