@@ -98,10 +98,6 @@ def drop_stale(directory: Path, console: Console) -> None:
 class OutOfTime(Exception):
     """The build's deadline passed; raised right after a checkpoint, so nothing trained is lost."""
 
-    def __init__(self, step: int) -> None:
-        super().__init__(f"checkpointed at step {step}")
-        self.step = step
-
 
 def stop_at_checkpoint_after(deadline: float | None, options: TrainOptions) -> Callable[[StepLog], None] | None:
     """A step hook that stops the run at its first checkpoint past `deadline` (a `time.perf_counter` time)."""
@@ -111,7 +107,7 @@ def stop_at_checkpoint_after(deadline: float | None, options: TrainOptions) -> C
     def check(log: StepLog) -> None:
         done = log.step + 1
         if done % options.save_every == 0 and done < options.steps and time.perf_counter() >= deadline:
-            raise OutOfTime(done)
+            raise OutOfTime(f"checkpointed at step {done}")
 
     return check
 
