@@ -155,8 +155,9 @@ def print_per_type(rows: list[dict[str, Any]], console: Console) -> None:
 def finetuned_rows(
     finetuned_dir: Path, model: Path, images: int, device: torch.device
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Held-out accuracy of each fine-tuned bundle of `model` in `finetuned_dir` (LoRA LM, trained projector),
-    and why each bundle that does not load was skipped (weights changed since it was trained)."""
+    """Held-out accuracy of each fine-tuned bundle of `model` in `finetuned_dir` (LoRA LM, trained projector), by
+    visual tokens so that methods at one budget sit together, and why each bundle that does not load was skipped
+    (weights changed since it was trained)."""
     from .bundle import is_bundle, load, read_bundle
     from .finetune.bundle import load_finetuned_lm
     from .model_ref import resolve_model
@@ -179,7 +180,7 @@ def finetuned_rows(
                      "regime": "fine-tuned", "positions": encoder.positions, "bundle": str(bundle),
                      "tokens": score.tokens_mean,
                      "accuracy": score.accuracy["overall"], "per_type": score.accuracy})  # fmt: skip
-    return rows, skipped
+    return sorted(rows, key=lambda r: r["tokens"]), skipped
 
 
 def print_finetuned(rows: list[dict[str, Any]], tuned: list[dict[str, Any]], console: Console) -> None:
@@ -189,14 +190,14 @@ def print_finetuned(rows: list[dict[str, Any]], tuned: list[dict[str, Any]], con
     free = {row_label(r): r for r in rows}
     kinds = [k for k in tuned[0]["per_type"] if k != "overall"]
     table = Table(title="Fine-tuned with the reducer active (LoRA on the LM, projector trained) vs training-free")
-    for col in ("method", "visual tokens", "fine-tuned %", "training-free %", "of full tokens", *kinds):
+    for col in ("method", "visual tokens", "fine-tuned %", "training-free %", "of full-token accuracy", *kinds):
         table.add_column(col, justify="left" if col == "method" else "right")
     full = rows[0]["accuracy"]
     for r in tuned:
         label = row_label(r)
         same = free.get(label)  # the same method at the same budget
         table.add_row(label, f"{r['tokens']:.1f}", f"{100 * r['accuracy']:.1f}",
-                      "-" if same is None else f"{100 * same['accuracy']:.1f}", f"{100 * r['accuracy'] / full:.0f}%",
+                      "-" if same is None else f"{100 * same['accuracy']:.1f}", f"{100 * r['accuracy'] / full:.1f}%",
                       *(f"{100 * r['per_type'][k]:.0f}" for k in kinds))  # fmt: skip
     console.print(table)
     placed = ", ".join(sorted({r["positions"] for r in tuned}))
