@@ -26,6 +26,7 @@ from ..encoder import ReducedVisionEncoder, project_tokens
 from ..errors import PrumergeError
 from ..models.tower import ScoreDtype
 from ..models.weights import hash_files
+from ..progress import Phases, phase_of
 from ..reducers import TowerSignals
 from ..versions import package_versions
 
@@ -142,9 +143,14 @@ def sample_pixels(batch: int, side: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def export_onnx(
-    encoder: ReducedVisionEncoder, out_dir: Path, options: OnnxOptions, force: bool = False
+    encoder: ReducedVisionEncoder,
+    out_dir: Path,
+    options: OnnxOptions,
+    force: bool = False,
+    phases: Phases | None = None,
 ) -> dict[str, Any]:
-    """Export, check parity (unless disabled) and write `out_dir`; returns the manifest."""
+    """Export, check parity (unless disabled) and write `out_dir`, each step shown by `phases`; returns the
+    manifest."""
     options.validate(encoder)
     dtype = DTYPES[options.dtype]
     # Runtimes round fp16 differently, and selection and merging amplify that (close scores swap, sums of
@@ -167,17 +173,21 @@ def export_onnx(
         dynamic = {"pixel_values": {0: torch.export.Dim("batch", min=1, max=max(2, options.max_batch))}}
     with atomic.atomic_dir(out_dir, force=force) as tmp:
         start = time.perf_counter()
-        with exporting():
-            program = torch.onnx.export(
-                module, (sample,), dynamo=True, opset_version=options.opset, input_names=["pixel_values"],
-                output_names=list(OUTPUTS), dynamic_shapes=dynamic, verbose=False, custom_translation_table=table,
-            )  # fmt: skip
-        program.save(str(tmp / "model.onnx"))
+        with phase_of(phases, f"exporting {encoder.reducer.name} to ONNX (opset {options.opset}, {options.dtype})"):
+            with exporting():
+                program = torch.onnx.export(
+                    module, (sample,), dynamo=True, opset_version=options.opset, input_names=["pixel_values"],
+                    output_names=list(OUTPUTS), dynamic_shapes=dynamic, verbose=False, custom_translation_table=table,
+                )  # fmt: skip
+            program.save(str(tmp / "model.onnx"))
         export_seconds = time.perf_counter() - start
         encoder.processor.save_pretrained(tmp)
         if options.plugins:
             onnx.checker.check_model(str(tmp / "model.onnx"))
-        parity = check_parity(module, tmp / "model.onnx", sample, options) if options.check else None
+        parity = None
+        if options.check:
+            with phase_of(phases, "checking ONNX Runtime against PyTorch"):
+                parity = check_parity(module, tmp / "model.onnx", sample, options)
         manifest = build_manifest(encoder, module, options, tmp, export_seconds, parity)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -45,14 +45,19 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
-def check_file_output(path: str | Path | None) -> None:
-    """Refuse, before any work, a file output that cannot be written: a directory, or a place where no file can be
-    created (tried for real, then removed). None is no output."""
+def check_file_output(path: str | Path | None, force: bool = False, suffixes: tuple[str, ...] = ()) -> None:
+    """Refuse, before any work, a file output that cannot be written: a directory, an existing file without
+    `force`, a suffix not in `suffixes` (when given: the format is the suffix's), or a place where no file can
+    be created (tried for real, then removed). None is no output."""
     if path is None:
         return
     path = Path(path)
     if path.is_dir():
         raise PrumergeError(f"{path} is a directory; a file is needed")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise PrumergeError(f"{path} should end in {' or '.join(suffixes)}: the suffix says the file's format")
+    if path.exists() and not force:
+        raise PrumergeError(f"{path} already exists; pass --force to replace it")
     parent = path.resolve().parent
     while not parent.exists():
         parent = parent.parent

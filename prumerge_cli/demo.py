@@ -4,14 +4,13 @@ accuracy and timed against the unreduced baseline in one interleaved run."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import Progress
-from rich.table import Table
 
 from . import atomic
 from .bench.timing import Latency, interleaved
@@ -22,7 +21,9 @@ from .exporters.onnx_export import OnnxOptions, export_onnx
 from .lm.llava_lm import LlavaLm
 from .lm.positions import DEFAULT_POSITIONS
 from .lm.splice import splice
+from .progress import Phases
 from .runtime.ort import OrtEncoder
+from .tables import FoldingTable
 from .zoo.oracle import OracleTokens
 from .zoo.vqa import VqaScore, vqa_accuracy
 from .zoo.world import samples_of
@@ -51,7 +52,7 @@ def fixed_budget_params(prumerge_tokens: float) -> dict[str, dict[str, Any]]:
 
 
 def run_demo(
-    model: Path, out: Path, images: int, timing_batch: int, iters: int, console: Console,
+    model: Path, out: Path, images: int, timing_batch: int, iters: int, phases: Phases,
     device: torch.device = torch.device("cpu"), dtype: str = "fp32", positions: str = DEFAULT_POSITIONS,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Build every variant of `model` under `out` (exported on the CPU, scored and timed with the torch encoders and
@@ -62,18 +63,18 @@ def run_demo(
     lm = LlavaLm.from_pretrained(model)
     lm.model.to(device)
     variants: list[Variant] = []
-    with atomic.atomic_dir(out, force=True) as tmp, Progress(console=console, transient=True) as bar:
-        task = bar.add_task("compress, export, score", total=6)
+    with atomic.atomic_dir(out, force=True) as tmp:
 
         def add(method: str, params: dict[str, Any]) -> Variant:
-            bar.update(task, description=f"{method}: compress, export --onnx, score")
-            encoder = ReducedVisionEncoder.from_pretrained(model, method, dtype=dtype, positions=positions, **params)
-            encoder.save(tmp / "bundles" / method)
-            export_onnx(encoder, tmp / "onnx" / method, OnnxOptions(with_projector=True, max_batch=timing_batch))
-            encoder.to(device)
-            variant = Variant(method, params, encoder, None, vqa_accuracy(encoder, lm, images=images))  # type: ignore[arg-type]
+            with phases.phase(f"{method}: compress, export --onnx, score {images} images", images) as advance:
+                encoder = ReducedVisionEncoder.from_pretrained(model, method, dtype=dtype, positions=positions,
+                                                               **params)  # fmt: skip
+                encoder.save(tmp / "bundles" / method)
+                export_onnx(encoder, tmp / "onnx" / method, OnnxOptions(with_projector=True, max_batch=timing_batch))
+                encoder.to(device)
+                score = vqa_accuracy(encoder, lm, images=images, progress=advance)
+            variant = Variant(method, params, encoder, None, score)  # type: ignore[arg-type]
             variants.append(variant)
-            bar.advance(task)
             return variant
 
         add("none", {})
@@ -82,11 +83,17 @@ def run_demo(
             add(method, params)
     for v in variants:
         v.ort = OrtEncoder(out / "onnx" / v.method, threads=torch.get_num_threads())
-    console.print(f"bundles in {out}/bundles, ONNX exports in {out}/onnx; timing {iters} rounds...")
-    return table_rows(variants, time_variants(variants, lm, timing_batch, iters))
+    phases.console.print(f"bundles in {out}/bundles, ONNX exports in {out}/onnx", highlight=False)
+    warmup = 2
+    with phases.phase(
+        f"timing {len(variants)} methods x 3 (torch, ORT, prefill), {iters} rounds", warmup + iters
+    ) as advance:
+        times = time_variants(variants, lm, timing_batch, iters, warmup, advance)
+    return table_rows(variants, times)
 
 
-def time_variants(variants: list[Variant], lm: LlavaLm, batch: int, iters: int) -> dict[str, Latency]:
+def time_variants(variants: list[Variant], lm: LlavaLm, batch: int, iters: int, warmup: int = 2,
+                  on_round: Callable[[], None] | None = None) -> dict[str, Latency]:  # fmt: skip
     """Encoder latency on torch and ONNX Runtime (the batch at once) and LLM prefill latency (its images one at a
     time, unpadded: padding a batch to its longest image would charge a variable-length reducer for its largest
     image), all interleaved."""
@@ -102,7 +109,7 @@ def time_variants(variants: list[Variant], lm: LlavaLm, batch: int, iters: int) 
         fns[f"{v.method}/ort"] = lambda v=v: v.ort(pixels)
         fns[f"{v.method}/prefill"] = lambda bs=prefills, d=device: finished([lm.next_token_logits(b) for b in bs], d)
     with torch.no_grad():
-        return interleaved(fns, iters=iters, warmup=2)
+        return interleaved(fns, iters=iters, warmup=warmup, on_round=on_round)
 
 
 def table_rows(variants: list[Variant], times: dict[str, Latency]) -> list[dict[str, Any]]:
@@ -111,8 +118,7 @@ def table_rows(variants: list[Variant], times: dict[str, Latency]) -> list[dict[
     rows = []
     for v in variants:
         row = {"method": v.method, "params": v.params, "regime": "training-free", "positions": v.encoder.positions,
-               "tokens": v.score.tokens_mean, "accuracy": v.score.accuracy["overall"],
-               "per_type": v.score.accuracy}  # fmt: skip
+               "tokens": v.score.tokens_mean, **accuracy_fields(v.score)}  # fmt: skip
         for kind in ("torch", "ort", "prefill"):
             row[f"{kind}_ms"] = 1000 * times[f"{v.method}/{kind}"].p50
             row[f"{kind}_ratio"] = times[f"{v.method}/{kind}"].p50 / times[f"{base.method}/{kind}"].p50
@@ -121,16 +127,28 @@ def table_rows(variants: list[Variant], times: dict[str, Latency]) -> list[dict[
     return rows
 
 
-def oracle_row(rows: list[dict[str, Any]], model: Path, images: int, device: torch.device,
+def oracle_row(rows: list[dict[str, Any]], model: Path, images: int, device: torch.device, phases: Phases,
                positions: str = DEFAULT_POSITIONS) -> dict[str, Any]:  # fmt: skip
     """The oracle (`zoo.oracle`: the patches covering the objects) at the random subset's budget."""
     budget = next(r["params"]["budget"] for r in rows if r["method"] == "random")
     encoder = ReducedVisionEncoder.from_pretrained(model, "none", positions=positions).to(device)
     lm = LlavaLm.from_pretrained(model)
     lm.model.to(device)
-    score = vqa_accuracy(OracleTokens(encoder, budget), lm, images=images)
+    with phases.phase(f"oracle at budget {budget}: score {images} images", images) as advance:
+        score = vqa_accuracy(OracleTokens(encoder, budget), lm, images=images, progress=advance)
     return {"method": "oracle", "params": {"budget": budget}, "regime": "training-free", "positions": positions,
-            "tokens": score.tokens_mean, "accuracy": score.accuracy["overall"], "per_type": score.accuracy}  # fmt: skip
+            "tokens": score.tokens_mean, **accuracy_fields(score)}  # fmt: skip
+
+
+def accuracy_fields(score: VqaScore) -> dict[str, Any]:
+    """A row's accuracy, its 95% interval's half-width (images as the unit), the images and the accuracy by type."""
+    return {"accuracy": score.accuracy["overall"], "accuracy_ci95": score.ci95,
+            "images": len(score.per_image_accuracy), "per_type": score.accuracy}  # fmt: skip
+
+
+def percent(row: dict[str, Any]) -> str:
+    """A row's accuracy with its interval, e.g. `89.2 ±2.1`."""
+    return f"{100 * row['accuracy']:.1f} ±{100 * row['accuracy_ci95']:.1f}"
 
 
 def row_label(row: dict[str, Any]) -> str:
@@ -141,19 +159,18 @@ def row_label(row: dict[str, Any]) -> str:
 def print_per_type(rows: list[dict[str, Any]], console: Console) -> None:
     """Accuracy per question type, one row per method (the oracle last)."""
     kinds = list(rows[0]["per_type"])
-    table = Table(title="Training-free accuracy % by question type (no reducer active in the LLM's training)")
-    for col in ("method", "visual tokens", *kinds):
-        table.add_column(col, justify="left" if col == "method" else "right")
+    table = FoldingTable("Training-free accuracy % by question type (no reducer active in the LLM's training)",
+                          ["method", "visual tokens", *kinds])  # fmt: skip
     for r in rows:
         table.add_row(row_label(r), f"{r['tokens']:.1f}", *(f"{100 * r['per_type'][k]:.1f}" for k in kinds))
-    console.print(table)
+    table.print(console)
     console.print(f"Regime: training-free; reduced tokens at {rows[0]['positions']} positions. The oracle keeps the "
                   "patches covering the objects (it reads the scene): what a perfect selection at random's budget "
                   "would score.", highlight=False)  # fmt: skip
 
 
 def finetuned_rows(
-    finetuned_dir: Path, model: Path, images: int, device: torch.device
+    finetuned_dir: Path, model: Path, images: int, device: torch.device, phases: Phases
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Held-out accuracy of each fine-tuned bundle of `model` in `finetuned_dir` (LoRA LM, trained projector), by
     visual tokens so that methods at one budget sit together, and why each bundle that does not load was skipped
@@ -175,11 +192,11 @@ def finetuned_rows(
             continue
         lm.model.to(device)
         encoder.to(device)
-        score = vqa_accuracy(encoder, lm, images=images)
+        with phases.phase(f"fine-tuned {bundle.name}: score {images} images", images) as advance:
+            score = vqa_accuracy(encoder, lm, images=images, progress=advance)
         rows.append({"method": record["method"], "params": record["finetune"].get("params", {}),
                      "regime": "fine-tuned", "positions": encoder.positions, "bundle": str(bundle),
-                     "tokens": score.tokens_mean,
-                     "accuracy": score.accuracy["overall"], "per_type": score.accuracy})  # fmt: skip
+                     "tokens": score.tokens_mean, **accuracy_fields(score)})  # fmt: skip
     return sorted(rows, key=lambda r: r["tokens"]), skipped
 
 
@@ -189,17 +206,17 @@ def print_finetuned(rows: list[dict[str, Any]], tuned: list[dict[str, Any]], con
         return
     free = {row_label(r): r for r in rows}
     kinds = [k for k in tuned[0]["per_type"] if k != "overall"]
-    table = Table(title="Fine-tuned with the reducer active (LoRA on the LM, projector trained) vs training-free")
-    for col in ("method", "visual tokens", "fine-tuned %", "training-free %", "of full-token accuracy", *kinds):
-        table.add_column(col, justify="left" if col == "method" else "right")
+    table = FoldingTable("Fine-tuned with the reducer active (LoRA on the LM, projector trained) vs training-free",
+                          ["method", "visual tokens", "fine-tuned % (95% CI)", "training-free %",
+                           "of full-token accuracy", *kinds])  # fmt: skip
     full = rows[0]["accuracy"]
     for r in tuned:
         label = row_label(r)
         same = free.get(label)  # the same method at the same budget
-        table.add_row(label, f"{r['tokens']:.1f}", f"{100 * r['accuracy']:.1f}",
+        table.add_row(label, f"{r['tokens']:.1f}", percent(r),
                       "-" if same is None else f"{100 * same['accuracy']:.1f}", f"{100 * r['accuracy'] / full:.1f}%",
                       *(f"{100 * r['per_type'][k]:.0f}" for k in kinds))  # fmt: skip
-    console.print(table)
+    table.print(console)
     placed = ", ".join(sorted({r["positions"] for r in tuned}))
     console.print(f"Fine-tuned rows place the tokens as their bundles were trained ({placed} positions); the "
                   f"training-free column is the demo's ({rows[0]['positions']}).", highlight=False)  # fmt: skip
@@ -207,20 +224,20 @@ def print_finetuned(rows: list[dict[str, Any]], tuned: list[dict[str, Any]], con
 
 def print_rows(rows: list[dict[str, Any]], images: int, batch: int, console: Console) -> None:
     """The demo's table."""
-    table = Table(
-        title=f"Embedded LLaVA: {images} held-out images x 6 questions; latency p50 of {batch} images "
-        "(encoders batched, prefill one image at a time)"
+    table = FoldingTable(
+        f"Embedded LLaVA: {images} test images x 6 questions; latency p50 of {batch} images "
+        "(encoders batched, prefill one image at a time)",
+        ["method", "visual tokens", "accuracy % (95% CI)", "encoder torch ms", "encoder ORT ms", "LLM prefill ms"],
     )
-    for col in ("method", "visual tokens", "accuracy %", "encoder torch ms", "encoder ORT ms", "LLM prefill ms"):
-        table.add_column(col, justify="left" if col == "method" else "right")
     for r in rows:
         table.add_row(
-            row_label(r), f"{r['tokens']:.1f} (x{r['tokens_ratio']:.2f})", f"{100 * r['accuracy']:.1f}",
+            row_label(r), f"{r['tokens']:.1f} (x{r['tokens_ratio']:.2f})", percent(r),
             f"{r['torch_ms']:.1f} (x{r['torch_ratio']:.2f})", f"{r['ort_ms']:.1f} (x{r['ort_ratio']:.2f})",
             f"{r['prefill_ms']:.1f} (x{r['prefill_ratio']:.2f})",
         )  # fmt: skip
-    console.print(table)
+    table.print(console)
     console.print(
         "(x...) = ratio to the unreduced baseline measured in the same run; accuracy: the greedy reply ends with "
-        "the answer (training-free: no reducer was active in the LLM's training)."
+        "the answer (training-free: no reducer was active in the LLM's training); ± the 95% confidence interval "
+        "with images as the unit. Recipes and budgets were chosen on the val split; these are test-split figures."
     )

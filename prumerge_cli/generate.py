@@ -46,16 +46,17 @@ class Asker:
     """A bundle's reduced encoder and its LLaVA's LM (with the predictors of a Dynamic-LLaVA bundle, or the
     adapters and projector of a fine-tuned one), on one device."""
 
-    def __init__(self, bundle: str | Path, device: torch.device = torch.device("cpu"), model_dir: Path | None = None):
+    def __init__(self, bundle: str | Path, device: torch.device = torch.device("cpu"), model_dir: Path | None = None,
+                 full_hash: bool = False):  # fmt: skip
         self.dynamic = None
         if read_bundle(bundle)["method"] == "dynamic":
             from .dynamic.bundle import load_dynamic
 
-            self.dynamic, self.encoder = load_dynamic(Path(bundle), model_dir=model_dir)
+            self.dynamic, self.encoder = load_dynamic(Path(bundle), model_dir=model_dir, full_hash=full_hash)
             self.lm = self.dynamic.lm
             self.dynamic.predictors.to(device)
         else:
-            self.encoder = load(bundle, model_dir=model_dir)
+            self.encoder = load(bundle, model_dir=model_dir, full_hash=full_hash)
             if self.encoder.projector is None:
                 raise PrumergeError(f"the model of {bundle} is a vision tower alone; generate needs a LLaVA checkpoint")
             if regime(read_bundle(bundle)) == REGIME:  # the adapters in the LM, the trained projector

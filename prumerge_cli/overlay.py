@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import colorsys
 import io
 from pathlib import Path
 
@@ -22,12 +21,52 @@ def model_view(image: Image.Image, processor: object, side: int) -> Image.Image:
     return image.resize((side, side), Image.Resampling.BICUBIC)
 
 
-def palette(count: int) -> list[tuple[int, int, int]]:
-    """`count` distinct, saturated colours (golden-ratio hue steps)."""
-    return [
-        tuple(int(255 * c) for c in colorsys.hsv_to_rgb((0.61803 * i) % 1.0, 0.85, 1.0))  # type: ignore[misc]
-        for i in range(count)
-    ]
+DISTINCT = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
+            (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (0, 0, 128))  # fmt: skip
+"""Colours told apart at a glance (a published list of 20 distinct colours, less its greys)."""
+NEAR = 110.0
+"""RGB distance under which a frame colour would be mistaken for one of the image's own colours."""
+KEEP_AT_LEAST = 8
+"""Colours left for the frames however many the image's own colours rule out."""
+
+
+def image_colours(view: Image.Image, share: float = 0.02) -> list[tuple[int, int, int]]:
+    """The image's own colours: those of a 12-colour quantisation that cover at least `share` of it."""
+    quantised = view.convert("RGB").quantize(colors=12)
+    flat = quantised.getpalette() or []
+    counts = quantised.getcolors() or []
+    total = view.width * view.height
+    return [tuple(flat[3 * i : 3 * i + 3]) for n, i in counts if n >= share * total]  # type: ignore[misc]
+
+
+def frame_colours(view: Image.Image) -> list[tuple[int, int, int]]:
+    """`DISTINCT` less the colours close to the image's own (the farthest `KEEP_AT_LEAST` at least)."""
+    own = np.array(image_colours(view), dtype=np.float32).reshape(-1, 3)
+    candidates = np.array(DISTINCT, dtype=np.float32)
+    if not len(own):
+        return list(DISTINCT)
+    distance = np.linalg.norm(candidates[:, None, :] - own[None, :, :], axis=-1).min(1)
+    order = np.argsort(-distance, kind="stable")
+    chosen = sorted(i for rank, i in enumerate(order) if distance[i] >= NEAR or rank < KEEP_AT_LEAST)
+    return [DISTINCT[i] for i in chosen]
+
+
+def palette(kept: list[int], grid: tuple[int, int], colours: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """A colour per kept patch from `colours`: kept patches within two patches of each other never share one
+    while enough colours remain (greedy, the least used first), so that neighbouring merge groups stay apart."""
+    cols = grid[1]
+    used = [0] * len(colours)
+    chosen: list[int] = []
+    for slot, patch in enumerate(kept):
+        r, c = divmod(patch, cols)
+        near = {chosen[j] for j, other in enumerate(kept[:slot])
+                if max(abs(other // cols - r), abs(other % cols - c)) <= 2}  # fmt: skip
+        free = [k for k in range(len(colours)) if k not in near] or list(range(len(colours)))
+        pick = min(free, key=lambda k: (used[k], k))
+        used[pick] += 1
+        chosen.append(pick)
+    return [colours[k] for k in chosen]
 
 
 def patch_owners(reduced: ReducedTokens) -> tuple[list[int], dict[int, int]]:
@@ -51,7 +90,7 @@ def render_overlay(view: Image.Image, reduced: ReducedTokens, grid: tuple[int, i
     view = view.convert("RGB").resize((view.width * scale, view.height * scale), Image.Resampling.NEAREST)
     ph, pw = view.height / rows, view.width / cols
     kept, owner = patch_owners(reduced)
-    colours = palette(len(kept))
+    colours = palette(kept, grid, frame_colours(view))
 
     def box(patch: int) -> tuple[int, int, int, int]:
         r, c = divmod(patch, cols)

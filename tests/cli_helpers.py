@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -31,9 +32,8 @@ def run_cli(capsys, *args: object) -> Result:
     return Result(code, captured.out, captured.err)
 
 
-def run_subprocess(*args: object, cwd=None) -> Result:
-    """Run `python -m prumerge_cli ARGS` in a fresh process."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "prumerge_cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600
-    )
+def run_subprocess(*args: object, cwd=None, env: dict[str, str] | None = None) -> Result:
+    """Run `python -m prumerge_cli ARGS` in a fresh process (`env` added to this one's environment)."""
+    proc = subprocess.run([sys.executable, "-m", "prumerge_cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=600, env={**os.environ, **(env or {})})  # fmt: skip
     return Result(proc.returncode, proc.stdout, proc.stderr)

@@ -55,10 +55,11 @@ def test_method_none_is_the_unpatched_model_exactly(stock):
     assert torch.equal(plain, patched)
 
 
-def test_patched_greedy_equals_prumerge_generate_over_a_batch_of_different_counts(stock, tmp_path):
+@pytest.mark.parametrize("positions", ["contiguous", "original"])
+def test_patched_greedy_equals_prumerge_generate_over_a_batch_of_different_counts(stock, tmp_path, positions):
     model, processor = stock
     bundle = tmp_path / "bundle"
-    prumerge_cli.ReducedVisionEncoder.from_pretrained(LLAVA_DIR, "prumerge", positions="contiguous").save(bundle)
+    prumerge_cli.ReducedVisionEncoder.from_pretrained(LLAVA_DIR, "prumerge", positions=positions).save(bundle)
     samples = samples_of("test", 3, 3)
     images, questions = [s.image for s in samples], [s.qas[1].question for s in samples]
     asker = Asker(bundle)
@@ -85,8 +86,6 @@ def test_patch_refuses_what_it_cannot_reduce(stock, tmp_path):
         prumerge_cli.patch(LlavaNextForConditionalGeneration(tiny), "prumerge")
     with pytest.raises(prumerge_cli.PrumergeError, match="unknown method 'bogus'"):
         prumerge_cli.patch(model, "bogus")
-    original = tmp_path / "original"
-    prumerge_cli.ReducedVisionEncoder.from_pretrained(LLAVA_DIR, "prumerge", positions="original").save(original)
-    with pytest.raises(prumerge_cli.PrumergeError, match="--positions contiguous"):
-        prumerge_cli.patch(model, original)
+    with pytest.raises(prumerge_cli.PrumergeError, match="positions must be one of"):
+        prumerge_cli.patch(model, "prumerge", positions="sideways")
     assert type(model) is LlavaForConditionalGeneration

@@ -15,6 +15,7 @@ from ..dynamic.cache import BLOCK_TOKENS, PagedKVCache
 from ..dynamic.model import DynamicLlava
 from ..encoder import ReducedVisionEncoder
 from ..lm.splice import LmBatch, splice
+from ..progress import Phases
 from ..reducers import ReducedTokens, build_reducer
 from . import cost_model
 from .timing import interleaved
@@ -45,38 +46,45 @@ def repeatable_step(model: DynamicLlava, cache: PagedKVCache, token: torch.Tenso
     return step
 
 
-def dynamic_rows(
-    bundle: Path, pixels: torch.Tensor, settings: BenchSettings, tick: Callable[[str], None]
-) -> list[dict[str, Any]]:
+def dynamic_rows(bundle: Path, pixels: torch.Tensor, settings: BenchSettings, phases: Phases) -> list[dict[str, Any]]:
     """One row per batch size: the bundle's model vs the same model with every token kept."""
-    new_tokens = settings.dynamic_tokens
-    dynamic, encoder = load_dynamic(bundle)
+    dynamic, encoder = load_dynamic(bundle, model_dir=settings.model, full_hash=settings.full_hash)
     dense = DynamicLlava(dynamic.lm.model, dynamic.lm.tokenizer, dynamic.predictors, vision=False, output=False)
     full = ReducedVisionEncoder(encoder.model, build_reducer("none"), encoder.model_dir)
     full.projector = encoder.projector
     text = dynamic.lm.encode(settings.prompts[:1])[0]
-    rows = []
     with torch.no_grad():
-        accuracy = embedded_accuracy(dynamic, dense, encoder, full, settings.vqa_images, tick)
+        accuracy = embedded_accuracy(dynamic, dense, encoder, full, settings.vqa_images, phases)
+        rows = []
         for batch in settings.batch_sizes:
-            tick(f"dynamic: generating and timing at batch {batch}")
-            px = pixels[torch.arange(batch) % len(pixels)]
-            images = {"dense": full(px, project=True), "dynamic": encoder(px, project=True)}
-            models = {"dense": dense, "dynamic": dynamic}
-            outs = {k: models[k].generate(images[k], [text] * batch, new_tokens) for k in models}
-            fns = {}
-            for k, model in models.items():
-                b, cache, token = generation_state(model, images[k], [text] * batch, new_tokens)
-                fns[f"{k}/prefill"] = lambda m=model, b=b, i=images[k]: m.prefill(b, i.lengths)
-                fns[f"{k}/decode"] = repeatable_step(model, cache, token)
-            times = interleaved(fns, iters=settings.iters, warmup=settings.warmup)
-            first = {k: models[k].prefill(_batch(models[k], images[k], text, batch), images[k].lengths).logits
-                     for k in models}  # fmt: skip
-            rows.append(row(dynamic, outs, times, first, images, batch, new_tokens, accuracy))
-            if settings.llm_shape is not None:
-                rows[-1]["kv_projection"] = kv_projection(dynamic, settings.llm_shape, rows[-1]["output_tokens_kept"],
-                                                          new_tokens)  # fmt: skip
+            rounds = settings.warmup + settings.iters
+            with phases.phase(f"dynamic: generating and timing at batch {batch}", rounds) as advance:
+                rows.append(batch_row(dynamic, dense, full, encoder, pixels, text, batch, settings, accuracy, advance))
     return rows
+
+
+def batch_row(dynamic: DynamicLlava, dense: DynamicLlava, full: ReducedVisionEncoder, encoder: ReducedVisionEncoder,
+              pixels: torch.Tensor, text: list[int], batch: int, settings: BenchSettings, accuracy: dict[str, float],
+              advance: Callable[[], None]) -> dict[str, Any]:  # fmt: skip
+    """The figures of one batch size: both models generate, then their prefill and decode step are timed
+    interleaved (`advance` after each round)."""
+    new_tokens = settings.dynamic_tokens
+    px = pixels[torch.arange(batch) % len(pixels)]
+    images = {"dense": full(px, project=True), "dynamic": encoder(px, project=True)}
+    models = {"dense": dense, "dynamic": dynamic}
+    outs = {k: models[k].generate(images[k], [text] * batch, new_tokens) for k in models}
+    fns = {}
+    for k, model in models.items():
+        b, cache, token = generation_state(model, images[k], [text] * batch, new_tokens)
+        fns[f"{k}/prefill"] = lambda m=model, b=b, i=images[k]: m.prefill(b, i.lengths)
+        fns[f"{k}/decode"] = repeatable_step(model, cache, token)
+    times = interleaved(fns, iters=settings.iters, warmup=settings.warmup, on_round=advance)
+    first = {k: models[k].prefill(_batch(models[k], images[k], text, batch), images[k].lengths).logits
+             for k in models}  # fmt: skip
+    figures = row(dynamic, outs, times, first, images, batch, new_tokens, accuracy)
+    if settings.llm_shape is not None:
+        figures["kv_projection"] = kv_projection(dynamic, settings.llm_shape, figures["output_tokens_kept"], new_tokens)
+    return figures
 
 
 def _batch(model: DynamicLlava, image: ReducedTokens, text: list[int], batch: int) -> LmBatch:
@@ -126,17 +134,17 @@ def image_tokens_seen(dynamic: DynamicLlava, image: ReducedTokens) -> float:
     return float(image.lengths.float().mean())
 
 
-def embedded_accuracy(dynamic, dense, encoder, full, images: int, tick) -> dict[str, float]:
+def embedded_accuracy(dynamic, dense, encoder, full, images: int, phases: Phases) -> dict[str, float]:
     """Held-out VQA accuracy of both when the model is the embedded LLaVA."""
     from ..zoo import LLAVA_DIR
     from ..zoo.vqa import vqa_accuracy
 
     if images < 1 or encoder.model_dir.resolve() != LLAVA_DIR.resolve():
         return {}
-    tick("dynamic: held-out accuracy")
     scores = {}
     for name, model, enc in (("dense", dense, full), ("dynamic", dynamic, encoder)):
-        score = vqa_accuracy(enc, model.lm, images=images,
-                             answer=lambda b, image, m=model: m.prefill(b, image.lengths).logits)  # fmt: skip
+        with phases.phase(f"dynamic: held-out accuracy of the {name} model, {images} images", images) as advance:
+            score = vqa_accuracy(enc, model.lm, images=images, progress=advance,
+                                 answer=lambda b, image, m=model: m.prefill(b, image.lengths).logits)  # fmt: skip
         scores[f"vqa_accuracy_{name}"] = score.accuracy["overall"]
     return scores

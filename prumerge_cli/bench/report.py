@@ -1,4 +1,4 @@
-"""Present a bench report: rich tables, JSON (schema `prumerge-bench` v1) and PNG plots."""
+"""Present a bench report: rich tables, JSON (schema `prumerge-bench` v1) and plots (PNG, JPEG, SVG or PDF)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,22 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from .. import atomic
+from ..errors import PrumergeError
+from ..tables import FoldingTable
+
+PLOT_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".svg": "svg", ".pdf": "pdf"}
+"""What `--plot` writes, by the file's suffix."""
+
+
+def plot_format(path: Path) -> str:
+    """The plot format a path's suffix names; any other suffix is refused in one line."""
+    try:
+        return PLOT_FORMATS[path.suffix.lower()]
+    except KeyError:
+        raise PrumergeError(f"--plot writes {', '.join(PLOT_FORMATS)} files; {path.name} has none of these "
+                            "suffixes") from None  # fmt: skip
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:
@@ -21,9 +34,9 @@ def write_json(report: dict[str, Any], path: Path) -> None:
 def print_tables(report: dict[str, Any], console: Console) -> None:
     """Encoder table per batch size, then the LLM table."""
     for batch in report["settings"]["batch_sizes"]:
-        table = Table(title=f"Encoder (tower + reducer + projector), batch {batch}: ratio = variant / baseline")
-        for col in ("variant", "backend", "tokens mean [min-max]", "p50 ms", "p90 ms", "img/s", "+MiB", "fidelity"):
-            table.add_column(col, justify="left" if col in ("variant", "backend", "fidelity") else "right")
+        table = FoldingTable(f"Encoder (tower + reducer + projector), batch {batch}: ratio = variant / baseline",
+                              ["variant", "backend", "tokens mean [min-max]", "p50 ms", "p90 ms", "img/s", "+MiB",
+                               "fidelity"], left=("backend", "fidelity"))  # fmt: skip
         for row in report["encoder"]:
             b = row["by_batch"][str(batch)]
             t, r = row["tokens"], b["ratios"]
@@ -32,11 +45,11 @@ def print_tables(report: dict[str, Any], console: Console) -> None:
                 f"{b['latency_ms']['p50']:.1f} x{r['latency']:.2f}", f"{b['latency_ms']['p90']:.1f}",
                 f"{b['images_per_s']:.1f}", memory_text(b), fidelity_text(row["fidelity"]),
             )  # fmt: skip
-        console.print(table)
+        table.print(console)
     if report["llm"]:
-        table = Table(title=f"LLM ({report['llm'][0]['llm']}): prefill and one decode step with each variant's tokens")
-        for col in ("variant", "batch", "seq tokens", "prefill ms", "ideal", "decode ms", "KV MiB", "answers"):
-            table.add_column(col, justify="left" if col in ("variant", "answers") else "right")
+        title = f"LLM ({report['llm'][0]['llm']}): prefill and one decode step with each variant's tokens"
+        table = FoldingTable(title, ["variant", "batch", "seq tokens", "prefill ms", "ideal", "decode ms", "KV MiB",
+                               "answers"], left=("answers",))  # fmt: skip
         for row in report["llm"]:
             r = row["ratios"]
             ideal = row.get("cost_model", {}).get("ideal_prefill_ratio")
@@ -46,16 +59,16 @@ def print_tables(report: dict[str, Any], console: Console) -> None:
                 f"{row['decode_step_ms']['p50']:.1f} x{r['decode_step']:.2f}",
                 f"{row['kv_cache_bytes'] / 2**20:.2f} x{r['kv_cache']:.2f}", fidelity_text(row.get("fidelity", {})),
             )  # fmt: skip
-        console.print(table)
+        table.print(console)
     for section in report.get("dynamic", []):
         print_dynamic(section, console)
 
 
 def print_dynamic(section: dict[str, Any], console: Console) -> None:
     """A predictor bundle against the same model keeping every token: ratio = dynamic / dense."""
-    table = Table(title=f"Dynamic-LLaVA {section['bundle']} vs the same model keeping every token")
-    for col in ("batch", "image tokens", "output kept", "prefill ms", "decode step ms", "KV MiB", "fidelity"):
-        table.add_column(col, justify="left" if col == "fidelity" else "right")
+    table = FoldingTable(f"Dynamic-LLaVA {section['bundle']} vs the same model keeping every token",
+                          ["batch", "image tokens", "output kept", "prefill ms", "decode step ms", "KV MiB",
+                           "fidelity"], left=("fidelity",))  # fmt: skip
     for row in section["rows"]:
         fid = row["fidelity"]
         text = f"KL {fid['next_token_kl']:.3f}, same answer {100 * fid['greedy_agreement']:.0f}%"
@@ -68,7 +81,7 @@ def print_dynamic(section: dict[str, Any], console: Console) -> None:
             f"{p['dynamic']:.1f} x{p['ratio']:.2f}", f"{d['dynamic']:.2f} x{d['ratio']:.2f}",
             f"{kv['dynamic'] / 2**20:.2f} x{kv['ratio']:.2f}", text,
         )  # fmt: skip
-    console.print(table)
+    table.print(console)
     console.print("KV MiB: bytes the paged cache allocated after the generation (blocks of 16 tokens).")
     for row in section["rows"]:
         if "kv_projection" in row:
@@ -134,7 +147,7 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
     right.set(xlabel="visual tokens kept (mean)", ylabel=label, title="Fidelity")
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
+    fig.savefig(buf, format=plot_format(path), dpi=120)
     plt.close(fig)
     atomic.write_bytes(path, buf.getvalue())
 

@@ -18,6 +18,7 @@ from ..devices import finished
 from ..dynamic.bundle import is_dynamic
 from ..lm.positions import DEFAULT_POSITIONS
 from ..model_ref import resolve_model
+from ..progress import Phases
 from ..reducers import PAD_INDEX, ReducedTokens
 from ..versions import cpu_name, package_versions
 from . import cost_model
@@ -50,40 +51,43 @@ class BenchSettings:
     device: str = "cpu"  # where the torch variants and the LLM run
     dtype: str = "fp32"  # the vision tower's (and its exports') dtype
     positions: str = DEFAULT_POSITIONS  # of the methods run on a model directory
+    model: Path | None = None  # where the bundles' model is, if not where they record
+    full_hash: bool = False  # check the bundles' model weights by their full hash
 
 
 def run_bench(
-    targets: list[Path], pixels: torch.Tensor, image_source: str, settings: BenchSettings, tick: Callable[[str], None]
+    targets: list[Path], pixels: torch.Tensor, image_source: str, settings: BenchSettings, phases: Phases
 ) -> dict[str, Any]:
-    """Measure and return the report (schema `prumerge-bench` v1)."""
+    """Measure and return the report (schema `prumerge-bench` v1), each phase shown by `phases`."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
     dynamic = [t for t in targets if is_bundle(t) and is_dynamic(Path(t))]
     others, methods = [t for t in targets if t not in dynamic], settings.methods
     if not others:  # only predictor bundles: the encoder table shows their model's baseline
-        others, methods = [resolve_model(read_bundle(dynamic[0])["model"], Path(dynamic[0]))], ["none"]
+        record = read_bundle(dynamic[0])["model"]
+        others, methods = [resolve_model(record, Path(dynamic[0]), settings.model)], ["none"]
+    rounds = settings.warmup + settings.iters
     with tempfile.TemporaryDirectory(prefix="prumerge-bench-") as workdir:
-        tick("preparing variants")
-        baseline, variants = build_variants(
-            others,
-            methods,
-            settings.backends,
-            max(settings.batch_sizes),
-            Path(workdir),
-            settings.threads,
-            torch.device(settings.device),
-            settings.dtype,
-            settings.positions,
-        )
+        with phases.phase("preparing the variants (ONNX exports for ort)") as advance:
+            baseline, variants = build_variants(
+                others, methods, settings.backends, max(settings.batch_sizes), Path(workdir), settings.threads,
+                torch.device(settings.device), settings.dtype, settings.positions, settings.model, settings.full_hash,
+                advance,
+            )  # fmt: skip
         with torch.no_grad():
-            outputs = {id(v): run_all(v, pixels, max(settings.batch_sizes)) for v in variants}
+            with phases.phase(f"running {len(variants)} variants on {len(pixels)} images", len(variants)) as advance:
+                outputs = {}
+                for v in variants:
+                    outputs[id(v)] = run_all(v, pixels, max(settings.batch_sizes))
+                    advance()
             rows = [encoder_row(v, outputs, variants) for v in variants]
             for batch in settings.batch_sizes:
-                tick(f"timing encoders at batch {batch}")
-                time_encoders(rows, variants, cycle(pixels, batch), batch, settings)
-            llm_rows = llm_section(variants, outputs, pixels, settings, tick)
-            accuracy = embedded_accuracy(baseline.model_dir, variants, settings, tick)
-        dynamic_section = [{"bundle": str(t), "rows": dynamic_rows(Path(t), pixels, settings, tick)} for t in dynamic]
+                with phases.phase(f"timing {len(variants)} encoders at batch {batch}, rounds", rounds) as advance:
+                    time_encoders(rows, variants, cycle(pixels, batch), batch, settings, advance)
+            llm_rows = llm_section(variants, outputs, pixels, settings, phases)
+            accuracy = embedded_accuracy(baseline.model_dir, variants, settings, phases)
+        dynamic_section = [{"bundle": str(t), "rows": dynamic_rows(Path(t), pixels, settings, phases)}
+                           for t in dynamic]  # fmt: skip
     for row in rows:
         row["fidelity"].update(accuracy.get(row["variant"], {}))
     return {
@@ -157,12 +161,12 @@ def encoder_row(variant: Variant, outputs: dict[int, ReducedTokens], variants: l
     }  # fmt: skip
 
 
-def time_encoders(
-    rows: list[dict], variants: list[Variant], pixels: torch.Tensor, batch: int, s: BenchSettings
-) -> None:
-    """Interleaved latency, throughput and peak memory of every variant at one batch size."""
+def time_encoders(rows: list[dict], variants: list[Variant], pixels: torch.Tensor, batch: int, s: BenchSettings,
+                  advance: Callable[[], None] | None = None) -> None:  # fmt: skip
+    """Interleaved latency, throughput and peak memory of every variant at one batch size (`advance` after each
+    round)."""
     fns = {str(i): (lambda v=v: finished(v.run(pixels), v.device)) for i, v in enumerate(variants)}
-    times = interleaved(fns, iters=s.iters, warmup=s.warmup)
+    times = interleaved(fns, iters=s.iters, warmup=s.warmup, on_round=advance)
     memory = {str(i): peak_memory(fns[str(i)], v.device) for i, v in enumerate(variants)}
     for i, (row, variant) in enumerate(zip(rows, variants, strict=True)):
         base = str(variants.index(baseline_of(variant, variants)))
@@ -177,7 +181,7 @@ def time_encoders(
 
 
 def llm_section(
-    variants: list[Variant], outputs: dict[int, ReducedTokens], pixels: torch.Tensor, s: BenchSettings, tick
+    variants: list[Variant], outputs: dict[int, ReducedTokens], pixels: torch.Tensor, s: BenchSettings, phases: Phases
 ) -> list[dict[str, Any]]:
     """Prefill latency, KV bytes and decode-step latency with each variant's visual tokens."""
     if s.llm is None and s.llm_shape is None:
@@ -195,19 +199,21 @@ def llm_section(
         decoder = random_llm(shape, torch.device(s.device))
     rows = []
     for batch in s.batch_sizes:
-        tick(f"timing the LLM at batch {batch}")
         dtype = next(decoder.parameters()).dtype
         cases = {id(v): llm_case(v, outputs, pixels, batch, lm, shape, dtype, s) for v in torch_variants}
         fns, sizes = {}, {}
         for v in torch_variants:
             prefill, decode, sizes[id(v)] = prefill_and_decode(decoder, cases[id(v)])
             fns[f"{id(v)}/prefill"], fns[f"{id(v)}/decode"] = prefill, decode
-        times = interleaved(fns, iters=s.iters, warmup=s.warmup)
+        name = f"timing the LLM's prefill and decode step with {len(torch_variants)} variants at batch {batch}, rounds"
+        with phases.phase(name, s.warmup + s.iters) as advance:
+            times = interleaved(fns, iters=s.iters, warmup=s.warmup, on_round=advance)
         base = baseline_of(torch_variants[0], torch_variants)
         for v in torch_variants:
             rows.append(llm_row(v, base, batch, cases, times, sizes, shape_name, shape))
     if lm is not None:
-        fidelity = answer_fidelity(lm, torch_variants, outputs, s)
+        with phases.phase(f"answer fidelity of {len(torch_variants)} variants"):
+            fidelity = answer_fidelity(lm, torch_variants, outputs, s)
         for row in rows:
             row["fidelity"] = fidelity[row["variant"]]
     return rows
@@ -273,7 +279,7 @@ def answer_fidelity(lm, variants: list[Variant], outputs: dict[int, ReducedToken
     return result
 
 
-def embedded_accuracy(model_dir: Path, variants: list[Variant], s: BenchSettings, tick) -> dict[str, dict]:
+def embedded_accuracy(model_dir: Path, variants: list[Variant], s: BenchSettings, phases: Phases) -> dict[str, dict]:
     """Held-out VQA accuracy when the model is the embedded LLaVA (torch variants)."""
     from ..zoo import LLAVA_DIR
 
@@ -284,7 +290,6 @@ def embedded_accuracy(model_dir: Path, variants: list[Variant], s: BenchSettings
     from ..lm.llava_lm import LlavaLm
     from ..zoo.vqa import vqa_accuracy
 
-    tick("held-out accuracy of the embedded model")
     lm = LlavaLm.from_pretrained(model_dir)
     scores = {}
     for v in variants:
@@ -294,7 +299,8 @@ def embedded_accuracy(model_dir: Path, variants: list[Variant], s: BenchSettings
             if v.regime == "fine-tuned":  # its adapters in the LM and its trained projector
                 answerer = load_finetuned_lm(v.source)
                 encoder.projector = answerer.model.model.multi_modal_projector
-            score = vqa_accuracy(encoder, answerer, images=s.vqa_images)
+            with phases.phase(f"held-out accuracy of {v.label}, {s.vqa_images} images", s.vqa_images) as advance:
+                score = vqa_accuracy(encoder, answerer, images=s.vqa_images, progress=advance)
             scores[v.label] = {"vqa_accuracy": score.accuracy["overall"], "vqa_by_type": score.accuracy}
     return scores
 

@@ -17,8 +17,9 @@ from ..errors import PrumergeError
 from ..exporters.onnx_export import OnnxOptions, export_onnx
 from ..finetune.bundle import load_projector, regime
 from ..lm.positions import DEFAULT_POSITIONS
-from ..model_ref import resolve_model
+from ..model_ref import resolve_model, verify_weights
 from ..models.loading import load_model
+from ..models.weights import weight_files
 from ..reducers import ReducedTokens, build_reducer
 from ..runtime.ort import OrtEncoder, is_onnx_export, read_manifest
 
@@ -59,11 +60,14 @@ class Spec:
     positions: str = DEFAULT_POSITIONS
 
 
-def target_specs(target: Path, methods: list[str], positions: str = DEFAULT_POSITIONS) -> list[Spec]:
-    """A bundle or export names one method and its positions; a model directory takes `methods` at `positions`."""
+def target_specs(target: Path, methods: list[str], positions: str = DEFAULT_POSITIONS,
+                 model_dir: Path | None = None, full_hash: bool = False) -> list[Spec]:  # fmt: skip
+    """A bundle or export names one method and its positions; a model directory takes `methods` at `positions`.
+    A bundle's model is `model_dir` if given, else where it records, its weights checked as `bundle.load` does."""
     if is_bundle(target):
         record = read_bundle(target)
-        model = resolve_model(record["model"], target).resolve()
+        model = resolve_model(record["model"], target, model_dir).resolve()
+        verify_weights(record["model"], model, weight_files(model), full_hash)
         where = record.get("positions", "contiguous")
         return [Spec(model, record["method"], record["params"], str(target), regime(record), where)]
     if is_onnx_export(target):
@@ -85,9 +89,13 @@ def build_variants(
     device: torch.device,
     dtype: str = "fp32",
     positions: str = DEFAULT_POSITIONS,
+    model_dir: Path | None = None,
+    full_hash: bool = False,
+    advance: Callable[[], None] = lambda: None,
 ) -> tuple[ReducedVisionEncoder, list[Variant]]:
     """The baseline and every target's variant on every backend (torch on `device`, ONNX Runtime on the CPU,
-    TensorRT on the GPU); ONNX exports are made in `workdir`."""
+    TensorRT on the GPU); ONNX exports are made in `workdir`; bundles' models as `target_specs` finds them.
+    `advance` is called as each variant is ready."""
     unknown = sorted(set(backends) - set(BACKENDS))
     if unknown:
         raise PrumergeError(f"unknown backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}")
@@ -97,18 +105,18 @@ def build_variants(
         from ..exporters.trt_support import require_tensorrt
 
         require_tensorrt()
-    specs = [s for t in targets for s in target_specs(Path(t), methods, positions)]
+    specs = [s for t in targets for s in target_specs(Path(t), methods, positions, model_dir, full_hash)]
     models = {s.model_dir.resolve() for s in specs}
     if len(models) != 1:
         raise PrumergeError(f"bench compares variants of one model; the targets use {len(models)}")
-    model_dir = models.pop()
-    specs = [Spec(model_dir, "none", {}, positions=positions), *(s for s in specs if s.method != "none")]
-    model = load_model(model_dir, dtype)  # one copy of the weights, shared by every variant (exported on the CPU)
+    the_model = models.pop()
+    specs = [Spec(the_model, "none", {}, positions=positions), *(s for s in specs if s.method != "none")]
+    model = load_model(the_model, dtype)  # one copy of the weights, shared by every variant (exported on the CPU)
     variants = []
     baseline_encoder = None
     for i, spec in enumerate(specs):
         reducer = build_reducer(spec.method, **spec.params)
-        encoder = ReducedVisionEncoder(model, reducer, model_dir, positions=spec.positions)
+        encoder = ReducedVisionEncoder(model, reducer, the_model, positions=spec.positions)
         baseline_encoder = baseline_encoder or encoder
         if spec.regime == "fine-tuned":  # its own trained projector, beside the shared tower
             encoder.projector = copy.deepcopy(model.projector)
@@ -133,6 +141,7 @@ def build_variants(
                 run = OrtEncoder(out, threads=threads)
             variants.append(Variant(spec.method, encoder.reducer.params(), backend, run, i == 0, spec.source, where,
                                     spec.regime, spec.positions))  # fmt: skip
+            advance()
     assert baseline_encoder is not None
     model.vision.to(device)  # every export is made: the shared weights go where the torch variants run
     if model.projector is not None:

@@ -6,6 +6,8 @@ import os
 import sys
 import warnings
 from importlib.metadata import version
+from pathlib import Path
+from typing import Any, get_args
 
 import typer
 from rich.console import Console
@@ -57,6 +59,38 @@ def quiet_transformers() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
+METAVARS = {int: "N", float: "X", Path: "PATH", str: "TEXT"}
+"""What help shows for an option's value, by its type (instead of Typer's `<int>`, `<list[str]>`, ...)."""
+
+
+def plain_metavars(command: Any) -> None:
+    """Name every value in help as a user reads it: arguments by their name in capitals (MODEL_DIR, TARGETS...),
+    option values by kind (N, X, PATH, TEXT); flags show none, and their `--no-X` form only where X is on by
+    default. (Typer's click-like classes, by their kind.)"""
+    for sub in getattr(command, "commands", {}).values():
+        sub.get_help_option = lambda ctx, made=sub.get_help_option: without_type(made(ctx))
+        for param in sub.params:
+            if param.param_type_name == "argument":  # typer's usage line shows {name}, its help column <type>
+                param.metavar = param.name.upper() + ("..." if param.nargs == -1 else "")
+                shown = param.metavar if param.required else f"[{param.metavar}]"
+                param._usage_display_name = lambda shown=shown: shown
+                param.display_type_rich = lambda ctx: None
+            elif param.param_type_name == "option" and param.is_flag:  # no <bool>; --no-X only where X is the default
+                param.display_type_rich = lambda ctx: None
+                if not param.default:
+                    param.secondary_opts = []
+            elif param.param_type_name == "option" and param.metavar is None:
+                kind = param.type_descriptor.annotation
+                param.metavar = METAVARS.get(get_args(kind)[0] if get_args(kind) else kind, "VALUE")
+
+
+def without_type(option: Any) -> Any:
+    """`option` (--help) without `<bool>` in help."""
+    if option is not None:
+        option.display_type_rich = lambda ctx: None
+    return option
+
+
 def main() -> None:
     """Entry point: run the app; report errors as one line with a non-zero exit code."""
     _register()
@@ -67,7 +101,9 @@ def main() -> None:
         sys.argv.append("--help")
     try:
         sys.argv[1:] = fill_optional_values(sys.argv[1:])
-        code = app(prog_name="prumerge", standalone_mode=False)  # usage errors come back here, as one line
+        command = typer.main.get_command(app)
+        plain_metavars(command)
+        code = command.main(prog_name="prumerge", standalone_mode=False)  # usage errors come back here, as one line
         if isinstance(code, int) and code:  # click returns a typer.Exit's code instead of exiting
             sys.exit(code)
     except Exit as exc:

@@ -7,11 +7,11 @@ from typing import Annotated
 
 import torch
 import typer
-from rich.progress import Progress
 
 from .. import atomic, devices, dtypes
 from ..errors import PrumergeError
 from ..lm.positions import DEFAULT_POSITIONS, POSITIONS_HELP, check_positions
+from ..progress import Phases
 from . import app
 from .console import out_console
 
@@ -42,7 +42,7 @@ def bench(
     ),
     warmup: Annotated[int, typer.Option(min=0, help="Discarded rounds.")] = 2,
     iters: Annotated[int, typer.Option(min=1, help="Measured rounds.")] = 10,
-    threads: Annotated[int | None, typer.Option(help="torch and ONNX Runtime threads (default: all).")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch and ONNX Runtime threads (default: all).")] = None,
     llm: Annotated[
         Path | None, typer.Option(help="A LLaVA checkpoint: LLM prefill/decode and answer fidelity.")
     ] = None,
@@ -54,34 +54,38 @@ def bench(
     new_tokens: Annotated[
         int, typer.Option(min=2, help="Tokens generated before the timed decode step (predictor bundles).")
     ] = 48,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON.")] = None,
-    plot: Annotated[Path | None, typer.Option(help="Write a PNG plot of latency and fidelity against tokens.")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON (a .json file).")] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="Plot latency and fidelity against tokens: a .png, .jpg, .svg or .pdf file.")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace existing --json and --plot files.")] = False,
+    model: Annotated[Path | None, typer.Option(help="Where the bundles' model is (default: as recorded).")] = None,
+    full_hash: Annotated[bool, typer.Option(help="Check the bundles' model weights by their full hash.")] = False,
     device: Annotated[str, typer.Option(help=f"Where the model runs: {devices.HELP}.")] = "cpu",
     dtype: Annotated[str, typer.Option(help=f"Vision tower dtype: {dtypes.HELP} (bf16: torch backend only).")] = "fp32",
 ) -> None:
     """Measure every variant of one model next to its unreduced baseline, interleaved, on each backend."""
-    from ..bench.report import print_tables, write_json, write_plot
+    from ..bench.report import PLOT_FORMATS, print_tables, write_json, write_plot
     from ..bench.runner import BenchSettings, run_bench
 
     if llm is not None and llm_shape is not None:
         raise PrumergeError("use either --llm or --llm-shape")
-    atomic.check_file_output(json_path)
-    atomic.check_file_output(plot)
+    atomic.check_file_output(json_path, force, (".json",))
+    atomic.check_file_output(plot, force, tuple(PLOT_FORMATS))
     settings = BenchSettings(
         batch_sizes=parse_list(batch_sizes, int), backends=parse_list(backends), methods=parse_list(methods),
         warmup=warmup, iters=iters, threads=threads, llm=llm, llm_shape=llm_shape, vqa_images=vqa_images,
         dynamic_tokens=new_tokens, device=str(devices.resolve_device(device)), dtype=dtypes.canonical(dtype),
-        positions=check_positions(positions),
+        positions=check_positions(positions), model=model, full_hash=full_hash,
     )  # fmt: skip
     if not settings.batch_sizes or min(settings.batch_sizes) < 1:
         raise PrumergeError("batch sizes must be positive integers")
     if prompts is not None:
         settings.prompts = [p for p in _read_lines(prompts) if p.strip()] or settings.prompts
-    pixels, source = load_pixels(targets[0], images, synthetic)
+    pixels, source = load_pixels(targets[0], images, synthetic, model)
     console = out_console()
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("bench", total=None)
-        report = run_bench(targets, pixels, source, settings, lambda msg: progress.update(task, description=msg))
+    with Phases(console) as phases:
+        report = run_bench(targets, pixels, source, settings, phases)
     print_tables(report, console)
     if json_path is not None:
         write_json(report, json_path)
@@ -96,8 +100,10 @@ def _read_lines(path: Path) -> list[str]:
         raise PrumergeError(f"cannot read prompts {path}: {exc}") from None
 
 
-def load_pixels(target: Path, images: Path | None, synthetic: int | None) -> tuple[torch.Tensor, str]:
-    """Preprocessed images from a directory, or held-out world images, with the target's processor."""
+def load_pixels(target: Path, images: Path | None, synthetic: int | None,
+                model: Path | None = None) -> tuple[torch.Tensor, str]:  # fmt: skip
+    """Preprocessed images from a directory, or held-out world images, with the processor of the target's model
+    (`model` if given)."""
     if images is not None and synthetic is not None:
         raise PrumergeError("use either --images or --synthetic")
     synthetic = 8 if synthetic is None else synthetic
@@ -105,7 +111,7 @@ def load_pixels(target: Path, images: Path | None, synthetic: int | None) -> tup
     from ..models.images import collect_images, open_image, preprocess
     from ..models.loading import load_model
 
-    processor = load_model(target_specs(target, ["none"])[0].model_dir).processor
+    processor = load_model(model or target_specs(target, ["none"])[0].model_dir).processor
     if images is not None:
         paths = collect_images([images])
         return preprocess(processor, [open_image(p) for p in paths]), f"{len(paths)} images from {images}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -25,6 +26,12 @@ if TYPE_CHECKING:  # the training and model modules load transformers: imported 
     from ..dynamic.compress import DynamicJob
     from ..dynamic.config import SparseConfig
     from ..finetune.compress import FinetuneJob
+
+
+LORA_TARGETS_HELP = f"Comma-separated LM linear layers that get adapters (default: all, {', '.join(LINEAR_LAYERS)})."
+
+
+LORA_TARGETS_HELP = f"Comma-separated LM linear layers that get adapters (default: all, {', '.join(LINEAR_LAYERS)})."
 
 
 def DYN(**kwargs: object) -> typer.models.OptionInfo:
@@ -60,24 +67,26 @@ def compress(
     ] = "cpu",
     data: Annotated[Path | None, TRAIN(help="LLaVA conversation JSON to train on.")] = None,
     images: Annotated[Path | None, TRAIN(help="Directory the records' image paths are relative to.")] = None,
-    vision_keep: Annotated[float, DYN(help="Image-token keep rate (training target and prefill top-k).")] = 0.2,
-    output_keep: Annotated[float, DYN(help="Output-token keep rate targeted in training.")] = 0.5,
-    output_min_len: Annotated[int, DYN(help="LEN^OT: shorter final answers are never sparsified.")] = 50,
+    vision_keep: Annotated[
+        float, DYN(min=0.0, max=1.0, help="Image-token keep rate (training target and prefill top-k).")
+    ] = 0.2,
+    output_keep: Annotated[float, DYN(min=0.0, max=1.0, help="Output-token keep rate targeted in training.")] = 0.5,
+    output_min_len: Annotated[int, DYN(min=0, help="LEN^OT: shorter final answers are never sparsified.")] = 50,
     vision_source: Annotated[str, DYN(help="Image tokens: 'predictor', or 'prumerge' / 'prumerge+'.")] = "predictor",
     sparse_layer: Annotated[int, DYN(help="Decoder layer whose input feeds the predictors.")] = 2,
     predictor_width: Annotated[int, DYN(help="Vision predictor width (d_model).")] = 512,
     predictor_heads: Annotated[int, DYN(help="Vision predictor attention heads.")] = 8,
     predictor_blocks: Annotated[int, DYN(help="Vision predictor transformer blocks.")] = 2,
     text_predictor_width: Annotated[int, DYN(help="Output predictor MLP widths W, W/2, W/4 (official 512).")] = 512,
-    steps: Annotated[int, TRAIN(help="Optimisation steps.")] = 300,
-    batch_size: Annotated[int, TRAIN(help="Conversations per step (per process under torchrun).")] = 8,
+    steps: Annotated[int, TRAIN(min=1, help="Optimisation steps.")] = 300,
+    batch_size: Annotated[int, TRAIN(min=1, help="Conversations per step (per process under torchrun).")] = 8,
     lr: Annotated[float, TRAIN(help="Learning rate of the predictors (dynamic) or the LoRA adapters.")] = 2e-4,
-    llm_lr: Annotated[float, DYN(help="Projector / LM learning rate when they are trained.")] = 5e-6,
+    llm_lr: Annotated[float, DYN(min=0.0, help="Projector / LM learning rate when they are trained.")] = 5e-6,
     train_projector: Annotated[bool, DYN(help="Train the projector too.")] = False,
     train_llm: Annotated[bool, DYN(help="Train the LM too.")] = False,
     official: Annotated[bool, DYN(help="The official recipe: train the LM and projector at --llm-lr too.")] = False,
-    mask_loss_weight: Annotated[float, DYN(help="λ, the weight of the keep-rate losses.")] = 100.0,
-    grad_accum: Annotated[int, TRAIN(help="Micro-batches accumulated per optimizer step.")] = 1,
+    mask_loss_weight: Annotated[float, DYN(min=0.0, help="λ, the weight of the keep-rate losses.")] = 100.0,
+    grad_accum: Annotated[int, TRAIN(min=1, help="Micro-batches accumulated per optimizer step.")] = 1,
     precision: Annotated[str, TRAIN(help="fp32, bf16 (autocast), or fp16 (autocast, a loss scaler; GPU).")] = "fp32",
     gradient_checkpointing: Annotated[bool, TRAIN(help="Recompute the LM layers' activations in backward.")] = False,
     template: Annotated[
@@ -91,19 +100,20 @@ def compress(
     stop_after: Annotated[
         int | None, TRAIN(help="Checkpoint and stop after N steps of this run (time-limited jobs); --resume goes on.")
     ] = None,
-    distill_kl: Annotated[float, DYN(help="Weight of KL to the full-token model's next-token distribution.")] = 0.0,
-    distill_prumerge: Annotated[float, DYN(help="Weight of BCE to PruMerge's kept patches.")] = 0.0,
-    save_every: Annotated[int, TRAIN(help="Checkpoint every N steps.")] = 50,
+    distill_kl: Annotated[
+        float, DYN(min=0.0, help="Weight of KL to the full-token model's next-token distribution.")
+    ] = 0.0,
+    distill_prumerge: Annotated[float, DYN(min=0.0, help="Weight of BCE to PruMerge's kept patches.")] = 0.0,
+    save_every: Annotated[int, TRAIN(min=1, help="Checkpoint every N steps.")] = 50,
     resume: Annotated[bool, TRAIN(help="Continue from the last checkpoint of this output.")] = False,
+    restart: Annotated[bool, TRAIN(help="Delete this output's checkpoint and start over.")] = False,
     seed: Annotated[int, TRAIN(help="Seed of initialisation, data order and Gumbel noise.")] = 0,
     finetune: Annotated[bool, TUNE(help="LoRA-fine-tune the LM (and the projector) with --method active.")] = False,
-    lora_rank: Annotated[int, TUNE(help="LoRA rank.")] = 128,
+    lora_rank: Annotated[int, TUNE(min=1, help="LoRA rank.")] = 128,
     lora_alpha: Annotated[float, TUNE(help="LoRA alpha.")] = 256.0,
-    lora_dropout: Annotated[float, TUNE(help="LoRA dropout.")] = 0.05,
-    lora_targets: Annotated[str, TUNE(help="Comma-separated LM linear layers that get adapters.")] = ",".join(
-        LINEAR_LAYERS
-    ),
-    projector_lr: Annotated[float, TUNE(help="Learning rate of the projector.")] = 2e-5,
+    lora_dropout: Annotated[float, TUNE(min=0.0, max=0.99, help="LoRA dropout.")] = 0.05,
+    lora_targets: Annotated[str, TUNE(show_default=False, help=LORA_TARGETS_HELP)] = ",".join(LINEAR_LAYERS),
+    projector_lr: Annotated[float, TUNE(min=0.0, help="Learning rate of the projector.")] = 2e-5,
     merge_lora: Annotated[
         bool, TUNE(help="MODEL_DIR is a fine-tuned bundle: write a plain LLaVA directory with it merged in.")
     ] = False,
@@ -114,7 +124,11 @@ def compress(
     (`torchrun --nproc-per-node N $(which prumerge) compress ...` trains data-parallel)."""
     atomic.check_output(output, force)
     check_positions(positions)
+    check_training_values(lr, lora_alpha)
     where = devices.resolve_device(device)
+    if merge_lora and (finetune or method == "dynamic"):
+        raise PrumergeError("--merge-lora merges a fine-tuned bundle's adapters; it trains nothing, so it takes "
+                            "neither --finetune nor --method dynamic")  # fmt: skip
     if merge_lora:
         from ..finetune.bundle import merge_lora as merge
 
@@ -136,7 +150,7 @@ def compress(
         lora = LoraSettings(lora_rank, lora_alpha, lora_dropout, tuple(t.strip() for t in lora_targets.split(",")))
         run_training(FinetuneJob(model_dir, method, data, images, output, options, lora, parse_params(param),
                                  template, skip_missing_images, resume, force, where.type,
-                                 positions=positions))  # fmt: skip
+                                 positions=positions), restart)  # fmt: skip
         return
     if method == "dynamic":
         from ..dynamic.compress import DynamicJob
@@ -159,7 +173,7 @@ def compress(
             return
         job = DynamicJob(model_dir, data, images, output, config, options, vision_source, template,
                          skip_missing_images, resume, force, where.type, positions)  # fmt: skip
-        run_training(job)
+        run_training(job, restart)
         return
     if score_dtype != "model" and dtypes.ALIASES.get(score_dtype, score_dtype) != "fp32":
         raise PrumergeError(f"--score-dtype takes 'model' or 'fp32', got {score_dtype!r}")
@@ -197,6 +211,14 @@ def compress(
     console.print(table)
 
 
+def check_training_values(lr: float, lora_alpha: float) -> None:
+    """Refuse, before any work, the training values no option range catches: rates and sizes that must be
+    positive."""
+    for name, value in (("--lr", lr), ("--lora-alpha", lora_alpha)):
+        if not value > 0:
+            raise PrumergeError(f"{name} must be positive, got {value}")
+
+
 def show_plan(model_dir: Path, config: SparseConfig, options: TrainOptions, seq_len: int, gpus: int | None,
               gpu_memory_gib: float | None, device_type: str) -> None:  # fmt: skip
     """Print the memory plan of the run; exit 1 when it does not fit."""
@@ -212,16 +234,41 @@ def show_plan(model_dir: Path, config: SparseConfig, options: TrainOptions, seq_
         raise typer.Exit(1)
 
 
-def run_training(job: DynamicJob | FinetuneJob) -> None:
-    """Run a training job; Ctrl-C leaves the last checkpoint and says how to resume."""
+def check_checkpoint(directory: Path, resume: bool, restart: bool) -> None:
+    """Refuse, before any work, a run that would silently replace an unfinished run's checkpoint in `directory`
+    (without --resume or --restart) or resume from none; --restart deletes it."""
+    from ..training.checkpoints import saved_step
+
+    if resume and restart:
+        raise PrumergeError("use either --resume or --restart")
+    step = saved_step(directory)
+    if step is None:
+        if resume:
+            raise PrumergeError(f"--resume: no checkpoint in {directory}")
+    elif restart:
+        shutil.rmtree(directory, ignore_errors=True)
+    elif not resume:
+        raise PrumergeError(f"an unfinished run of this output checkpointed at step {step} in {directory}: pass "
+                            "--resume to go on from there or --restart to start over")  # fmt: skip
+
+
+def run_training(job: DynamicJob | FinetuneJob, restart: bool = False) -> None:
+    """Run a training job (see `check_checkpoint` for --resume / --restart); Ctrl-C leaves the last checkpoint
+    and says how to resume, or that there is none yet."""
     from ..dynamic.compress import DynamicJob, run_dynamic
     from ..finetune.compress import FinetuneJob, run_finetune
+    from ..training.checkpoints import saved_step
 
+    check_checkpoint(job.checkpoint_dir, job.resume, restart)
     console = out_console()
     try:
         history = run_dynamic(job, console) if isinstance(job, DynamicJob) else run_finetune(job, console)
     except KeyboardInterrupt:
-        Console(stderr=True).print(f"interrupted; checkpoints are in {job.checkpoint_dir}: rerun with --resume")
+        step = saved_step(job.checkpoint_dir)
+        said = f"interrupted; the checkpoint of step {step} is in {job.checkpoint_dir}: rerun with --resume"
+        if step is None:
+            said = f"interrupted; no checkpoint yet (one is written every --save-every {job.options.save_every} steps)"
+        Console(stderr=True).print(said, highlight=False)
         raise typer.Exit(130) from None
     last = history[-1]
     if len(history) < job.options.steps:

@@ -10,6 +10,7 @@ import typer
 
 from .. import atomic, devices, dtypes
 from ..lm.positions import DEFAULT_POSITIONS, POSITIONS_HELP, check_positions
+from ..progress import Phases
 from ..zoo import FINETUNED_DIR, LLAVA_DIR
 from . import app
 from .console import out_console
@@ -42,16 +43,18 @@ def demo(
     where = devices.resolve_device(device)
     dtype = dtypes.canonical(dtype)
     console = out_console()
-    rows = run_demo(model, output, num_images, batch_size, iters, console, where, dtype, positions)
-    print_rows(rows, num_images, batch_size, console)
-    oracle = oracle_row(rows, model, num_images, where, positions)
-    print_per_type([*rows, oracle], console)
+    with Phases(console) as phases:
+        rows = run_demo(model, output, num_images, batch_size, iters, phases, where, dtype, positions)
+        print_rows(rows, num_images, batch_size, console)
+        oracle = oracle_row(rows, model, num_images, where, phases, positions)
+        print_per_type([*rows, oracle], console)
     if model.resolve() == LLAVA_DIR.resolve():
         console.print("The embedded LLM saw random and object-tilted subsets of its visual tokens in training "
                       f"({LLAVA_DIR.parent / 'MODEL_CARD.md'}): training-free figures are kinder on it than on a stock "
                       "LLaVA.", highlight=False)  # fmt: skip
-    tuned, skipped = finetuned_rows(finetuned, model, num_images, where)
+        tuned, skipped = finetuned_rows(finetuned, model, num_images, where, phases)
     print_finetuned(rows, tuned, console)
     for reason in skipped:
         console.print(f"Fine-tuned bundle skipped, {reason}: fine-tune it again on them.", highlight=False)
     atomic.write_text(output / "demo.json", json.dumps([*rows, oracle, *tuned], indent=2) + "\n")
+    console.print(f"demo: {phases.total()} in all; {output / 'demo.json'} holds every row", highlight=False)

@@ -12,6 +12,7 @@ from rich.table import Table
 from .. import atomic, devices, dtypes
 from ..errors import PrumergeError
 from ..exporters.trt_support import PLUGIN_MODES
+from ..progress import Phases
 from . import app
 from .console import out_console
 from .options import PARAM_HELP, parse_params
@@ -36,7 +37,7 @@ def export(
         str | None, typer.Option(help="fp32 or fp16 for ONNX (default fp32); fp32, fp16 or bf16 for TensorRT (fp16).")
     ] = None,
     batch_size: Annotated[int | None, typer.Option(help="A fixed batch size (default: dynamic).")] = None,
-    max_batch: Annotated[int, typer.Option(help="Largest batch of a dynamic export.")] = 8,
+    max_batch: Annotated[int | None, typer.Option(help="Largest batch of a dynamic export (default 8).")] = None,
     with_projector: Annotated[bool, typer.Option(help="Append the LLaVA projector (outputs are LLM inputs).")] = False,
     check: Annotated[bool, typer.Option(help="Check ONNX Runtime against PyTorch.")] = True,
     plugins: Annotated[
@@ -71,6 +72,9 @@ def export(
         raise PrumergeError(f"--plugins takes {', '.join(PLUGIN_MODES)}, got {plugins!r}")
     if batch_size is not None and batch_size < 1:
         raise PrumergeError(f"--batch-size must be at least 1, got {batch_size}")
+    if batch_size is not None and max_batch is not None:
+        raise PrumergeError("--max-batch bounds a dynamic batch; --batch-size fixes it: give one of them")
+    max_batch = 8 if max_batch is None else max_batch
     if max_batch < 1:
         raise PrumergeError(f"--max-batch must be at least 1, got {max_batch}")
     atomic.check_output(output, force)
@@ -106,8 +110,8 @@ def export(
         opset, dtype, batch_size, max_batch, with_projector, check, plugins != "none", plugins == "aot"
     )
     encoder = open_encoder(target, method, parse_params(param), model, full_hash).to(where)
-    with console.status(f"exporting {encoder.reducer.name} to ONNX (opset {opset}, {dtype})..."):
-        manifest = export_onnx(encoder, output, options, force=force)
+    with Phases(console) as phases:
+        manifest = export_onnx(encoder, output, options, force=force, phases=phases)
     print_manifest(console, output, manifest)
 
 

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import Progress
+from rich.console import Console
 
 from .. import atomic, devices
 from ..errors import PrumergeError
+from ..progress import Phases
 from . import app
 from .console import out_console
 
@@ -24,7 +25,10 @@ def generate(
     batch: Annotated[
         Path | None, typer.Option(help='JSONL of {"image": PATH, "prompt": TEXT} records to answer instead.')
     ] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="JSONL of answers (with --batch).")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="A .jsonl file for the answers (with --batch).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing --output file.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Records per forward pass (with --batch).")] = 8,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate.")] = 64,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 for greedy decoding, else sampling.")] = 0.0,
@@ -32,6 +36,7 @@ def generate(
     seed: Annotated[int, typer.Option(help="Seed of the sampling.")] = 0,
     device: Annotated[str, typer.Option(help=f"Where the model runs: {devices.HELP}.")] = "cpu",
     model: Annotated[Path | None, typer.Option(help="Where the bundle's model is (default: as recorded).")] = None,
+    full_hash: Annotated[bool, typer.Option(help="Check the bundle's model weights by their full hash.")] = False,
 ) -> None:
     """Ask the compressed model: the answer is streamed as it is generated, then one line with the visual
     tokens kept and the prefill and per-token decode times."""
@@ -43,12 +48,17 @@ def generate(
         raise PrumergeError("give --image and --prompt, or --batch FILE.jsonl")
     if batch is not None and output is None:
         raise PrumergeError("--batch needs --output FILE.jsonl for the answers")
-    atomic.check_file_output(output)
+    if batch is None and output is not None:
+        raise PrumergeError("--output writes the answers of --batch; a single answer is printed")
+    atomic.check_file_output(output, force, (".jsonl",))
     where = devices.resolve_device(device)
     records = read_records(batch) if batch is not None else [{"image": str(image), "prompt": prompt}]
     pictures = [open_image(Path(r["image"])) for r in records]
     decoding = Decoding(max_new_tokens, temperature, top_p, seed)
-    asker = Asker(bundle, where, model)
+    asker = Asker(bundle, where, model, full_hash)
+    console = out_console()
+    for warning in prompt_warnings(asker.lm.tokenizer, [r["prompt"] for r in records], bundle):
+        Console(stderr=True, highlight=False).print(f"[yellow]warning:[/yellow] {warning}")
     if batch is None:
         shown: list[int] = []
 
@@ -60,20 +70,60 @@ def generate(
 
         (answer,) = asker.ask(pictures, [prompt], decoding, on_token=show)
         print()
-        out_console().print(f"[dim]{answer.visual_tokens} visual tokens kept; prefill {1000 * answer.prefill_s:.1f} "
-                            f"ms, decode {1000 * answer.decode_s_per_token:.1f} ms/token[/dim]")  # fmt: skip
+        if not answer.token_ids:
+            console.print("[dim](no answer: the model ended its reply at once)[/dim]")
+        decode = f"{1000 * answer.decode_s_per_token:.1f} ms/token" if len(answer.token_ids) > 1 else "-"
+        console.print(f"[dim]{answer.visual_tokens} visual tokens kept; prefill {1000 * answer.prefill_s:.1f} "
+                      f"ms, decode {decode}[/dim]")  # fmt: skip
         return
     lines = []
-    with Progress(console=out_console(), transient=True) as progress:
-        task = progress.add_task("answering", total=len(records))
+    with Phases(console) as phases, phases.phase(f"answering {len(records)} prompts", len(records)) as advance:
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
             answers = asker.ask(pictures[start : start + batch_size], [r["prompt"] for r in chunk], decoding)
             for record, answer in zip(chunk, answers, strict=True):
                 lines.append(json.dumps({**record, "answer": answer.text, "visual_tokens": answer.visual_tokens}))
-            progress.advance(task, len(chunk))
+            advance(len(chunk))
     atomic.write_text(output, "\n".join(lines) + "\n")
-    out_console().print(f"wrote {len(lines)} answers to {output}")
+    console.print(f"wrote {len(lines)} answers to {output}")
+
+
+def prompt_warnings(tokenizer, prompts: list[str], bundle: Path) -> list[str]:
+    """What the model cannot read in the prompts: the words its tokenizer maps to its unknown token (a word-level
+    vocabulary, like the embedded model's, knows only its training words); on the embedded model also a question
+    mark, which its questions never have, and its question forms."""
+    unknown: list[str] = []
+    for prompt in prompts:
+        encoded = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        for token, (begin, end) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True):
+            if token == tokenizer.unk_token_id and prompt[begin:end] not in unknown:
+                unknown.append(prompt[begin:end])
+    warnings = []
+    if unknown:
+        shown = ", ".join(repr(w) for w in unknown[:8]) + (" ..." if len(unknown) > 8 else "")
+        warnings.append(f"the model does not know {shown}: its tokenizer reads {'them' if len(unknown) > 1 else 'it'} "
+                        f"as {tokenizer.unk_token}")  # fmt: skip
+    if not is_embedded(bundle):
+        return warnings
+    if any("?" in p for p in prompts):
+        warnings.append("the embedded model's questions never end with '?': leave it out")
+    if warnings:
+        from ..zoo.world import QUESTION_FORMS
+
+        warnings[-1] += "; it answers questions like " + ", ".join(f"'{q}'" for q in QUESTION_FORMS)
+    return warnings
+
+
+def is_embedded(bundle: Path) -> bool:
+    """Whether a bundle's model is the embedded LLaVA."""
+    from ..bundle import read_bundle
+    from ..model_ref import resolve_model
+    from ..zoo import LLAVA_DIR
+
+    try:
+        return resolve_model(read_bundle(bundle)["model"], bundle).resolve() == LLAVA_DIR.resolve()
+    except PrumergeError:
+        return False
 
 
 def read_records(path: Path) -> list[dict]:

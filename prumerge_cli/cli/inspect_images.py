@@ -8,14 +8,15 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import Progress
-from rich.table import Table
+from rich.console import Console
 
 from .. import atomic, devices, dtypes
 from ..errors import PrumergeError
-from ..models.images import collect_images, open_image
+from ..models.images import collect_images, image_notes, open_image
 from ..overlay import model_view, render_overlay, save_png
+from ..progress import Phases
 from ..reducers import EXTRA_INDEX, REDUCERS
+from ..tables import FoldingTable
 from . import app
 from .console import out_console
 from .options import PARAM_HELP, parse_params
@@ -27,8 +28,11 @@ def inspect_images(
     images: Annotated[list[Path], typer.Argument(help="Image files or directories of them.")],
     method: Annotated[str | None, typer.Option("--method", "-m", help=f"Override: {', '.join(REDUCERS)}.")] = None,
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help=PARAM_HELP)] = None,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write per-image results as JSON.")] = None,
-    overlay: Annotated[Path | None, typer.Option(help="Directory for PNG overlays of kept/merged patches.")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write per-image results to a .json file.")] = None,
+    overlay: Annotated[
+        Path | None, typer.Option(help="Directory to write PNG overlays of kept/merged patches to.")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing --json file or --overlay directory.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 8,
     backend: Annotated[str, typer.Option(help="torch (a bundle or model) or ort (an ONNX export).")] = "torch",
     threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads (default: all cores).")] = None,
@@ -41,9 +45,9 @@ def inspect_images(
 ) -> None:
     """Show how many visual tokens each image keeps; optionally draw which patches were kept and merged."""
     where = devices.resolve_device(device)
-    atomic.check_file_output(json_path)
-    if overlay is not None and overlay.exists() and not overlay.is_dir():
-        raise PrumergeError(f"{overlay} is a file; --overlay needs a directory")
+    atomic.check_file_output(json_path, force, (".json",))
+    if overlay is not None:
+        atomic.check_output(overlay, force)
     dtype = None if dtype is None else dtypes.canonical(dtype)
     paths = collect_images(images)
     if backend == "ort":
@@ -60,8 +64,8 @@ def inspect_images(
         raise PrumergeError(f"unknown backend {backend!r}; choose torch or ort")
     rows: list[dict[str, Any]] = []
     views = []
-    with Progress(transient=True) as progress:
-        task = progress.add_task("reducing", total=len(paths))
+    console = out_console()
+    with Phases(console) as phases, phases.phase(f"reducing {len(paths)} images", len(paths)) as advance:
         for start in range(0, len(paths), batch_size):
             batch = [open_image(p) for p in paths[start : start + batch_size]]
             out = encoder.encode_images(batch)
@@ -79,9 +83,10 @@ def inspect_images(
                 if overlay is not None:
                     view = model_view(image, encoder.processor, encoder.image_size)
                     title = overlay_title(path, encoder.reducer.name, encoder.reducer.params(), len(kept),
-                                          encoder.grid, rows[-1]["extra_token"])  # fmt: skip
+                                          encoder.grid, rows[-1]["extra_token"],
+                                          image_notes(path, encoder.processor))  # fmt: skip
                     views.append((path, render_overlay(view, row, encoder.grid, title)))
-            progress.advance(task, len(batch))
+            advance(len(batch))
     n = encoder.grid[0] * encoder.grid[1]
     report = {
         "target": str(target),
@@ -90,35 +95,39 @@ def inspect_images(
         "num_patches": n,
         "images": rows,
     }
-    names = overlay_names([path for path, _ in views])
-    for (_, image), name in zip(views, names, strict=True):
-        save_png(image, overlay / name)
+    if overlay is not None:
+        with atomic.atomic_dir(overlay, force) as tmp:
+            for (_, image), name in zip(views, overlay_names([path for path, _ in views]), strict=True):
+                save_png(image, tmp / name)
     if json_path is not None:
         atomic.write_text(json_path, json.dumps(report, indent=2) + "\n")
-    print_table(report)
+    print_table(report, console)
 
 
-def print_table(report: dict[str, Any]) -> None:
-    """The per-image table and the mean."""
+def print_table(report: dict[str, Any], console: Console) -> None:
+    """The per-image table and the mean of each column."""
     n = report["num_patches"]
-    table = Table(title=f"{report['method']} on {report['target']}")
-    for col in ("image", "visual tokens", "patches kept", "of patches"):
-        table.add_column(col, justify="left" if col == "image" else "right")
+    table = FoldingTable(f"{report['method']} on {report['target']}",
+                          ["image", "visual tokens", "patches kept", "of patches"])  # fmt: skip
     for row in report["images"]:
         kept = len(row["kept_patches"])
         table.add_row(Path(row["image"]).name, str(row["tokens"]), str(kept), f"{100 * kept / n:.1f}%")
-    mean = sum(r["tokens"] for r in report["images"]) / len(report["images"])
+    count = len(report["images"])
+    tokens = sum(r["tokens"] for r in report["images"]) / count
+    kept = sum(len(r["kept_patches"]) for r in report["images"]) / count
     table.add_section()
-    table.add_row("mean", f"{mean:.1f}", "", f"{100 * mean / n:.1f}%")
-    out_console().print(table)
+    table.add_row("mean", f"{tokens:.1f}", f"{kept:.1f}", f"{100 * kept / n:.1f}%")
+    table.print(console)
 
 
 def overlay_title(path: Path, method: str, params: dict[str, Any], kept: int, grid: tuple[int, int],
-                  extra: bool) -> str:  # fmt: skip
-    """What an overlay shows: image, method and parameters, kept / total patches."""
+                  extra: bool, notes: list[str] | None = None) -> str:  # fmt: skip
+    """What an overlay shows: image, method and parameters, kept / total patches, and how the model's view of the
+    image differs from the file (`notes`)."""
     settings = ", ".join(f"{k}={v}" for k, v in params.items() if v is not None)
     tail = " + the extra token" if extra else ""
-    return f"{path.name}: {method} ({settings}), {kept}/{grid[0] * grid[1]} patches kept{tail}"
+    shown = f" (image {'; '.join(notes)})" if notes else ""
+    return f"{path.name}: {method} ({settings}), {kept}/{grid[0] * grid[1]} patches kept{tail}{shown}"
 
 
 def overlay_names(paths: list[Path]) -> list[str]:

@@ -11,9 +11,9 @@ from ..reducers.base import EXTRA_INDEX
 
 POSITIONS = ("contiguous", "original")
 DEFAULT_POSITIONS = "original"
-"""On the embedded LLaVA every method scored 4-5 points higher with original positions (100 held-out images, 24
-tokens: PruMerge 53.2 vs 48.0%, random 55.2 vs 50.5%, the oracle 59.8 vs 55.7%); upstream checkpoints converted
-by `prumerge convert` keep the contiguous positions they were trained with."""
+"""The geometry the LM was trained on: the embedded LLaVA scores about 19 points higher with original positions
+(its model card, `zoo/MODEL_CARD.md`, has the current figures); upstream checkpoints converted by `prumerge
+convert` keep the contiguous positions they were trained with."""
 POSITIONS_HELP = ("Where the LM places the reduced tokens: 'contiguous' (upstream: positions 1..k) or 'original' "
                   "(each token at its patch's position).")  # fmt: skip
 

@@ -37,6 +37,9 @@ class LoadedModel:
 
 def read_config(model_dir: Path) -> dict[str, Any]:
     """The checkpoint's config.json, with clean errors for a missing directory or file."""
+    if model_dir.is_file():
+        raise PrumergeError(f"{model_dir} is a file; pass the checkpoint directory that holds its config.json and "
+                            f"weights ({model_dir.parent})")  # fmt: skip
     if not model_dir.is_dir():
         hint = ""
         if re.fullmatch(r"[\w.-]+/[\w.-]+", str(model_dir)):  # looks like a hub id, e.g. llava-hf/llava-1.5-7b-hf

@@ -1,7 +1,9 @@
 """transformers' `LlavaForConditionalGeneration`, patched: its class is swapped for a thin subclass whose
 `generate` reduces each image's visual tokens with a prumerge reducer (on the model's own vision tower and
 projector), shortens each image's run of expanded `<image>` placeholders to the tokens it kept, re-pads the batch
-on the left and hands the reduced features to the stock generation as pre-computed image features. The returned
+on the left and hands the reduced features to the stock generation as pre-computed image features. With
+`positions=original` it also passes position ids in which each kept token keeps its patch's position and the text
+after an image continues after the image's full span (generation extends them by one a step). The returned
 sequences start with the caller's own `input_ids`, so `out[:, inputs["input_ids"].shape[1]:]` is the answer as
 with the stock model. `unpatch` swaps the class back."""
 
@@ -17,8 +19,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from ..bundle import is_bundle, read_bundle
 from ..encoder import ReducedVisionEncoder
 from ..errors import PrumergeError
+from ..lm.positions import check_positions
 from ..models.loading import LoadedModel
-from ..reducers import build_reducer
+from ..reducers import EXTRA_INDEX, build_reducer
 
 UNSUPPORTED = {
     "LlavaNextForConditionalGeneration": "its any-resolution tiles and image-newline tokens",
@@ -45,6 +48,9 @@ class ReducedLlava(LlavaForConditionalGeneration):
         ids, mask = shorten_placeholders(input_ids, attention_mask, self.config.image_token_id, counts, pad)
         features = [reduced.tokens[b, :n] for b, n in enumerate(counts)]
         image = BaseModelOutputWithPooling(pooler_output=features)
+        if reduced.span is not None:  # positions=original
+            indices = [reduced.indices[b, :n] for b, n in enumerate(counts)]
+            kwargs["position_ids"] = original_position_ids(ids, mask, self.config.image_token_id, indices, reduced.span)
         out = super().generate(input_ids=ids, attention_mask=mask, mm_encoder_outputs={"image": image}, **kwargs)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
         restored = torch.cat([input_ids, sequences[:, ids.shape[1] :]], dim=1)
@@ -86,23 +92,48 @@ def shorten_placeholders(input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     return ids, mask
 
 
+def original_position_ids(ids: torch.Tensor, mask: torch.Tensor, image_token: int, indices: list[torch.Tensor],
+                          span: int) -> torch.Tensor:  # fmt: skip
+    """Position ids of left-padded rows whose image runs hold the kept tokens of `indices` (one tensor of patch
+    indices per image, in order): a kept patch sits at its patch's position within its image's `span` positions,
+    the merged extra token at the last one, and what follows an image starts after its span; padding gets 0."""
+    positions = torch.zeros_like(ids)
+    image = 0
+    for b in range(ids.shape[0]):
+        at, i, row = 0, int((mask[b] == 0).sum()), ids[b].tolist()
+        while i < len(row):
+            if row[i] != image_token:
+                positions[b, i], at, i = at, at + 1, i + 1
+                continue
+            kept = indices[image].to(positions.device)
+            positions[b, i : i + len(kept)] = at + torch.where(kept == EXTRA_INDEX, span - 1, kept)
+            at, i, image = at + span, i + len(kept), image + 1
+    return positions
+
+
 def reducer_of(bundle_or_method: str | Path, params: dict[str, Any]):
     """The reducer a bundle records (its parameters updated by `params`), or a method built with `params`."""
     if is_bundle(bundle_or_method):
         record = read_bundle(bundle_or_method)
         if record["method"] == "dynamic":
             raise PrumergeError("a Dynamic-LLaVA bundle acts inside the LM; patch takes training-free reducers")
-        if record.get("positions", "contiguous") != "contiguous":
-            raise PrumergeError(
-                "the bundle places tokens at their patches' positions, and transformers' generation, which patch "
-                "keeps, places them contiguously: compress with --positions contiguous, or use `prumerge generate`"
-            )
         return build_reducer(record["method"], **{**record["params"], **params})
     return build_reducer(str(bundle_or_method), **params)
 
 
-def patch(model: Any, bundle_or_method: str | Path, **params: Any) -> Any:
-    """Make `model.generate(**processor(images=..., text=..., return_tensors="pt"))` run with reduced tokens."""
+def positions_of(bundle_or_method: str | Path, positions: str | None) -> str:
+    """`positions` if given, else the bundle's (bundles before the setting: contiguous), else `contiguous`, the
+    positions a stock LLaVA's generation gives image tokens."""
+    if positions is not None:
+        return check_positions(positions)
+    if is_bundle(bundle_or_method):
+        return read_bundle(bundle_or_method).get("positions", "contiguous")
+    return "contiguous"
+
+
+def patch(model: Any, bundle_or_method: str | Path, positions: str | None = None, **params: Any) -> Any:
+    """Make `model.generate(**processor(images=..., text=..., return_tensors="pt"))` run with reduced tokens, at
+    `positions` (default: the bundle's; contiguous for a method name)."""
     name = type(model).__name__
     if name in UNSUPPORTED:
         raise PrumergeError(f"{name} is not supported: {UNSUPPORTED[name]} do not map onto one reduction per image")
@@ -116,9 +147,8 @@ def patch(model: Any, bundle_or_method: str | Path, **params: Any) -> Any:
     family = "siglip" if "siglip" in vision_type else "clip"
     loaded = LoadedModel("llava", family, model.model.vision_tower, model.model.multi_modal_projector,
                          config.vision_feature_layer, None, [])  # fmt: skip
-    encoder = ReducedVisionEncoder(
-        loaded, reducer_of(bundle_or_method, params), Path(config.name_or_path or "."), positions="contiguous"
-    )  # what transformers' generation gives the tokens
+    encoder = ReducedVisionEncoder(loaded, reducer_of(bundle_or_method, params), Path(config.name_or_path or "."),
+                                   positions=positions_of(bundle_or_method, positions))  # fmt: skip
     model.__class__ = ReducedLlava
     model._prumerge_encoder = encoder
     return model

@@ -34,6 +34,13 @@ def save_checkpoint(directory: Path, weights: dict[str, torch.Tensor], state: di
         torch.save(state, tmp / STATE)
 
 
+def saved_step(directory: Path) -> int | None:
+    """The step a run checkpointed in `directory` goes on from, None where there is no checkpoint."""
+    if not (directory / WEIGHTS).is_file() or not (directory / STATE).is_file():
+        return None
+    return int(torch.load(directory / STATE, weights_only=True)["next_step"])
+
+
 def load_checkpoint(directory: Path, settings: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The weights and state of `directory`, refused in one line if its settings differ from `settings`."""
     weights, state_file = directory / WEIGHTS, directory / STATE

@@ -71,14 +71,17 @@ def _turn_pieces(template: str, index: int, value: str) -> str:
 
 
 def resolve_template(template: str, tokenizer) -> str:
-    """`template`, or for `auto` the one the checkpoint's chat template renders: none is the plain template, one
-    whose user turn reads "USER: ..." is vicuna_v1; any other is refused (name one with --template)."""
+    """`template`, or for `auto` the one the checkpoint's chat template renders: none, or one that writes just the
+    image and the question after `<s>` (the embedded model's), is the plain template; one whose user turn reads
+    "USER: ..." is vicuna_v1; any other is refused (name one with --template)."""
     if template != "auto":
         return template
     if not getattr(tokenizer, "chat_template", None):
         return "plain"
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]}]
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if rendered.removeprefix(tokenizer.bos_token or "") == "<image>Q":
+        return "plain"
     if "USER:" in rendered and rendered.rstrip().endswith("ASSISTANT:"):
         return "vicuna_v1"
     raise PrumergeError(f"the checkpoint's chat template is neither plain nor vicuna_v1 ({rendered.strip()[:60]!r}); "

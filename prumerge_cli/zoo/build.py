@@ -30,6 +30,7 @@ from .card import model_card
 from .clip_training import clip_run, image_processor, retrieval_top1
 from .llava_training import build_llava, llava_run
 from .precision import PRECISIONS, native_bf16, resolve
+from .processor import save_processor
 from .scores import score_llava
 from .stage import CACHE_DIR, TrainingRun, checkpoint_step, run_resumable
 from .tokenizer import build_tokenizer
@@ -255,12 +256,15 @@ def read_records(out: Path) -> dict[str, dict[str, Any]]:
 
 
 def save_model(model: torch.nn.Module, tokenizer, target: Path) -> None:
-    """fp16 safetensors plus tokenizer and image processor, swapped in atomically; `model` is left rounded to
-    fp16 and back in fp32, exactly the saved weights."""
+    """fp16 safetensors plus tokenizer and image processor (a LLaVA's whole processor, `processor.py`), swapped in
+    atomically; `model` is left rounded to fp16 and back in fp32, exactly the saved weights."""
     with atomic.atomic_dir(target, force=True) as tmp:
         model.to(torch.float16).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        image_processor().save_pretrained(tmp)
+        if isinstance(model, CLIPModel):
+            tokenizer.save_pretrained(tmp)
+            image_processor().save_pretrained(tmp)
+        else:  # a LLaVA: the processor AutoProcessor loads, with the chat template
+            save_processor(tokenizer, tmp)
         model.to(torch.float32)
 
 

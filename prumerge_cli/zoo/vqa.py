@@ -3,6 +3,7 @@ ends with the answer (a reply may say its steps first, see `world.QA`)."""
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,19 @@ class VqaScore:
     tokens_max: int
     questions: int
     per_image_tokens: list[int] = field(repr=False, default_factory=list)
+    per_image_accuracy: list[float] = field(repr=False, default_factory=list)
+    """The share of each image's questions answered: the unit of `ci95`."""
+
+    @property
+    def ci95(self) -> float:
+        """Half-width of the 95% confidence interval of the overall accuracy, images as the unit (the normal
+        approximation over per-image accuracies: an image's questions are not independent of each other)."""
+        n = len(self.per_image_accuracy)
+        if n < 2:
+            return float("nan")
+        mean = sum(self.per_image_accuracy) / n
+        variance = sum((a - mean) ** 2 for a in self.per_image_accuracy) / (n - 1)
+        return 1.96 * math.sqrt(variance / n)
 
 
 Answerer = Callable[[LmBatch, ReducedTokens], torch.Tensor]
@@ -42,10 +56,12 @@ def vqa_accuracy(
     images: int = 200,
     batch_images: int = 20,
     answer: Answerer | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> VqaScore:
     """Ask every question type about the first `images` samples of `split`; `answer` replaces the LM's own
-    next-token logits (e.g. a model with learned predictors)."""
+    next-token logits (e.g. a model with learned predictors); `progress` is told the images each batch scored."""
     correct: dict[str, list[bool]] = defaultdict(list)
+    by_image: dict[int, list[bool]] = defaultdict(list)
     tokens: list[int] = []
     for start in range(0, images, batch_images):
         samples = samples_of(split, start, min(batch_images, images - start))
@@ -65,10 +81,14 @@ def vqa_accuracy(
             said = greedy_replies(lm, image, lm.encode([asked[j][1].question for j in rows]), steps, answer)
             for j, reply in zip(rows, said, strict=True):
                 correct[asked[j][1].kind].append(answered(reply, wanted[j]))
+                by_image[start + asked[j][0]].append(correct[asked[j][1].kind][-1])
+        if progress is not None:
+            progress(len(samples))
     accuracy = {kind: sum(correct[kind]) / len(correct[kind]) for kind in QUESTION_TYPES}
     everything = [c for kind in QUESTION_TYPES for c in correct[kind]]
     accuracy["overall"] = sum(everything) / len(everything)
-    return VqaScore(accuracy, sum(tokens) / len(tokens), min(tokens), max(tokens), len(everything), tokens)
+    per_image = [sum(by_image[i]) / len(by_image[i]) for i in sorted(by_image)]
+    return VqaScore(accuracy, sum(tokens) / len(tokens), min(tokens), max(tokens), len(everything), tokens, per_image)
 
 
 def answered(reply: list[int], answer: list[int]) -> bool:

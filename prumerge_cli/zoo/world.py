@@ -27,6 +27,10 @@ NUMBERS = ("zero", "one", "two", "three", "four")
 RELATIONS = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": (1, 0)}
 """Each spatial relation as a step (rows, columns) on the 3x3 layout."""
 QUESTION_TYPES = ("color", "shape", "size", "count", "relation", "presence")
+QUESTION_FORMS = ("what color is the object at center", "what shape is the object at northwest",
+                  "what size is the object at south", "how many objects are there",
+                  "what color is left of the object at center", "is there a red circle at east")  # fmt: skip
+"""One question of each type, as the embedded model was trained to read them (lower case, no question mark)."""
 
 
 @dataclass(frozen=True)
