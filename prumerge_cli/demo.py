@@ -170,11 +170,11 @@ def print_per_type(rows: list[dict[str, Any]], console: Console) -> None:
 
 
 def finetuned_rows(
-    finetuned_dir: Path, model: Path, images: int, device: torch.device, phases: Phases
+    finetuned_dir: Path, model: Path, images: int, device: torch.device, phases: Phases, split: str = "test"
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Held-out accuracy of each fine-tuned bundle of `model` in `finetuned_dir` (LoRA LM, trained projector), by
-    visual tokens so that methods at one budget sit together, and why each bundle that does not load was skipped
-    (weights changed since it was trained)."""
+    """Held-out accuracy on `split` of each fine-tuned bundle of `model` in `finetuned_dir` (LoRA LM, trained
+    projector), by visual tokens so that methods at one budget sit together, and why each bundle that does not load
+    was skipped (weights changed since it was trained)."""
     from .bundle import is_bundle, load, read_bundle
     from .finetune.bundle import load_finetuned_lm
     from .model_ref import resolve_model
@@ -192,8 +192,8 @@ def finetuned_rows(
             continue
         lm.model.to(device)
         encoder.to(device)
-        with phases.phase(f"fine-tuned {bundle.name}: score {images} images", images) as advance:
-            score = vqa_accuracy(encoder, lm, images=images, progress=advance)
+        with phases.phase(f"fine-tuned {bundle.name}: score {images} {split} images", images) as advance:
+            score = vqa_accuracy(encoder, lm, split=split, images=images, progress=advance)
         rows.append({"method": record["method"], "params": record["finetune"].get("params", {}),
                      "regime": "fine-tuned", "positions": encoder.positions, "bundle": str(bundle),
                      "tokens": score.tokens_mean, **accuracy_fields(score)})  # fmt: skip

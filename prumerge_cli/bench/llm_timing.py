@@ -56,7 +56,7 @@ def prefill_and_decode(decoder: nn.Module, case: PrefillCase) -> tuple[Callable[
     def prefill() -> DynamicCache:
         out = decoder(inputs_embeds=case.inputs_embeds, attention_mask=case.attention_mask,
                       position_ids=case.position_ids, use_cache=True)  # fmt: skip
-        return out.past_key_values
+        return out.cache
 
     with torch.no_grad():
         cache = prefill()
@@ -70,6 +70,6 @@ def prefill_and_decode(decoder: nn.Module, case: PrefillCase) -> tuple[Callable[
         appended = cache.get_seq_length() - length
         if appended:  # the same step each time: drop what the previous call appended
             cache.crop(-appended)
-        decoder(inputs_embeds=step, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True)
+        decoder(inputs_embeds=step, attention_mask=mask, position_ids=position, cache=cache, use_cache=True)
 
     return prefill, decode, size

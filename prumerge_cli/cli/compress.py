@@ -16,6 +16,7 @@ from .. import atomic, devices, dtypes
 from ..errors import PrumergeError
 from ..finetune.lora import LINEAR_LAYERS, LoraSettings
 from ..lm.positions import DEFAULT_POSITIONS, POSITIONS_HELP, check_positions
+from ..progress import Phases
 from ..reducers import REDUCERS
 from ..training.loop import TrainOptions
 from . import app
@@ -132,7 +133,7 @@ def compress(
     if merge_lora:
         from ..finetune.bundle import merge_lora as merge
 
-        with out_console().status(f"merging {model_dir} into its model..."):
+        with Phases(out_console()) as phases, phases.phase(f"merging {model_dir} into its model"):
             merge(model_dir, output, force)
         out_console().print(f"wrote {output}: a LlavaForConditionalGeneration with the adapters and projector merged")
         return
@@ -182,7 +183,7 @@ def compress(
     from ..encoder import ReducedVisionEncoder
 
     console = out_console()
-    with console.status(f"loading {model_dir} and checking {method}..."):
+    with Phases(console) as phases, phases.phase(f"loading {model_dir} and checking {method}"):
         encoder = ReducedVisionEncoder.from_pretrained(
             model_dir,
             method,

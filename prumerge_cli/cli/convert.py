@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from ..errors import PrumergeError
+from ..progress import Phases
 from . import app
 from .console import out_console
 
@@ -46,7 +47,7 @@ def convert(
     if layout == "dynamic-llava":
         from ..convert.dynamic_llava import convert_dynamic_llava
 
-        with console.status(f"converting {source}..."):
+        with Phases(console) as phases, phases.phase(f"converting {source}"):
             bundle = convert_dynamic_llava(source, vision_tower, output, force)
         console.print(f"wrote {output / 'model'} (Hugging Face LLaVA) and {bundle} (Dynamic-LLaVA bundle)")
         return
@@ -54,6 +55,6 @@ def convert(
         raise typer.BadParameter("--from prumerge-lora needs --base and --method", param_hint="--base")
     from ..convert.prumerge_lora import convert_prumerge_lora
 
-    with console.status(f"converting {source} on {base}..."):
+    with Phases(console) as phases, phases.phase(f"converting {source} on {base}"):
         bundle = convert_prumerge_lora(source, base, vision_tower, method, output, force)
     console.print(f"wrote {output / 'model'} (Hugging Face LLaVA) and {bundle} (fine-tuned {method} bundle)")

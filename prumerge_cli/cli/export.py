@@ -98,7 +98,10 @@ def export(
         profile = BatchProfile(min_batch, opt_batch, max_batch)
         trt_options = TrtOptions(dtype, profile, timing_cache, plugins)
         encoder = open_encoder(target, method, parse_params(param), model, full_hash)
-        with console.status(f"building a TensorRT engine ({dtype}, plugins {trt_options.plugins})..."):
+        with (
+            Phases(console) as phases,
+            phases.phase(f"building a TensorRT engine ({dtype}, plugins {trt_options.plugins})"),
+        ):
             manifest = export_trt(encoder, output, trt_options, force=force)
         console.print(
             f"wrote {output}/model.plan for {manifest['gpu']['name']} (TensorRT {manifest['versions']['tensorrt']})"
@@ -158,7 +161,7 @@ def export_decode(bundle: Path, output: Path, options: DecodeOptions, trt: bool,
         )
     image = encoder.encode_images([s.image for s in samples_of("test", 0, options.batch)], True)
     source = {"bundle": str(bundle.resolve()), "model": str(encoder.model_dir)}
-    with console.status("exporting the sparse-KV decode step..."):
+    with Phases(console) as phases, phases.phase("exporting the sparse-KV decode step"):
         if trt:
             from ..exporters.trt_export import export_decode_trt
 

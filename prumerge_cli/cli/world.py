@@ -9,6 +9,7 @@ import typer
 
 from .. import atomic
 from ..errors import PrumergeError
+from ..progress import Phases
 from . import app
 from .console import out_console
 
@@ -27,6 +28,7 @@ def world(
     if split not in SPLITS:
         raise PrumergeError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     atomic.check_output(output, force)
-    with out_console().status(f"rendering {count} {split} images..."):
-        path = write_llava_json(output, split, count, force=force)
-    out_console().print(f"wrote {path} and {count} images in {output / 'images'}")
+    console = out_console()
+    with Phases(console) as phases, phases.phase(f"rendering {count} {split} images", count) as advance:
+        path = write_llava_json(output, split, count, force=force, advance=advance)
+    console.print(f"wrote {path} and {count} images in {output / 'images'}")

@@ -63,6 +63,22 @@ def token_choice(record: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
+def finetuned_section() -> str:
+    """The recipe of the fine-tuned bundles and how it was chosen."""
+    from .finetuned import FinetuneRecipe
+
+    f = FinetuneRecipe()
+    return (f"- One recipe for every method (PruMerge's regime): LoRA rank {f.lora_rank}, alpha {f.lora_alpha:g} on "
+            f"every linear layer of the LM, the projector trained (lr {f.projector_lr:g}); {f.steps} steps of "
+            f"{f.batch_size} conversations (lr {f.lr:g}) drawn from {f.conversations} training conversations, seed "
+            f"{f.seed}; bf16 autocast where the CPU has native bf16.\n"
+            f"- Bundles: `prumerge`, `prumerge+`, and `random` and `pool` at each one's mean token count over the "
+            f"first {f.budget_images} val images (`random-plus` and `pool-plus` at PruMerge+'s).\n"
+            f"- Splits: recipes and budgets are chosen on the val split (`python -m prumerge_cli.zoo.compare "
+            f"prumerge_cli/zoo/finetuned --split val`); the figures the README and the demo report are the test "
+            f"split's, each with a 95% interval that takes images as the unit.")  # fmt: skip
+
+
 def model_card(recipe: Any, records: dict[str, dict[str, Any]]) -> str:
     """The card for `recipe` (a `build.Recipe`) and the stages recorded so far."""
     clip, llava = records.get("clip"), records.get("llava")
@@ -80,6 +96,7 @@ def model_card(recipe: Any, records: dict[str, dict[str, Any]]) -> str:
         questions="" if llava is None else f"{llava['questions']} test questions, ",
         rows=accuracy_rows(llava),
         token_choice=token_choice(llava),
+        finetuned=finetuned_section(),
         versions=", ".join(f"{k} {v}" for k, v in package_versions().items()),
     )
 
@@ -147,6 +164,9 @@ and probe (issue #19). Splits are disjoint seed ranges (train from 0, val from 1
 
 ## Does the choice of tokens matter?
 {token_choice}
+
+## `finetuned/` - the LLaVA fine-tuned with each reducer active
+{finetuned}
 
 ## Reproducing
 `make zoo` runs the stages CLIP, LLaVA and the fine-tuned bundles with {r.threads} threads and deterministic

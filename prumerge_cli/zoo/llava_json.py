@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from .. import atomic
@@ -23,8 +24,10 @@ def conversation(index: int, split: str) -> tuple[dict, object]:
     return record, sample.image
 
 
-def write_llava_json(out_dir: Path, split: str, count: int, force: bool = False) -> Path:
-    """`out_dir/data.json` and `out_dir/images/*.png` for samples 0..count-1 of `split`, written atomically."""
+def write_llava_json(out_dir: Path, split: str, count: int, force: bool = False,
+                     advance: Callable[[], None] = lambda: None) -> Path:  # fmt: skip
+    """`out_dir/data.json` and `out_dir/images/*.png` for samples 0..count-1 of `split`, written atomically;
+    `advance` is called after each image."""
     with atomic.atomic_dir(out_dir, force=force) as tmp:
         (tmp / "images").mkdir()
         records = []
@@ -32,5 +35,6 @@ def write_llava_json(out_dir: Path, split: str, count: int, force: bool = False)
             record, image = conversation(i, split)
             image.save(tmp / "images" / record["image"])
             records.append(record)
+            advance()
         (tmp / DATA_FILE).write_text(json.dumps(records, indent=1) + "\n")
     return out_dir / DATA_FILE
