@@ -28,6 +28,16 @@ def test_zoo_is_small_and_documented():
     assert "## Held-out VQA accuracy" in card and "make zoo" in card
 
 
+def test_committed_files_hold_no_path_of_the_machine_that_built_them():
+    from prumerge_cli.zoo import ZOO_DIR
+
+    for path in ZOO_DIR.rglob("*.json"):
+        text = path.read_text()
+        assert "absolute_path" not in text and not any(f'"{root}' in text for root in ("/work/", "/root/", "/home/")), (
+            path
+        )
+
+
 def test_clip_retrieves_captions():
     from transformers import CLIPModel
 

@@ -196,7 +196,8 @@ def llm_section(
     else:
         lm = None
         shape_name, shape = cost_model.shape_named(s.llm_shape)
-        decoder = random_llm(shape, torch.device(s.device))
+        with phases.phase(f"building a random-weight {s.llm_shape} decoder"):
+            decoder = random_llm(shape, torch.device(s.device))
     rows = []
     for batch in s.batch_sizes:
         dtype = next(decoder.parameters()).dtype

@@ -32,9 +32,6 @@ if TYPE_CHECKING:  # the training and model modules load transformers: imported 
 LORA_TARGETS_HELP = f"Comma-separated LM linear layers that get adapters (default: all, {', '.join(LINEAR_LAYERS)})."
 
 
-LORA_TARGETS_HELP = f"Comma-separated LM linear layers that get adapters (default: all, {', '.join(LINEAR_LAYERS)})."
-
-
 def DYN(**kwargs: object) -> typer.models.OptionInfo:
     """An option of the Dynamic-LLaVA help panel."""
     return typer.Option(rich_help_panel="Dynamic-LLaVA (--method dynamic)", **kwargs)

@@ -35,7 +35,9 @@ def inspect_images(
     force: Annotated[bool, typer.Option(help="Replace an existing --json file or --overlay directory.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 8,
     backend: Annotated[str, typer.Option(help="torch (a bundle or model) or ort (an ONNX export).")] = "torch",
-    threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads (default: all cores).")] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="ONNX Runtime intra-op threads (default: all cores).")
+    ] = None,
     model: Annotated[Path | None, typer.Option(help="Where a bundle's model is (default: as recorded).")] = None,
     full_hash: Annotated[bool, typer.Option(help="Check a bundle's model weights by their full hash.")] = False,
     device: Annotated[str, typer.Option(help=f"Where the model runs: {devices.HELP}.")] = "cpu",

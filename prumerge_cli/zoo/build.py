@@ -42,11 +42,11 @@ WEIGHTS = "model.safetensors"
 SECONDS_PER_STEP = {("clip", True): 0.82, ("clip", False): 3.3, ("llava", True): 0.67, ("llava", False): 3.25}
 """Measured on 2 cores: native bf16 (AVX-512 BF16 EPYC) in bf16, else fp32 on an AVX2 EPYC; a build's own
 measurements in `build.json` take over on a machine of the same kind."""
-FINETUNE_MINUTES = {True: 60.0, False: 175.0}
-"""The six fine-tuned bundles at 1200 steps. Native bf16 (AVX-512 BF16 EPYC, bf16 autocast), measured: prumerge
-8.7, random 7.6, pool 7.2, prumerge+ 14.7, random-plus 11.3, pool-plus 10.6 minutes. AVX2 in fp32: prumerge,
-prumerge+, random, pool measured at 28.1, 37.5, 18.2, 17.9 minutes (the first two slowed by tests beside them), the
-two `-plus` bundles taken as prumerge+'s 37 each."""
+FINETUNE_MINUTES = {True: 165.0, False: 350.0}
+"""The six fine-tuned bundles at 2400 steps. Native bf16 (AVX-512 BF16 EPYC, bf16 autocast), measured: prumerge
+23.0, random 25.5, pool 20.4, prumerge+ 36.1 minutes (the first two slowed by work beside them), random-plus and
+pool-plus taken as 31 and 29 from the same machine's pace. AVX2 in fp32: twice the 175 minutes measured at 1200
+steps."""
 
 
 @dataclass(frozen=True)
