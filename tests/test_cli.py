@@ -149,7 +149,7 @@ def test_usage_errors_are_one_line_with_exit_code_2(capsys, clip_dir):
     """Typer's usage errors (unknown or missing options and arguments, bad values) as one line naming the help."""
     for args, words in [
         (("compress", clip_dir, "--bogus-option"), "No such option: --bogus-option"),
-        (("export",), "Missing argument 'target'"),
+        (("export",), "Missing argument 'TARGET'"),
         (("export", clip_dir, "--onnx", "--plugins", "bogus", "-o", "x"), "--plugins takes jit, aot, none"),
         (("compress", clip_dir, "-o", "x", "--steps", "nan"), "Invalid value for '--steps'"),
     ]:
