@@ -113,3 +113,19 @@ def test_a_rerun_never_drops_an_unfinished_training_silently(capsys, llava_dir, 
     assert not checkpoint.exists() and not output.exists()
     assert res.code == 2 and "checkpoint" not in res.err  # the empty data is what stops it now
     assert_refused(run_cli(capsys, *args, "--resume"), "--resume: no checkpoint")
+
+
+def test_generate_names_the_words_the_embedded_model_cannot_read(capsys, tmp_path):
+    from prumerge_cli import ReducedVisionEncoder
+    from prumerge_cli.zoo import LLAVA_DIR
+    from prumerge_cli.zoo.world import samples_of
+
+    bundle, image = tmp_path / "bundle", tmp_path / "image.png"
+    ReducedVisionEncoder.from_pretrained(LLAVA_DIR, "prumerge").save(bundle)
+    samples_of("test", 4, 1)[0].image.save(image)
+    res = run_cli(capsys, "generate", bundle, "--image", image, "--prompt", "What is in the image?")
+    warnings = res.err.splitlines()
+    assert res.code == 0 and len(warnings) == 2, res.err
+    assert "does not know 'in'" in warnings[0] and "'what color is the object at center'" in warnings[1]
+    res = run_cli(capsys, "generate", bundle, "--image", image, "--prompt", "what color is the object at center")
+    assert res.code == 0 and res.err == "" and res.out.splitlines()[0] == "blue", res

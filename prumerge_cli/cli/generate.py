@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from rich.markup import escape
 
 from .. import atomic, devices
 from ..errors import PrumergeError
 from ..progress import Phases
-from . import app
+from . import app, err
 from .console import out_console
 
 
@@ -58,7 +58,7 @@ def generate(
     asker = Asker(bundle, where, model, full_hash)
     console = out_console()
     for warning in prompt_warnings(asker.lm.tokenizer, [r["prompt"] for r in records], bundle):
-        Console(stderr=True, highlight=False).print(f"[yellow]warning:[/yellow] {warning}")
+        err.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     if batch is None:
         shown: list[int] = []
 
@@ -115,15 +115,12 @@ def prompt_warnings(tokenizer, prompts: list[str], bundle: Path) -> list[str]:
 
 
 def is_embedded(bundle: Path) -> bool:
-    """Whether a bundle's model is the embedded LLaVA."""
+    """Whether a bundle was written for the embedded LLaVA's weights (wherever its copy lives)."""
     from ..bundle import read_bundle
-    from ..model_ref import resolve_model
+    from ..models.weights import hash_files, weight_files
     from ..zoo import LLAVA_DIR
 
-    try:
-        return resolve_model(read_bundle(bundle)["model"], bundle).resolve() == LLAVA_DIR.resolve()
-    except PrumergeError:
-        return False
+    return read_bundle(bundle)["model"].get("sha256") == hash_files(weight_files(LLAVA_DIR))
 
 
 def read_records(path: Path) -> list[dict]:
