@@ -4,6 +4,7 @@ accuracy and timed against the unreduced baseline in one interleaved run."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,12 +197,14 @@ def finetuned_rows(
             score = vqa_accuracy(encoder, lm, split=split, images=images, progress=advance)
         rows.append({"method": record["method"], "params": record["finetune"].get("params", {}),
                      "regime": "fine-tuned", "positions": encoder.positions, "bundle": str(bundle),
+                     "steps": record["finetune"].get("steps"),
                      "tokens": score.tokens_mean, **accuracy_fields(score)})  # fmt: skip
     return sorted(rows, key=lambda r: r["tokens"]), skipped
 
 
 def print_finetuned(rows: list[dict[str, Any]], tuned: list[dict[str, Any]], console: Console) -> None:
-    """Fine-tuned bundles beside the same method training-free and the full-token model, per question type."""
+    """Fine-tuned bundles beside the same method training-free and the full-token model, per question type; a
+    bundle trained for other steps than most is labelled with its steps."""
     if not tuned:
         return
     free = {row_label(r): r for r in rows}
@@ -210,10 +213,12 @@ def print_finetuned(rows: list[dict[str, Any]], tuned: list[dict[str, Any]], con
                           ["method", "visual tokens", "fine-tuned % (95% CI)", "training-free %",
                            "of full-token accuracy", *kinds])  # fmt: skip
     full = rows[0]["accuracy"]
+    steps = Counter(r.get("steps") for r in tuned).most_common(1)[0][0]
     for r in tuned:
         label = row_label(r)
         same = free.get(label)  # the same method at the same budget
-        table.add_row(label, f"{r['tokens']:.1f}", percent(r),
+        shown = label if r.get("steps") == steps else f"{label} ({r.get('steps')} steps)"  # another recipe's bundle
+        table.add_row(shown, f"{r['tokens']:.1f}", percent(r),
                       "-" if same is None else f"{100 * same['accuracy']:.1f}", f"{100 * r['accuracy'] / full:.1f}%",
                       *(f"{100 * r['per_type'][k]:.0f}" for k in kinds))  # fmt: skip
     table.print(console)

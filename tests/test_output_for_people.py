@@ -73,3 +73,18 @@ def test_accuracy_interval_takes_images_as_the_unit():
     score = VqaScore({"overall": 0.75}, 1.0, 1, 1, 24, per_image_accuracy=[1.0, 0.5, 0.5, 1.0])
     mean_sq = sum((a - 0.75) ** 2 for a in score.per_image_accuracy) / 3
     assert abs(score.ci95 - 1.96 * (mean_sq / 4) ** 0.5) < 1e-12
+
+
+def test_a_finetuned_bundle_of_other_steps_says_so():
+    from prumerge_cli.demo import print_finetuned
+
+    def tuned(method, params, steps):
+        return {"method": method, "params": params, "tokens": 35.0, "accuracy": 0.9, "accuracy_ci95": 0.01,
+                "per_type": {"color": 1.0, "overall": 0.9}, "positions": "original", "steps": steps}  # fmt: skip
+
+    out = io.StringIO()
+    full = [{"method": "none", "params": {}, "accuracy": 0.95, "positions": "original", "tokens": 256.0}]
+    rows = [tuned("prumerge", {}, 2400), tuned("pool", {"side": 6}, 2400), tuned("random", {"budget": 155}, 1200)]
+    print_finetuned(full, rows, Console(file=out, width=160))
+    text = out.getvalue()
+    assert "random budget=155 (1200 steps)" in text and "prumerge (" not in text and "side=6 (" not in text
