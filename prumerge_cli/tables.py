@@ -50,9 +50,9 @@ class FoldingTable:
     def tables(self, width: int) -> list[Table]:
         """The rich tables that show every cell within `width` columns."""
         out = []
+        widths = self.widths(width)
         for n, part in enumerate(self.parts(width)):
             table = Table(title=self.title if n == 0 else f"{self.title} (continued)")
-            widths = self.widths(width)
             for i in part:
                 name = self.columns[i]
                 table.add_column(name, justify="left" if i == 0 or name in self.left else "right",

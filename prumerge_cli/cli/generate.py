@@ -103,9 +103,10 @@ def prompt_warnings(tokenizer, prompts: list[str], bundle: Path) -> list[str]:
         shown = ", ".join(repr(w) for w in unknown[:8]) + (" ..." if len(unknown) > 8 else "")
         warnings.append(f"the model does not know {shown}: its tokenizer reads {'them' if len(unknown) > 1 else 'it'} "
                         f"as {tokenizer.unk_token}")  # fmt: skip
-    if not is_embedded(bundle):
+    asks = any("?" in p for p in prompts)
+    if not (warnings or asks) or not is_embedded(bundle):  # hash the embedded weights only when there is a hint to give
         return warnings
-    if any("?" in p for p in prompts):
+    if asks:
         warnings.append("the embedded model's questions never end with '?': leave it out")
     if warnings:
         from ..zoo.world import QUESTION_FORMS
