@@ -81,8 +81,9 @@ def test_patch_refuses_what_it_cannot_reduce(stock, tmp_path):
         text_config=LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                 vocab_size=128).to_dict(),
         image_grid_pinpoints=[[112, 112]],
+        vision_feature_layer=[-2, -1],
     )  # fmt: skip
-    with pytest.raises(prumerge_cli.PrumergeError, match="image-newline"):
+    with pytest.raises(prumerge_cli.PrumergeError, match="a list of vision feature layers is not supported"):
         prumerge_cli.patch(LlavaNextForConditionalGeneration(tiny), "prumerge")
     with pytest.raises(prumerge_cli.PrumergeError, match="unknown method 'bogus'"):
         prumerge_cli.patch(model, "bogus")

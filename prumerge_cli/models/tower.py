@@ -10,6 +10,7 @@ from torch import nn
 from ..errors import PrumergeError
 from ..reducers.base import TowerSignals
 from .loading import Family
+from .scores import cls_row, received_attention
 
 ScoreDtype = Literal["model", "float32"]
 
@@ -78,13 +79,7 @@ class VisionTower(nn.Module):
         keys = layer.self_attn.k_proj(z)
         dtype = torch.float32 if score_dtype == "float32" else keys.dtype
         if self.has_cls:
-            # PruMerge: the CLS query over all keys as ONE head of the full width, scale C^-0.5.
-            q_cls = layer.self_attn.q_proj(z[:, :1]).to(dtype)
-            logits = (q_cls @ keys.to(dtype).transpose(1, 2))[:, 0] * keys.shape[-1] ** -0.5
-            return logits.softmax(-1)[:, 1:], keys
+            return cls_row(layer.self_attn.q_proj(z[:, :1]).to(dtype), keys.to(dtype)), keys
         # SigLIP has no CLS: the mean attention each patch receives, over heads and queries.
-        attn = layer.self_attn
-        q = attn.q_proj(z).to(dtype).unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)
-        k = keys.to(dtype).unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)
-        probs = (q @ k.transpose(-1, -2) * attn.head_dim**-0.5).softmax(-1)
-        return probs.mean(dim=(1, 2)), keys
+        queries = layer.self_attn.q_proj(z).to(dtype)
+        return received_attention(queries, keys.to(dtype), layer.self_attn.num_heads), keys

@@ -5,7 +5,7 @@ on the left and hands the reduced features to the stock generation as pre-comput
 `positions=original` it also passes position ids in which each kept token keeps its patch's position and the text
 after an image continues after the image's full span (generation extends them by one a step). The returned
 sequences start with the caller's own `input_ids`, so `out[:, inputs["input_ids"].shape[1]:]` is the answer as
-with the stock model. `unpatch` swaps the class back."""
+with the stock model."""
 
 from __future__ import annotations
 
@@ -16,17 +16,10 @@ import torch
 from transformers import LlavaForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..bundle import is_bundle, read_bundle
 from ..encoder import ReducedVisionEncoder
 from ..errors import PrumergeError
-from ..lm.positions import check_positions
 from ..models.loading import LoadedModel
-from ..reducers import EXTRA_INDEX, build_reducer
-
-UNSUPPORTED = {
-    "LlavaNextForConditionalGeneration": "its any-resolution tiles and image-newline tokens",
-    "LlavaOnevisionForConditionalGeneration": "its any-resolution tiles and image-newline tokens",
-}
+from ..reducers import EXTRA_INDEX, Reducer
 
 
 class ReducedLlava(LlavaForConditionalGeneration):
@@ -49,15 +42,23 @@ class ReducedLlava(LlavaForConditionalGeneration):
         features = [reduced.tokens[b, :n] for b, n in enumerate(counts)]
         image = BaseModelOutputWithPooling(pooler_output=features)
         if reduced.span is not None:  # positions=original
-            indices = [reduced.indices[b, :n] for b, n in enumerate(counts)]
-            kwargs["position_ids"] = original_position_ids(ids, mask, self.config.image_token_id, indices, reduced.span)
+            span = reduced.span
+            places = [torch.where(reduced.indices[b, :n] == EXTRA_INDEX, span - 1, reduced.indices[b, :n])
+                      for b, n in enumerate(counts)]  # fmt: skip
+            kwargs["position_ids"] = original_position_ids(ids, mask, self.config.image_token_id, places,
+                                                           [span] * len(counts))  # fmt: skip
         out = super().generate(input_ids=ids, attention_mask=mask, mm_encoder_outputs={"image": image}, **kwargs)
-        sequences = out if isinstance(out, torch.Tensor) else out.sequences
-        restored = torch.cat([input_ids, sequences[:, ids.shape[1] :]], dim=1)
-        if isinstance(out, torch.Tensor):
-            return restored
-        out.sequences = restored
-        return out
+        return with_caller_prompt(out, input_ids, ids.shape[1])
+
+
+def with_caller_prompt(out: Any, input_ids: torch.Tensor, shortened: int) -> Any:
+    """`generate`'s output with the caller's own prompt in front of the new tokens."""
+    sequences = out if isinstance(out, torch.Tensor) else out.sequences
+    restored = torch.cat([input_ids, sequences[:, shortened:]], dim=1)
+    if isinstance(out, torch.Tensor):
+        return restored
+    out.sequences = restored
+    return out
 
 
 def shorten_placeholders(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token: int,
@@ -92,11 +93,11 @@ def shorten_placeholders(input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     return ids, mask
 
 
-def original_position_ids(ids: torch.Tensor, mask: torch.Tensor, image_token: int, indices: list[torch.Tensor],
-                          span: int) -> torch.Tensor:  # fmt: skip
-    """Position ids of left-padded rows whose image runs hold the kept tokens of `indices` (one tensor of patch
-    indices per image, in order): a kept patch sits at its patch's position within its image's `span` positions,
-    the merged extra token at the last one, and what follows an image starts after its span; padding gets 0."""
+def original_position_ids(ids: torch.Tensor, mask: torch.Tensor, image_token: int, places: list[torch.Tensor],
+                          spans: list[int]) -> torch.Tensor:  # fmt: skip
+    """Position ids of left-padded rows whose image runs hold tokens at `places` (one tensor per image, in order,
+    each token's place among its image's `spans[i]` unreduced positions): what follows an image starts after its
+    span; padding gets 0."""
     positions = torch.zeros_like(ids)
     image = 0
     for b in range(ids.shape[0]):
@@ -105,41 +106,14 @@ def original_position_ids(ids: torch.Tensor, mask: torch.Tensor, image_token: in
             if row[i] != image_token:
                 positions[b, i], at, i = at, at + 1, i + 1
                 continue
-            kept = indices[image].to(positions.device)
-            positions[b, i : i + len(kept)] = at + torch.where(kept == EXTRA_INDEX, span - 1, kept)
-            at, i, image = at + span, i + len(kept), image + 1
+            kept = places[image].to(positions.device)
+            positions[b, i : i + len(kept)] = at + kept
+            at, i, image = at + spans[image], i + len(kept), image + 1
     return positions
 
 
-def reducer_of(bundle_or_method: str | Path, params: dict[str, Any]):
-    """The reducer a bundle records (its parameters updated by `params`), or a method built with `params`."""
-    if is_bundle(bundle_or_method):
-        record = read_bundle(bundle_or_method)
-        if record["method"] == "dynamic":
-            raise PrumergeError("a Dynamic-LLaVA bundle acts inside the LM; patch takes training-free reducers")
-        return build_reducer(record["method"], **{**record["params"], **params})
-    return build_reducer(str(bundle_or_method), **params)
-
-
-def positions_of(bundle_or_method: str | Path, positions: str | None) -> str:
-    """`positions` if given, else the bundle's (bundles before the setting: contiguous), else `contiguous`, the
-    positions a stock LLaVA's generation gives image tokens."""
-    if positions is not None:
-        return check_positions(positions)
-    if is_bundle(bundle_or_method):
-        return read_bundle(bundle_or_method).get("positions", "contiguous")
-    return "contiguous"
-
-
-def patch(model: Any, bundle_or_method: str | Path, positions: str | None = None, **params: Any) -> Any:
-    """Make `model.generate(**processor(images=..., text=..., return_tensors="pt"))` run with reduced tokens, at
-    `positions` (default: the bundle's; contiguous for a method name)."""
-    name = type(model).__name__
-    if name in UNSUPPORTED:
-        raise PrumergeError(f"{name} is not supported: {UNSUPPORTED[name]} do not map onto one reduction per image")
-    if not isinstance(model, LlavaForConditionalGeneration):
-        raise PrumergeError(f"patch takes a LlavaForConditionalGeneration, not {name}")
-    unpatch(model)
+def patch_llava(model: LlavaForConditionalGeneration, reducer: Reducer, positions: str) -> Any:
+    """Swap `model`'s class for `ReducedLlava` with `reducer` on its own tower and projector."""
     config = model.config
     if not isinstance(config.vision_feature_layer, int) or config.vision_feature_select_strategy != "default":
         raise PrumergeError("patch needs one vision feature layer and the 'default' (drop CLS) strategy")
@@ -147,15 +121,14 @@ def patch(model: Any, bundle_or_method: str | Path, positions: str | None = None
     family = "siglip" if "siglip" in vision_type else "clip"
     loaded = LoadedModel("llava", family, model.model.vision_tower, model.model.multi_modal_projector,
                          config.vision_feature_layer, None, [])  # fmt: skip
-    encoder = ReducedVisionEncoder(loaded, reducer_of(bundle_or_method, params), Path(config.name_or_path or "."),
-                                   positions=positions_of(bundle_or_method, positions))  # fmt: skip
+    encoder = ReducedVisionEncoder(loaded, reducer, Path(config.name_or_path or "."), positions=positions)
     model.__class__ = ReducedLlava
     model._prumerge_encoder = encoder
     return model
 
 
-def unpatch(model: Any) -> Any:
-    """Undo `patch` (a model that is not patched is returned as it is)."""
+def unpatch_llava(model: Any) -> Any:
+    """Undo `patch_llava` (a model that is not patched is returned as it is)."""
     if isinstance(model, ReducedLlava):
         model.__class__ = LlavaForConditionalGeneration
         del model._prumerge_encoder

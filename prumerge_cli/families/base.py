@@ -1,0 +1,82 @@
+"""What every family adapter shares: the score layer's input captured during the tower's own forward, the score
+of each token from it, and the interface a patched `generate` calls."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from ..errors import PrumergeError
+from ..models.scores import cls_row, queries_and_keys, received_attention
+from .layout import ImageLayout
+
+
+@contextmanager
+def layer_input(layer: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect the hidden states `layer` is called with while the block runs (the tower keeps its own path)."""
+    seen: list[torch.Tensor] = []
+
+    def keep(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen.append(args[0] if args else kwargs["hidden_states"])
+
+    handle = layer.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def score_layer_index(feature_layer: int, num_layers: int) -> int:
+    """The layer right after the feature layer (whose keys belong to the tokens merged); the last layer for
+    last-layer features."""
+    return min(feature_layer % (num_layers + 1), num_layers - 1)
+
+
+def token_scores(layer: nn.Module, hidden: torch.Tensor, cls_query: bool, has_cls: bool):
+    """(scores [T, N], keys [T, N, C]) of the patches (a [CLS] token dropped) from the score layer's input: the
+    [CLS] row (`cls_query`, PruMerge on CLIP) or the attention each patch receives, in float32."""
+    queries, keys, heads = queries_and_keys(layer, hidden.float())
+    if cls_query:
+        return cls_row(queries[:, :1], keys), keys[:, 1:]
+    scores = received_attention(queries, keys, heads)
+    return (scores[:, 1:], keys[:, 1:]) if has_cls else (scores, keys)
+
+
+class FamilyAdapter(abc.ABC):
+    """How one host class's images become the tiles a reducer sees and the tokens its LM receives."""
+
+    host: ClassVar[str]
+    """The transformers class adapted."""
+    score_source: ClassVar[str]
+    where: ClassVar[str]
+    newlines: ClassVar[str]
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.config = model.config
+        if not isinstance(getattr(self.config, "vision_feature_layer", -1), int):
+            raise PrumergeError(f"{self.host}: a list of vision feature layers is not supported")
+
+    @property
+    def image_token(self) -> int:
+        """The placeholder id the processor expands per image token."""
+        return self.config.image_token_id
+
+    @abc.abstractmethod
+    def layouts(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, inputs: dict[str, Any],
+                with_scores: bool) -> list[ImageLayout]:  # fmt: skip
+        """Each image's tiles and layout, in prompt order; consumes the family's image inputs from `inputs`."""
+
+    def image_output(self, tokens: list[torch.Tensor]) -> BaseModelOutputWithPooling:
+        """The pre-computed image features as the host's `mm_encoder_outputs["image"]` takes them."""
+        return BaseModelOutputWithPooling(pooler_output=torch.cat(tokens))
+
+    def generation_inputs(self, input_ids: torch.Tensor) -> dict[str, Any]:
+        """Inputs the host derives from the (shortened) prompt, beyond ids and mask."""
+        return {}

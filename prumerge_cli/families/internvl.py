@@ -1,0 +1,84 @@
+"""`InternVLForConditionalGeneration`: 448 px tiles of an InternViT, pixel-shuffled 2x2 into the LM's tokens.
+
+- Score: the attention each patch receives in the score layer, averaged over heads and all queries ([CLS]
+  included); its [CLS] row is weak on InternVL (FasterVLM #4), so PruMerge here is the received-attention variant.
+- Where: after the pixel shuffle, on the projected tokens: a token's score is the mean of its four patches'
+  scores and its key their four keys side by side, grouped by the model's own `pixel_shuffle`.
+- Budget scope: per tile by default, or once over the image's tiles (thumbnail included).
+- Newlines: none (tiles follow each other).
+- Positions: contiguous, or original (each token at its place among the image's tiles x `image_seq_length`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import PrumergeError
+from .base import FamilyAdapter, layer_input, score_layer_index, token_scores
+from .layout import ImageLayout, Tile
+
+
+def placeholder_runs(input_ids: torch.Tensor, token: int) -> list[int]:
+    """The length of every run of `token` in the rows of `input_ids`, in order."""
+    runs = []
+    for row in input_ids.tolist():
+        count = 0
+        for t in [*row, None]:
+            if t == token:
+                count += 1
+            elif count:
+                runs.append(count)
+                count = 0
+    return runs
+
+
+class InternVLAdapter(FamilyAdapter):
+    host: ClassVar[str] = "InternVLForConditionalGeneration"
+    score_source: ClassVar[str] = "received attention (InternViT)"
+    where: ClassVar[str] = "projected tokens of each tile, after the pixel shuffle"
+    newlines: ClassVar[str] = "none"
+
+    def __init__(self, model: Any):
+        super().__init__(model)
+        inner = model.model
+        self.inner, self.tower, self.projector = inner, inner.vision_tower, inner.multi_modal_projector
+        if self.config.vision_feature_select_strategy != "default":
+            raise PrumergeError(f"{self.host}: only the 'default' feature strategy ([CLS] dropped) is supported")
+        layers = self.tower.encoder.layer
+        self.feature_layer = self.config.vision_feature_layer
+        self.score_layer = layers[score_layer_index(self.feature_layer, len(layers))]
+        self.per_tile = self.config.image_seq_length
+
+    def shuffle(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, N, F] per patch to [T, N / 4, 4F] per LM token, as the model shuffles its features."""
+        side = int(x.shape[1] ** 0.5)
+        out = self.inner.pixel_shuffle(x.reshape(x.shape[0], side, side, -1), self.config.downsample_ratio)
+        return out.reshape(x.shape[0], -1, out.shape[-1])
+
+    def encode(self, pixel_values: torch.Tensor, with_scores: bool):
+        """Projected tokens [T, n, D] of every tile and (with scores) their scores [T, n] and keys [T, n, 4C]."""
+        with layer_input(self.score_layer) as seen:
+            out = self.tower(pixel_values=pixel_values.to(self.model.dtype), output_hidden_states=True)
+        hidden = out.last_hidden_state if self.feature_layer == -1 else out.hidden_states[self.feature_layer]
+        tokens = self.projector(self.shuffle(hidden[:, 1:]))
+        if not with_scores:
+            return tokens, None, None
+        scores, keys = token_scores(self.score_layer, seen[0], False, True)
+        return tokens, self.shuffle(scores[..., None]).mean(-1), self.shuffle(keys)
+
+    def layouts(self, input_ids, pixel_values, inputs, with_scores):
+        tiles = [run // self.per_tile for run in placeholder_runs(input_ids, self.image_token)]
+        if sum(tiles) != pixel_values.shape[0]:
+            raise PrumergeError(f"the prompts place {sum(tiles)} tiles but pixel_values holds {pixel_values.shape[0]}")
+        tokens, scores, keys = self.encode(pixel_values, with_scores)
+        side = int(self.per_tile**0.5)
+        layouts, start = [], 0
+        for count in tiles:
+            image = [Tile(tokens[t], None if scores is None else scores[t], None if keys is None else keys[t],
+                          (side, side), (t - start) * self.per_tile + torch.arange(self.per_tile))
+                     for t in range(start, start + count)]  # fmt: skip
+            layouts.append(ImageLayout(image, count * self.per_tile))
+            start += count
+        return layouts

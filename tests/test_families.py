@@ -1,0 +1,232 @@
+"""The families beyond LLaVA-1.5 (LLaVA-NeXT, LLaVA-OneVision, InternVL, Gemma 3) on tiny random checkpoints
+saved and loaded as a user's: `patch` with method none is the stock `generate` token for token; a reduced batch
+equals its rows alone; the LM receives the kept tokens plus the newline rows; each family's score equals a plain
+reference from the tower's eager attention weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import LlavaNextImageProcessorPil, LlavaOnevisionImageProcessorPil
+
+import prumerge_cli
+from prumerge_cli.errors import PrumergeError
+from prumerge_cli.families import adapter_for
+from prumerge_cli.models.tower import VisionTower
+
+from .tiny_families import IMAGE_TOKEN, PINPOINTS, load_family, save_family
+
+FAMILIES = ["llava_next", "llava_onevision", "internvl", "gemma3"]
+NEW_TOKENS = 6
+
+
+def images(seed: int = 0) -> list[Image.Image]:
+    """Two images of different sizes: a wide one (two grid tiles) and a tall one (four or six)."""
+    rng = np.random.default_rng(seed)
+    sizes = [(90, 200), (330, 220)]
+    return [Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)) for h, w in sizes]
+
+
+def left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    return ids, (ids != 0).long()
+
+
+def prompts(runs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`<s>`, an image's placeholders (one run per image of a row), then a few words of different lengths."""
+    return left_padded([[2, *(IMAGE_TOKEN for n in row for _ in range(n)), *range(10, 12 + i)]
+                        for i, row in enumerate(runs)])  # fmt: skip
+
+
+def inputs_of(name: str, model) -> dict:
+    """A batch of two prompts, one image each, of different sizes where the family tiles them."""
+    if name in ("llava_next", "llava_onevision"):
+        cls = LlavaNextImageProcessorPil if name == "llava_next" else LlavaOnevisionImageProcessorPil
+        size = {"shortest_edge": 112} if name == "llava_next" else {"height": 112, "width": 112}
+        pixels = cls(size=size, crop_size={"height": 112, "width": 112}, image_grid_pinpoints=PINPOINTS)(
+            images(), return_tensors="pt"
+        )
+        with torch.no_grad():
+            features = model.model.get_image_features(pixels["pixel_values"], pixels["image_sizes"]).pooler_output
+        ids, mask = prompts([[len(f)] for f in features])
+        return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels["pixel_values"],
+                    image_sizes=pixels["image_sizes"])  # fmt: skip
+    torch.manual_seed(1)
+    if name == "internvl":  # two tiles, then one
+        ids, mask = prompts([[32], [16]])
+        return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(3, 3, 112, 112))
+    ids, mask = left_padded([[2, 5, *[IMAGE_TOKEN] * 16, 6, 10, 11], [2, 5, *[IMAGE_TOKEN] * 16, 6, 12]])
+    return dict(input_ids=ids, attention_mask=mask, token_type_ids=(ids == IMAGE_TOKEN).long(),
+                pixel_values=torch.randn(2, 3, 224, 224))  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, tmp_path_factory):
+    path = save_family(request.param, tmp_path_factory.mktemp(request.param))
+    model = load_family(path)
+    return request.param, model, inputs_of(request.param, model)
+
+
+def generate(model, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+
+
+def row(inputs: dict, b: int, name: str) -> dict:
+    """Prompt b of a batch alone, its padding dropped."""
+    keep = inputs["attention_mask"][b].bool()
+    texts = ("input_ids", "attention_mask", "token_type_ids")
+    out = {k: v[b : b + 1][:, keep] for k, v in inputs.items() if k in texts}
+    if name == "internvl":
+        out["pixel_values"] = inputs["pixel_values"][:2] if b == 0 else inputs["pixel_values"][2:]
+    else:
+        out["pixel_values"] = inputs["pixel_values"][b : b + 1]
+    if "image_sizes" in inputs:
+        out["image_sizes"] = inputs["image_sizes"][b : b + 1]
+    return out
+
+
+@pytest.mark.parametrize("positions", ["contiguous", "original"])
+def test_method_none_is_the_stock_generate_token_for_token(family, positions):
+    _, model, inputs = family
+    stock = generate(model, inputs)
+    prumerge_cli.patch(model, "none", positions=positions)
+    try:
+        assert type(model).__name__.startswith("Reduced")
+        patched = generate(model, inputs)
+    finally:
+        prumerge_cli.unpatch(model)
+    assert not type(model).__name__.startswith("Reduced") and not hasattr(model, "_prumerge_adapter")
+    assert torch.equal(stock, patched)
+
+
+@pytest.mark.parametrize("method", ["prumerge", "prumerge+"])
+def test_a_reduced_batch_equals_its_rows_alone(family, method):
+    name, model, inputs = family
+    prumerge_cli.patch(model, method, positions="original")
+    try:
+        batch = generate(model, inputs)
+        alone = [generate(model, row(inputs, b, name)) for b in range(2)]
+        kept = [
+            len(i.tokens)
+            for i in model.reduced_images(
+                inputs["input_ids"], inputs["pixel_values"], {k: v for k, v in inputs.items() if k == "image_sizes"}
+            )
+        ]
+    finally:
+        prumerge_cli.unpatch(model)
+    for b in range(2):
+        assert torch.equal(batch[b, -NEW_TOKENS:], alone[b][0, -NEW_TOKENS:])
+    stock_counts = (inputs["input_ids"] == IMAGE_TOKEN).sum(1).tolist()
+    if method == "prumerge":  # PruMerge+'s samples can keep a 64-patch tile whole, and add its extra token
+        assert all(k < n for k, n in zip(kept, stock_counts, strict=True)), (kept, stock_counts)
+
+
+def test_the_lm_receives_the_kept_tokens_plus_a_newline_per_row_that_keeps_one(family):
+    name, model, inputs = family
+    prumerge_cli.patch(model, "prumerge", merge=False)  # no merged extra token: every token is a cell or a newline
+    seen = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append(kw["inputs_embeds"].shape[1]), with_kwargs=True
+    )
+    try:
+        for b in range(2):
+            one = row(inputs, b, name)
+            extra = {k: v for k, v in one.items() if k == "image_sizes"}
+            image = model.reduced_images(one["input_ids"], one["pixel_values"], dict(extra))[0]
+            seen.clear()
+            generate(model, one)
+            text = int((one["input_ids"] != IMAGE_TOKEN).sum())
+            assert seen[0] == text + len(image.tokens)
+            newline = getattr(model.model, "image_newline", None)
+            is_newline = torch.zeros(len(image.tokens), dtype=torch.bool)
+            if newline is not None:
+                is_newline = (image.tokens == newline).all(-1)
+                layout = model._prumerge_adapter.layouts(one["input_ids"], one["pixel_values"], dict(extra), True)[0]
+                base = layout.tiles[0].tokens.shape[0]
+                width = int(layout.newline_places[0]) - base + 1  # a grid row and its newline
+                cells = image.places[~is_newline]
+                rows = torch.unique((cells[cells >= base] - base) // width)
+                assert int(is_newline.sum()) == len(rows) > 0
+            assert int((~is_newline).sum()) == sum(image.kept_per_tile)
+    finally:
+        hook.remove()
+        prumerge_cli.unpatch(model)
+
+
+def eager_received(model, name: str, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The reference: the score layer's eager attention weights averaged over heads and queries, per LM token."""
+    tower = model.model.vision_tower
+    tower.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            out = tower(pixel_values=pixel_values, output_attentions=True)
+    finally:
+        tower.config._attn_implementation = "sdpa"
+    received = out.attentions[-1].mean(dim=(1, 2))
+    if name == "internvl":  # drop [CLS]; a token is the mean of its 2x2 patches
+        grid = received[:, 1:].reshape(-1, 4, 2, 4, 2)
+        return grid.mean(dim=(2, 4)).flatten(1)
+    if name == "gemma3":  # the mean over each 4x4 pooling window
+        return received.reshape(-1, 4, 4, 4, 4).mean(dim=(2, 4)).flatten(1)
+    return received
+
+
+def test_each_family_s_score_equals_a_plain_reference(family):
+    name, model, inputs = family
+    adapter = adapter_for(model)
+    extra = {k: v for k, v in inputs.items() if k == "image_sizes"}
+    layouts = adapter.layouts(inputs["input_ids"], inputs["pixel_values"], extra, True)
+    if name == "llava_next":  # CLIP: PruMerge's [CLS] row, as LLaVA-1.5's tower computes it
+        tiles = inputs["pixel_values"][0, :1]
+        tower = VisionTower(model.model.vision_tower, "clip", model.config.vision_feature_layer)
+        expected = tower(tiles).scores
+        torch.testing.assert_close(layouts[0].tiles[0].scores[None], expected, rtol=1e-4, atol=1e-6)
+        return
+    pixels = inputs["pixel_values"][0, :1] if name == "llava_onevision" else inputs["pixel_values"][:1]
+    expected = eager_received(model, name, pixels)
+    torch.testing.assert_close(layouts[0].tiles[0].scores[None], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_scope_image_reduces_once_over_the_tiles_and_pool_refuses_it(family):
+    _, model, inputs = family
+    adapter = adapter_for(model)
+    extra = {k: v for k, v in inputs.items() if k == "image_sizes"}
+    layouts = adapter.layouts(inputs["input_ids"], inputs["pixel_values"], extra, True)
+    from prumerge_cli.families import reduce_image
+    from prumerge_cli.reducers import build_reducer
+
+    once = reduce_image(layouts[0], build_reducer("prumerge"), "image")
+    assert len(once.kept_per_tile) == 1
+    if len(layouts[0].tiles) > 1:
+        with pytest.raises(PrumergeError, match="scope=image"):
+            reduce_image(layouts[0], build_reducer("pool"), "image")
+
+
+def test_onevision_s_downscaled_grid_is_one_tile_and_none_is_still_stock():
+    from .tiny_families import llava_onevision
+
+    model = llava_onevision(max_tiles=1).eval()
+    model.generation_config.pad_token_id = 0
+    inputs = inputs_of("llava_onevision", model)
+    layouts = adapter_for(model).layouts(inputs["input_ids"], inputs["pixel_values"],
+                                         {"image_sizes": inputs["image_sizes"]}, True)  # fmt: skip
+    assert [len(layout.tiles) for layout in layouts] == [2, 2]  # the base, and the downscaled grid
+    stock = generate(model, inputs)
+    prumerge_cli.patch(model, "none", positions="original")
+    try:
+        assert torch.equal(stock, generate(model, inputs))
+        prumerge_cli.patch(model, "prumerge")
+        sizes = {"image_sizes": inputs["image_sizes"]}
+        reduced = model.reduced_images(inputs["input_ids"], inputs["pixel_values"], sizes)
+    finally:
+        prumerge_cli.unpatch(model)
+    assert all(len(image.kept_per_tile) == 2 for image in reduced)
+
+
+def test_patch_refuses_a_class_it_cannot_map_in_one_line():
+    with pytest.raises(PrumergeError, match=r"patch takes .*LlavaNextForConditionalGeneration.*; not Linear"):
+        prumerge_cli.patch(torch.nn.Linear(2, 2), "prumerge")
