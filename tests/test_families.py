@@ -9,16 +9,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import LlavaNextImageProcessorPil, LlavaOnevisionImageProcessorPil
+from transformers import AutoImageProcessor, AutoModelForImageTextToText
 
 import prumerge_cli
 from prumerge_cli.errors import PrumergeError
 from prumerge_cli.families import adapter_for
 from prumerge_cli.models.tower import VisionTower
+from prumerge_cli.zoo.families import FAMILIES, IMAGE_TOKEN, build_family, save_family
 
-from .tiny_families import IMAGE_TOKEN, PINPOINTS, load_family, save_family
-
-FAMILIES = ["llava_next", "llava_onevision", "internvl", "gemma3"]
 NEW_TOKENS = 6
 
 
@@ -41,47 +39,50 @@ def prompts(runs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
                         for i, row in enumerate(runs)])  # fmt: skip
 
 
-def inputs_of(name: str, model) -> dict:
+def inputs_of(name: str, model, processor) -> dict:
     """A batch of two prompts, one image each, of different sizes where the family tiles them."""
+    pixels = processor(images(), return_tensors="pt")
+    with torch.no_grad():
+        sizes = {"image_sizes": pixels["image_sizes"]} if "image_sizes" in pixels else {}
+        features = model.model.get_image_features(pixel_values=pixels["pixel_values"], **sizes).pooler_output
     if name in ("llava_next", "llava_onevision"):
-        cls = LlavaNextImageProcessorPil if name == "llava_next" else LlavaOnevisionImageProcessorPil
-        size = {"shortest_edge": 112} if name == "llava_next" else {"height": 112, "width": 112}
-        pixels = cls(size=size, crop_size={"height": 112, "width": 112}, image_grid_pinpoints=PINPOINTS)(
-            images(), return_tensors="pt"
-        )
-        with torch.no_grad():
-            features = model.model.get_image_features(pixels["pixel_values"], pixels["image_sizes"]).pooler_output
         ids, mask = prompts([[len(f)] for f in features])
         return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels["pixel_values"],
                     image_sizes=pixels["image_sizes"])  # fmt: skip
-    torch.manual_seed(1)
-    if name == "internvl":  # two tiles, then one
-        ids, mask = prompts([[32], [16]])
-        return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(3, 3, 112, 112))
-    ids, mask = left_padded([[2, 5, *[IMAGE_TOKEN] * 16, 6, 10, 11], [2, 5, *[IMAGE_TOKEN] * 16, 6, 12]])
+    per_image = features.shape[1]
+    if name == "internvl":  # tiles of the first image, then of the second
+        tiles = pixels["num_patches"].tolist()
+        ids, mask = prompts([[per_image * tiles[0]], [per_image * tiles[1]]])
+        return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels["pixel_values"], tiles=tiles)
+    ids, mask = left_padded([[2, 5, *[IMAGE_TOKEN] * per_image, 6, 10, 11], [2, 5, *[IMAGE_TOKEN] * per_image, 6, 12]])
     return dict(input_ids=ids, attention_mask=mask, token_type_ids=(ids == IMAGE_TOKEN).long(),
-                pixel_values=torch.randn(2, 3, 224, 224))  # fmt: skip
+                pixel_values=pixels["pixel_values"])  # fmt: skip
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request, tmp_path_factory):
-    path = save_family(request.param, tmp_path_factory.mktemp(request.param))
-    model = load_family(path)
-    return request.param, model, inputs_of(request.param, model)
+    path = save_family(request.param, tmp_path_factory.mktemp(request.param) / "model", "small")
+    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch.float32).eval()
+    inputs = inputs_of(request.param, model, AutoImageProcessor.from_pretrained(str(path), backend="pil"))
+    tiles = inputs.pop("tiles", None)
+    return request.param, model, inputs, tiles
 
 
 def generate(model, inputs: dict) -> torch.Tensor:
+    """Greedy answers of `NEW_TOKENS` tokens."""
     with torch.no_grad():
         return model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
 
 
-def row(inputs: dict, b: int, name: str) -> dict:
+def row(inputs: dict, b: int, name: str, tiles: list[int] | None) -> dict:
     """Prompt b of a batch alone, its padding dropped."""
     keep = inputs["attention_mask"][b].bool()
     texts = ("input_ids", "attention_mask", "token_type_ids")
     out = {k: v[b : b + 1][:, keep] for k, v in inputs.items() if k in texts}
     if name == "internvl":
-        out["pixel_values"] = inputs["pixel_values"][:2] if b == 0 else inputs["pixel_values"][2:]
+        assert tiles is not None
+        first = sum(tiles[:b])
+        out["pixel_values"] = inputs["pixel_values"][first : first + tiles[b]]
     else:
         out["pixel_values"] = inputs["pixel_values"][b : b + 1]
     if "image_sizes" in inputs:
@@ -91,7 +92,7 @@ def row(inputs: dict, b: int, name: str) -> dict:
 
 @pytest.mark.parametrize("positions", ["contiguous", "original"])
 def test_method_none_is_the_stock_generate_token_for_token(family, positions):
-    _, model, inputs = family
+    _, model, inputs, _ = family
     stock = generate(model, inputs)
     prumerge_cli.patch(model, "none", positions=positions)
     try:
@@ -105,11 +106,11 @@ def test_method_none_is_the_stock_generate_token_for_token(family, positions):
 
 @pytest.mark.parametrize("method", ["prumerge", "prumerge+"])
 def test_a_reduced_batch_equals_its_rows_alone(family, method):
-    name, model, inputs = family
+    name, model, inputs, tiles = family
     prumerge_cli.patch(model, method, positions="original")
     try:
         batch = generate(model, inputs)
-        alone = [generate(model, row(inputs, b, name)) for b in range(2)]
+        alone = [generate(model, row(inputs, b, name, tiles)) for b in range(2)]
         kept = [
             len(i.tokens)
             for i in model.reduced_images(
@@ -126,7 +127,7 @@ def test_a_reduced_batch_equals_its_rows_alone(family, method):
 
 
 def test_the_lm_receives_the_kept_tokens_plus_a_newline_per_row_that_keeps_one(family):
-    name, model, inputs = family
+    name, model, inputs, tiles = family
     prumerge_cli.patch(model, "prumerge", merge=False)  # no merged extra token: every token is a cell or a newline
     seen = []
     hook = model.model.language_model.register_forward_pre_hook(
@@ -134,7 +135,7 @@ def test_the_lm_receives_the_kept_tokens_plus_a_newline_per_row_that_keeps_one(f
     )
     try:
         for b in range(2):
-            one = row(inputs, b, name)
+            one = row(inputs, b, name, tiles)
             extra = {k: v for k, v in one.items() if k == "image_sizes"}
             image = model.reduced_images(one["input_ids"], one["pixel_values"], dict(extra))[0]
             seen.clear()
@@ -176,7 +177,7 @@ def eager_received(model, name: str, pixel_values: torch.Tensor) -> torch.Tensor
 
 
 def test_each_family_s_score_equals_a_plain_reference(family):
-    name, model, inputs = family
+    name, model, inputs, tiles = family
     adapter = adapter_for(model)
     extra = {k: v for k, v in inputs.items() if k == "image_sizes"}
     layouts = adapter.layouts(inputs["input_ids"], inputs["pixel_values"], extra, True)
@@ -192,7 +193,7 @@ def test_each_family_s_score_equals_a_plain_reference(family):
 
 
 def test_scope_image_reduces_once_over_the_tiles_and_pool_refuses_it(family):
-    _, model, inputs = family
+    _, model, inputs, _ = family
     adapter = adapter_for(model)
     extra = {k: v for k, v in inputs.items() if k == "image_sizes"}
     layouts = adapter.layouts(inputs["input_ids"], inputs["pixel_values"], extra, True)
@@ -207,11 +208,8 @@ def test_scope_image_reduces_once_over_the_tiles_and_pool_refuses_it(family):
 
 
 def test_onevision_s_downscaled_grid_is_one_tile_and_none_is_still_stock():
-    from .tiny_families import llava_onevision
-
-    model = llava_onevision(max_tiles=1).eval()
-    model.generation_config.pad_token_id = 0
-    inputs = inputs_of("llava_onevision", model)
+    model, processor = build_family("llava_onevision", "small", max_tiles=1)
+    inputs = inputs_of("llava_onevision", model, processor)
     layouts = adapter_for(model).layouts(inputs["input_ids"], inputs["pixel_values"],
                                          {"image_sizes": inputs["image_sizes"]}, True)  # fmt: skip
     assert [len(layout.tiles) for layout in layouts] == [2, 2]  # the base, and the downscaled grid

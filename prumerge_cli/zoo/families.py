@@ -1,0 +1,176 @@
+"""Tiny random checkpoints of the families beyond LLaVA-1.5 (LLaVA-NeXT, LLaVA-OneVision, InternVL, Gemma 3):
+the real transformers classes with narrow towers and a one-layer LM, at the real models' image geometry
+(`real`: tile size, patch grid, grid pinpoints, pooling and pixel shuffle as the released checkpoints) or at
+112 px tiles (`small`, for the tests), each saved with its image processor as a user's checkpoint is.
+Usage: python -m prumerge_cli.zoo.families OUT_DIR [--geometry real|small]"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3ImageProcessorPil,
+    GotOcr2ImageProcessorPil,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    LlamaConfig,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessorPil,
+    LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessorPil,
+    SiglipVisionConfig,
+)
+
+from .. import atomic
+from .tokenizer import build_tokenizer
+
+IMAGE_TOKEN = 4
+"""`<image>` in the embedded tokenizer, which every tiny family model shares."""
+
+TOWER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+            vocab_size=160)  # fmt: skip
+FAMILIES = ("llava_next", "llava_onevision", "internvl", "gemma3")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Image sizes of one family: the tile (or image) side in pixels and the patch size."""
+
+    next_tile: int
+    next_pinpoints: tuple[tuple[int, int], ...]
+    onevision_tile: int
+    onevision_pinpoints: tuple[tuple[int, int], ...]
+    internvl_tile: int
+    internvl_max_tiles: int
+    gemma_image: int
+    gemma_tokens: int
+
+
+GEOMETRIES = {
+    "real": Geometry(336, ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)),
+                     384, tuple((384 * i, 384 * j) for i in range(1, 7) for j in range(1, 7)), 448, 12, 896, 256),
+    "small": Geometry(112, ((112, 224), (224, 112), (224, 224), (224, 336), (336, 224)),
+                      112, ((112, 224), (224, 112), (224, 224), (224, 336), (336, 224)), 112, 6, 224, 16),
+}  # fmt: skip
+"""`real`: LLaVA-v1.6 (336 px CLIP tiles), OneVision (384 px SigLIP, up to 6x6 tiles), InternVL 2.5/3 (448 px,
+up to 12 tiles and a thumbnail), Gemma 3 (896 px, 256 tokens)."""
+
+
+def sharpen(layers: Any, attention: str = "self_attn") -> None:
+    """Scale q/k projections so a random tower's attention is peaked, as a trained one's is."""
+    with torch.no_grad():
+        for layer in layers:
+            getattr(layer, attention).q_proj.weight.mul_(6.0)
+            getattr(layer, attention).k_proj.weight.mul_(6.0)
+
+
+def llava_next(g: Geometry) -> tuple[Any, Any]:
+    """LLaVA-NeXT: a CLIP tower (feature layer -2, [CLS] dropped), any-resolution tiles, a Llama LM."""
+    vision = CLIPVisionConfig(image_size=g.next_tile, patch_size=14, **TOWER)
+    pinpoints = [list(p) for p in g.next_pinpoints]
+    config = LlavaNextConfig(vision_config=vision.to_dict(), text_config=LlamaConfig(**TEXT).to_dict(),
+                             image_token_index=IMAGE_TOKEN, image_grid_pinpoints=pinpoints,
+                             vision_feature_layer=-2)  # fmt: skip
+    model = LlavaNextForConditionalGeneration(config)
+    sharpen(model.model.vision_tower.encoder.layers)
+    processor = LlavaNextImageProcessorPil(size={"shortest_edge": g.next_tile},
+                                           crop_size={"height": g.next_tile, "width": g.next_tile},
+                                           image_grid_pinpoints=pinpoints)  # fmt: skip
+    return model, processor
+
+
+def llava_onevision(g: Geometry, max_tiles: int = 9) -> tuple[Any, Any]:
+    """LLaVA-OneVision: a SigLIP tower without [CLS] (full strategy, last layer), a Llama LM; an unpadded grid
+    larger than about `max_tiles` tiles is downscaled."""
+    vision = SiglipVisionConfig(image_size=g.onevision_tile, patch_size=14, vision_use_head=False, **TOWER)
+    pinpoints = [list(p) for p in g.onevision_pinpoints]
+    config = LlavaOnevisionConfig(vision_config=vision.to_dict(), text_config=LlamaConfig(**TEXT).to_dict(),
+                                  image_token_index=IMAGE_TOKEN, vision_feature_layer=-1,
+                                  image_grid_pinpoints=pinpoints,
+                                  vision_feature_select_strategy="full",
+                                  vision_aspect_ratio=f"anyres_max_{max_tiles}")  # fmt: skip
+    model = LlavaOnevisionForConditionalGeneration(config)
+    sharpen(model.model.vision_tower.encoder.layers)
+    processor = LlavaOnevisionImageProcessorPil(size={"height": g.onevision_tile, "width": g.onevision_tile},
+                                                image_grid_pinpoints=pinpoints)  # fmt: skip
+    return model, processor
+
+
+def internvl(g: Geometry) -> tuple[Any, Any]:
+    """InternVL: an InternViT ([CLS] dropped), tiles pixel-shuffled 2x2, a Llama LM."""
+    side = g.internvl_tile // 14
+    vision = dict(TOWER, image_size=[g.internvl_tile] * 2, patch_size=[14, 14])
+    config = InternVLConfig(vision_config=vision, text_config={"model_type": "llama", **TEXT},
+                            image_token_id=IMAGE_TOKEN, image_seq_length=(side // 2) ** 2, downsample_ratio=0.5,
+                            vision_feature_layer=-1)  # fmt: skip
+    model = InternVLForConditionalGeneration(config)
+    sharpen(model.model.vision_tower.encoder.layer, "attention")
+    size = {"height": g.internvl_tile, "width": g.internvl_tile}
+    processor = GotOcr2ImageProcessorPil(size=size, crop_to_patches=True, min_patches=1,
+                                         max_patches=g.internvl_max_tiles)  # fmt: skip
+    return model, processor
+
+
+def gemma3(g: Geometry) -> tuple[Any, Any]:
+    """Gemma 3: a SigLIP tower without [CLS], pooled into `gemma_tokens` tokens, a Gemma 3 LM."""
+    text = dict(TEXT, model_type="gemma3_text", head_dim=16, query_pre_attn_scalar=16, sliding_window=8)
+    vision = SiglipVisionConfig(image_size=g.gemma_image, patch_size=14, vision_use_head=False, **TOWER)
+    config = Gemma3Config(vision_config=vision.to_dict(), text_config=text, mm_tokens_per_image=g.gemma_tokens,
+                          image_token_index=IMAGE_TOKEN, boi_token_index=5, eoi_token_index=6)  # fmt: skip
+    model = Gemma3ForConditionalGeneration(config)
+    sharpen(model.model.vision_tower.encoder.layers)
+    return model, Gemma3ImageProcessorPil(size={"height": g.gemma_image, "width": g.gemma_image})
+
+
+BUILDERS = {"llava_next": llava_next, "llava_onevision": llava_onevision, "internvl": internvl, "gemma3": gemma3}
+
+
+def build_family(name: str, geometry: str = "real", seed: int = 0, **options: Any) -> tuple[Any, Any]:
+    """The random model `name` (eval mode, pad id 0) and its image processor."""
+    torch.manual_seed(seed)
+    model, processor = BUILDERS[name](GEOMETRIES[geometry], **options)
+    model.generation_config.pad_token_id = 0
+    return model.eval(), processor
+
+
+def save_family(name: str, path: Path, geometry: str = "real", force: bool = False) -> Path:
+    """Write `name` as a checkpoint directory: weights, config, the embedded tokenizer and the image processor
+    (LLaVA-NeXT: its whole processor, so `AutoProcessor` loads it)."""
+    model, image_processor = build_family(name, geometry)
+    with atomic.atomic_dir(path, force) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer = build_tokenizer()
+        tokenizer.save_pretrained(tmp)
+        image_processor.save_pretrained(tmp)
+        if name == "llava_next":
+            LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                               ).save_pretrained(tmp)  # fmt: skip
+    return path
+
+
+def main() -> None:
+    """Command-line entry: write the four tiny family checkpoints under OUT_DIR."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="real")
+    parser.add_argument("--force", action="store_true", help="replace checkpoints that exist")
+    args = parser.parse_args()
+    for name in FAMILIES:
+        print(f"{name}: {save_family(name, args.out / name, args.geometry, args.force)}")
+
+
+if __name__ == "__main__":
+    main()
