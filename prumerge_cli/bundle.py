@@ -75,6 +75,14 @@ def load(
     settings = {**{k: record[k] for k in ("dtype", "score_layer", "score_dtype")}, **options}
     settings.setdefault("positions", record.get("positions", "contiguous"))  # bundles before the setting
     model = resolve_model(record["model"], Path(bundle_dir), None if model_dir is None else Path(model_dir))
+    if "family" in record:  # LLaVA-NeXT, OneVision, InternVL, Gemma 3
+        from .families.model import FamilyEncoder
+
+        family = FamilyEncoder.from_pretrained(model, method, dtype=settings["dtype"], positions=settings["positions"],
+                                               scope=options.get("scope", record["scope"]), **merged)  # fmt: skip
+        if verify:
+            verify_weights(record["model"], model, family.model.weight_files, full_hash)
+        return family  # type: ignore[return-value]
     encoder = ReducedVisionEncoder.from_pretrained(model, method, **settings, **merged)
     if verify:
         verify_weights(record["model"], model, encoder.model.weight_files, full_hash)

@@ -22,4 +22,8 @@ def open_encoder(
     if is_bundle(target):
         options = {} if dtype is None else {"dtype": dtype}
         return load(target, method, params, model_dir=model_dir, full_hash=full_hash, **options)
+    from .families.model import FamilyEncoder, is_family_checkpoint
+
+    if is_family_checkpoint(Path(target)):
+        return FamilyEncoder.from_pretrained(target, method or "prumerge", dtype=dtype or "fp32", **(params or {}))  # type: ignore[return-value]
     return ReducedVisionEncoder.from_pretrained(target, method or "prumerge", dtype=dtype or "fp32", **(params or {}))

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from .. import atomic, devices, dtypes
 from ..errors import PrumergeError
+from ..families.layout import DEFAULT_SCOPE, SCOPE_HELP, check_scope
 from ..finetune.lora import LINEAR_LAYERS, LoraSettings
 from ..lm.positions import DEFAULT_POSITIONS, POSITIONS_HELP, check_positions
 from ..progress import Phases
@@ -49,7 +50,12 @@ def TUNE(**kwargs: object) -> typer.models.OptionInfo:
 
 @app.command()
 def compress(
-    model_dir: Annotated[Path, typer.Argument(help="Local checkpoint directory: CLIP, SigLIP or LLaVA.")],
+    model_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="Local checkpoint directory: CLIP, SigLIP, LLaVA, LLaVA-NeXT, OneVision, InternVL, Gemma 3."
+        ),
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Bundle directory to write.")],
     method: Annotated[
         str, typer.Option("--method", "-m", help=f"Reducer: {', '.join(REDUCERS)}, or dynamic.")
@@ -59,6 +65,7 @@ def compress(
     score_layer: Annotated[int | None, typer.Option(help="Encoder layer whose q/k give scores and keys.")] = None,
     score_dtype: Annotated[str, typer.Option(help="'model' (official) or 'fp32' scores.")] = "model",
     positions: Annotated[str, typer.Option(help=POSITIONS_HELP)] = DEFAULT_POSITIONS,
+    scope: Annotated[str, typer.Option(help=SCOPE_HELP + ".")] = DEFAULT_SCOPE,
     force: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
     device: Annotated[
         str, typer.Option(help=f"Where the model runs: {devices.HELP} (dynamic: cuda = one GPU per torchrun process).")
@@ -122,6 +129,7 @@ def compress(
     (`torchrun --nproc-per-node N $(which prumerge) compress ...` trains data-parallel)."""
     atomic.check_output(output, force)
     check_positions(positions)
+    check_scope(scope)
     check_training_values(lr, lora_alpha)
     where = devices.resolve_device(device)
     if merge_lora and (finetune or method == "dynamic"):
@@ -133,6 +141,18 @@ def compress(
         with Phases(out_console()) as phases, phases.phase(f"merging {model_dir} into its model"):
             merge(model_dir, output, force)
         out_console().print(f"wrote {output}: a LlavaForConditionalGeneration with the adapters and projector merged")
+        return
+    from ..families.model import is_family_checkpoint
+
+    if not merge_lora and is_family_checkpoint(model_dir):
+        if finetune or method == "dynamic":
+            raise PrumergeError(f"{model_dir} is a tiled or pooled family: --finetune and --method dynamic take "
+                                "LLaVA-1.5-shaped checkpoints only (their training path has no tiles)")  # fmt: skip
+        if score_layer is not None or score_dtype != "model":
+            raise PrumergeError("--score-layer and --score-dtype apply to LLaVA-1.5-shaped towers; a family's score "
+                                "layer is the one after its feature layer, in float32")  # fmt: skip
+        compress_family(model_dir, output, method, parse_params(param), dtypes.canonical(dtype), positions, scope,
+                        force)  # fmt: skip
         return
     if finetune:
         from ..finetune.compress import FinetuneJob
@@ -206,6 +226,32 @@ def compress(
     table.add_row(
         "visual tokens", f"at most {kept} of {n} patches" + (", plus the merged extra token" if extra else "")
     )
+    console.print(table)
+
+
+def compress_family(model_dir: Path, output: Path, method: str, params: dict, dtype: str, positions: str, scope: str,
+                    force: bool) -> None:  # fmt: skip
+    """Configure `method` on a family checkpoint, run it on a probe image of two tiles, and write the bundle."""
+    from PIL import Image
+
+    from ..families.model import FamilyEncoder
+
+    console = out_console()
+    with Phases(console) as phases, phases.phase(f"loading {model_dir} and checking {method}"):
+        encoder = FamilyEncoder.from_pretrained(model_dir, method, dtype=dtype, scope=scope, positions=positions,
+                                                **params)  # fmt: skip
+        probe = Image.fromarray(torch.randint(0, 256, (300, 600, 3), dtype=torch.uint8,
+                                              generator=torch.Generator().manual_seed(0)).numpy())  # fmt: skip
+        image = encoder.encode_images([probe])[0]
+        encoder.save(output, force=force)
+    table = Table(title=f"bundle {output}", show_header=False)
+    table.add_row("model", f"{encoder.model_dir} ({encoder.family})")
+    table.add_row("method", method)
+    table.add_row("parameters", ", ".join(f"{k}={v}" for k, v in encoder.reducer.params().items()) or "-")
+    table.add_row("positions", encoder.positions)
+    table.add_row("scope", encoder.scope)
+    table.add_row("probe 600x300", f"{len(image.tokens)} of {image.span} tokens to the LM (kept per tile "
+                                   f"{', '.join(map(str, image.kept_per_tile))})")  # fmt: skip
     console.print(table)
 
 

@@ -46,9 +46,10 @@ class Gemma3Adapter(FamilyAdapter):
         if with_scores:
             scores, keys = token_scores(self.score_layer, seen[0], False, False)
             scores, keys = self.pool(scores[..., None])[..., 0], self.pool(keys)
-        n = self.side * self.side
+        n, grid = self.side * self.side, (self.side, self.side)
+        cells = torch.arange(n)
         return [ImageLayout([Tile(tokens[b], None if scores is None else scores[b], None if keys is None else keys[b],
-                                  (self.side, self.side), torch.arange(n))], n)
+                                  grid, cells, torch.zeros(n, dtype=torch.long), cells)], n, grid)
                 for b in range(tokens.shape[0])]  # fmt: skip
 
     def generation_inputs(self, input_ids):

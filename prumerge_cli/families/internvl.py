@@ -69,16 +69,22 @@ class InternVLAdapter(FamilyAdapter):
         return tokens, self.shuffle(scores[..., None]).mean(-1), self.shuffle(keys)
 
     def layouts(self, input_ids, pixel_values, inputs, with_scores):
-        tiles = [run // self.per_tile for run in placeholder_runs(input_ids, self.image_token)]
+        counted = inputs.pop("num_patches", None)  # the image processor's count, where it is at hand
+        if counted is not None:
+            tiles = [int(n) for n in counted]
+        else:
+            tiles = [run // self.per_tile for run in placeholder_runs(input_ids, self.image_token)]
         if sum(tiles) != pixel_values.shape[0]:
             raise PrumergeError(f"the prompts place {sum(tiles)} tiles but pixel_values holds {pixel_values.shape[0]}")
         tokens, scores, keys = self.encode(pixel_values, with_scores)
         side = int(self.per_tile**0.5)
+        cells = torch.arange(self.per_tile)
         layouts, start = [], 0
         for count in tiles:
             image = [Tile(tokens[t], None if scores is None else scores[t], None if keys is None else keys[t],
-                          (side, side), (t - start) * self.per_tile + torch.arange(self.per_tile))
+                          (side, side), (t - start) * self.per_tile + cells,
+                          torch.full((self.per_tile,), t - start), cells)
                      for t in range(start, start + count)]  # fmt: skip
-            layouts.append(ImageLayout(image, count * self.per_tile))
+            layouts.append(ImageLayout(image, count * self.per_tile, (side, side)))
             start += count
         return layouts

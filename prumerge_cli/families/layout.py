@@ -32,22 +32,28 @@ def check_scope(scope: str) -> Scope:
 @dataclass
 class Tile:
     """One region reduced at once: its tokens the LM would see [n, D], their scores [n] and keys [n, Ck] (None
-    when the reducer needs none), its (rows, cols) grid, and each token's place in the unreduced layout [n]."""
+    when the reducer needs none), its (rows, cols) grid, each token's place in the unreduced layout [n], and
+    where each token comes from: its pixel tile among the image's (`sources`, -1 where none survives, as in a
+    downscaled grid) and its cell in that tile's grid of LM tokens (`cells`)."""
 
     tokens: torch.Tensor
     scores: torch.Tensor | None
     keys: torch.Tensor | None
     grid: tuple[int, int]
     places: torch.Tensor
+    sources: torch.Tensor
+    cells: torch.Tensor
 
 
 @dataclass
 class ImageLayout:
-    """An image's tiles and its unreduced layout: `span` places, the newline token (None where the family has
-    none), the row each place belongs to (-1: no newline follows its row) and the place of each row's newline."""
+    """An image's tiles and its unreduced layout: `span` places, the (rows, cols) of LM tokens of each pixel tile,
+    the newline token (None where the family has none), the row each place belongs to (-1: no newline follows its
+    row) and the place of each row's newline."""
 
     tiles: list[Tile]
     span: int
+    token_grid: tuple[int, int]
     newline: torch.Tensor | None = None
     row_of: torch.Tensor | None = None
     newline_places: torch.Tensor | None = None
@@ -56,12 +62,15 @@ class ImageLayout:
 @dataclass
 class ImageTokens:
     """What the LM receives for one image: tokens [k, D], each one's place in the unreduced layout [k] (its
-    position there under `positions=original`) and the unreduced length `span`."""
+    position there under `positions=original`), the unreduced length `span`, the count each reduced region
+    keeps (its extra token included) and the pixel tile and cell of every kept token but the extra ones."""
 
     tokens: torch.Tensor
     places: torch.Tensor
     span: int
     kept_per_tile: list[int]
+    kept_sources: torch.Tensor
+    kept_cells: torch.Tensor
 
 
 def merged_tiles(tiles: list[Tile], reducer: Reducer) -> Tile:
@@ -71,23 +80,27 @@ def merged_tiles(tiles: list[Tile], reducer: Reducer) -> Tile:
     scores = None if tiles[0].scores is None else torch.cat([t.scores for t in tiles])  # type: ignore[misc]
     keys = None if tiles[0].keys is None else torch.cat([t.keys for t in tiles])  # type: ignore[misc]
     tokens = torch.cat([t.tokens for t in tiles])
-    return Tile(tokens, scores, keys, (1, tokens.shape[0]), torch.cat([t.places for t in tiles]))
+    return Tile(tokens, scores, keys, (1, tokens.shape[0]), *(torch.cat([getattr(t, name) for t in tiles])
+                                                              for name in ("places", "sources", "cells")))  # fmt: skip
 
 
-def reduce_tile(tile: Tile, reducer: Reducer) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tile's kept tokens [k, D] and their places [k] (`EXTRA_INDEX` for a merged extra token)."""
+def reduce_tile(tile: Tile, reducer: Reducer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tile's kept tokens [k, D], their places [k] (`EXTRA_INDEX` for a merged extra token) and the indices
+    of the tile's kept tokens but the extra one."""
     signals = TowerSignals(tile.tokens[None], None if tile.scores is None else tile.scores[None],
                            None if tile.keys is None else tile.keys[None], tile.grid)  # fmt: skip
     out = reducer(signals).row(0)
     indices = out.indices[0]
     places = torch.where(indices == EXTRA_INDEX, EXTRA_INDEX, tile.places[indices.clamp(min=0)])
-    return out.tokens[0], places
+    return out.tokens[0], places, indices[indices >= 0]
 
 
 def reduce_image(layout: ImageLayout, reducer: Reducer, scope: Scope) -> ImageTokens:
     """Reduce an image's tiles (each alone, or all at once) and pack what they keep."""
     tiles = layout.tiles if scope == "tile" or len(layout.tiles) == 1 else [merged_tiles(layout.tiles, reducer)]
     kept = [reduce_tile(tile, reducer) for tile in tiles]
+    sources = torch.cat([tile.sources[k[2]] for tile, k in zip(tiles, kept, strict=True)])
+    cells = torch.cat([tile.cells[k[2]] for tile, k in zip(tiles, kept, strict=True)])
     tokens = torch.cat([k[0] for k in kept])
     places = torch.cat([k[1] for k in kept])
     extra = places == EXTRA_INDEX
@@ -103,4 +116,4 @@ def reduce_image(layout: ImageLayout, reducer: Reducer, scope: Scope) -> ImageTo
     extras = tokens[extra]
     packed = torch.cat([cells[order], extras])
     packed_places = torch.cat([cell_places[order], torch.full((len(extras),), layout.span - 1)])
-    return ImageTokens(packed, packed_places, layout.span, [len(k[0]) for k in kept])
+    return ImageTokens(packed, packed_places, layout.span, [len(k[0]) for k in kept], sources, cells)

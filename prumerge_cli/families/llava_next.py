@@ -86,25 +86,28 @@ class LlavaNextAdapter(FamilyAdapter):
     def layout(self, image_size, tokens, scores, keys) -> ImageLayout:
         """One image's base tile and unpadded grid tiles, with its newline rows."""
         n = self.side * self.side
-        base = Tile(tokens[0], _part(scores, 0), _part(keys, 0), (self.side, self.side), torch.arange(n))
+        cells = torch.arange(n)
+        base = Tile(tokens[0], _part(scores, 0), _part(keys, 0), (self.side, self.side), cells,
+                    torch.zeros(n, dtype=torch.long), cells)  # fmt: skip
         if tokens.shape[0] == 1:  # one tile: the base and one newline after it
             row_of = torch.zeros(n + 1, dtype=torch.long)
-            return ImageLayout([base], n + 1, self.newline, row_of, torch.tensor([n]))
+            return ImageLayout([base], n + 1, (self.side, self.side), self.newline, row_of, torch.tensor([n]))
         tile_grid = get_anyres_image_grid_shape(image_size, self.config.image_grid_pinpoints,
                                                 self.config.vision_config.image_size)  # fmt: skip
         grid = [None if x is None else to_unpadded(x[1:].reshape(x.shape[0] - 1, n, -1), tile_grid, self.side,
                                                    image_size) for x in (tokens, scores, keys)]  # fmt: skip
-        owner = torch.arange(tokens.shape[0] - 1, dtype=torch.float32)[:, None, None].expand(-1, n, 1)
-        grid.append(to_unpadded(owner, tile_grid, self.side, image_size))
-        grid = self.resize(*grid)
-        return self.grid_layout(base, *grid)
+        owner = torch.arange(1, tokens.shape[0])[:, None, None].expand(-1, n, 1)
+        cell = torch.arange(n)[None, :, None].expand(tokens.shape[0] - 1, -1, 1)
+        where = [to_unpadded(x.contiguous(), tile_grid, self.side, image_size) for x in (owner, cell)]
+        return self.grid_layout(base, *self.resize(*grid, *where))
 
-    def resize(self, tokens, scores, keys, owner):
+    def resize(self, tokens, scores, keys, owner, cell):
         """The unpadded grid as the LM receives it (OneVision may downscale it)."""
-        return tokens, scores, keys, owner
+        return tokens, scores, keys, owner, cell
 
-    def grid_layout(self, base: Tile, tokens, scores, keys, owner) -> ImageLayout:
-        """The base tile, then one tile per owner of the unpadded [F, rows, cols] grid, with newline rows."""
+    def grid_layout(self, base: Tile, tokens, scores, keys, owner, cell) -> ImageLayout:
+        """The base tile, then one tile per owner (pixel tile) of the unpadded [F, rows, cols] grid, with newline
+        rows."""
         n = base.tokens.shape[0]
         rows, cols = tokens.shape[1:]
         span = n + rows * (cols + 1)
@@ -117,11 +120,11 @@ class LlavaNextAdapter(FamilyAdapter):
             r = mine.any(1).nonzero()[:, 0]
             c = mine.any(0).nonzero()[:, 0]
             cut = (slice(None), slice(int(r[0]), int(r[-1]) + 1), slice(int(c[0]), int(c[-1]) + 1))
-            flat = [None if x is None else x[cut].flatten(1).T for x in (tokens, scores, keys)]
+            flat = [None if x is None else x[cut].flatten(1).T for x in (tokens, scores, keys, owner, cell)]
             tiles.append(Tile(flat[0], None if flat[1] is None else flat[1][:, 0], flat[2], (len(r), len(c)),
-                              places[cut[1:]].flatten()))  # fmt: skip
+                              places[cut[1:]].flatten(), flat[3][:, 0], flat[4][:, 0]))  # fmt: skip
         newline_places = n + torch.arange(rows) * (cols + 1) + cols
-        return ImageLayout(tiles, span, self.newline, row_of, newline_places)
+        return ImageLayout(tiles, span, (self.side, self.side), self.newline, row_of, newline_places)
 
     def image_output(self, tokens):
         return BaseModelOutputWithPooling(pooler_output=tokens)

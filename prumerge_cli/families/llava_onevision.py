@@ -33,13 +33,13 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         alone = [int(n) == 1 for n in per_prompt for _ in range(int(n))]
         return [t if a else 1 for t, a in zip(tiles, alone, strict=True)]
 
-    def resize(self, tokens, scores, keys, owner):
+    def resize(self, tokens, scores, keys, owner, cell):
         rows, cols = tokens.shape[1:]
         max_tiles = int(self.config.vision_aspect_ratio.removeprefix("anyres_max_"))
         ratio = math.sqrt(rows * cols / (max_tiles * self.side**2))
         if ratio <= 1.1:
-            return tokens, scores, keys, owner
+            return tokens, scores, keys, owner, cell
         size = [int(rows // ratio), int(cols // ratio)]
         tokens, scores, keys = (None if x is None else F.interpolate(x[None], size, mode="bilinear")[0]
                                 for x in (tokens, scores, keys))  # fmt: skip
-        return tokens, scores, keys, torch.zeros(1, *size)
+        return tokens, scores, keys, torch.full((1, *size), -1), torch.arange(size[0] * size[1]).view(1, *size)

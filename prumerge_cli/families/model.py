@@ -1,0 +1,122 @@
+"""`FamilyEncoder`: a family checkpoint (LLaVA-NeXT, LLaVA-OneVision, InternVL, Gemma 3) loaded with transformers,
+its image processor, its adapter, a reducer and a budget scope: images in, what the LM receives per image out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ..dtypes import canonical, torch_dtype
+from ..errors import PrumergeError
+from ..lm.positions import check_positions
+from ..models.loading import read_config
+from ..models.weights import weight_files
+from ..reducers import Reducer, build_reducer
+from . import ADAPTERS, DEFAULT_SCOPE, FamilyAdapter, ImageTokens, check_scope, reduce_image
+from .layout import ImageLayout
+
+MODEL_TYPES = {"llava_next": "LlavaNextForConditionalGeneration",
+               "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+               "internvl": "InternVLForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration"}  # fmt: skip
+
+
+def is_family_checkpoint(model_dir: Path) -> bool:
+    """Whether `model_dir`'s config names one of the families' model types."""
+    return read_config(Path(model_dir)).get("model_type") in MODEL_TYPES
+
+
+@dataclass
+class LoadedFamily:
+    """A family checkpoint, ready to run: the transformers model, its image processor and its weight files."""
+
+    model_type: str
+    hf_model: Any
+    processor: Any
+    weight_files: list[Path]
+
+
+def load_family(model_dir: Path, dtype: str = "fp32") -> LoadedFamily:
+    """Load a family checkpoint from a local directory, offline, from safetensors weights only."""
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText
+
+    model_type = read_config(model_dir).get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise PrumergeError(f"{model_dir} is a {model_type!r} checkpoint, not one of {', '.join(MODEL_TYPES)}")
+    files = weight_files(model_dir)
+    if any(f.suffix != ".safetensors" for f in files):
+        raise PrumergeError(f"{model_dir}: family checkpoints are read from safetensors weights only")
+    if not (model_dir / "preprocessor_config.json").is_file():
+        raise PrumergeError(f"{model_dir} has no preprocessor_config.json; its tiles cannot be made without it")
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch_dtype(dtype),
+                                                            local_files_only=True)  # fmt: skip
+        processor = AutoImageProcessor.from_pretrained(str(model_dir), backend="pil", local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PrumergeError(f"{model_dir} cannot be loaded with transformers: {exc}") from None
+    if type(model).__name__ != MODEL_TYPES[model_type]:
+        raise PrumergeError(f"{model_dir} loads as {type(model).__name__}, not {MODEL_TYPES[model_type]}")
+    return LoadedFamily(model_type, model.eval().requires_grad_(False), processor, files)
+
+
+class FamilyEncoder:
+    """Call `encode_images` to get each image's `ImageTokens` (projected, packed as the LM receives them)."""
+
+    def __init__(self, model: LoadedFamily, reducer: Reducer, model_dir: Path, dtype: str = "fp32",
+                 scope: str = DEFAULT_SCOPE, positions: str = "contiguous"):  # fmt: skip
+        self.model = model
+        self.adapter: FamilyAdapter = ADAPTERS[MODEL_TYPES[model.model_type]](model.hf_model)
+        self.reducer = reducer
+        self.processor = model.processor
+        self.model_dir = model_dir
+        self.dtype_name = canonical(dtype)
+        self.scope = check_scope(scope)
+        self.positions = check_positions(positions)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, method: str = "prumerge", *, dtype: str = "fp32",
+                        scope: str = DEFAULT_SCOPE, positions: str = "contiguous",
+                        **params: Any) -> FamilyEncoder:  # fmt: skip
+        """Load a family checkpoint and attach reducer `method` applied with `scope`."""
+        reducer = build_reducer(method, **params)
+        check_scope(scope)
+        return cls(load_family(Path(model_dir), dtype), reducer, Path(model_dir).resolve(), dtype, scope, positions)
+
+    @property
+    def family(self) -> str:
+        """The checkpoint's model type (llava_next, llava_onevision, internvl, gemma3)."""
+        return self.model.model_type
+
+    def prepare(self, images: list[Image.Image]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The processor's pixel values of `images` and the other image inputs the adapter reads."""
+        out = self.processor(images, return_tensors="pt")
+        if "num_crops" in out and int(out["num_crops"].sum()) > 0:
+            raise PrumergeError("Gemma 3's pan-and-scan crops are not supported; turn do_pan_and_scan off")
+        return out["pixel_values"], {k: v for k, v in out.items() if k in ("image_sizes", "num_patches")}
+
+    @torch.no_grad()
+    def layouts(self, images: list[Image.Image]) -> tuple[torch.Tensor, list[ImageLayout]]:
+        """The pixel values of `images` and each one's layout (tiles with scores when the reducer needs them)."""
+        pixel_values, inputs = self.prepare(images)
+        return pixel_values, self.adapter.layouts(None, pixel_values, inputs, self.reducer.needs_scores)  # type: ignore[arg-type]
+
+    def encode_images(self, images: list[Image.Image]) -> list[ImageTokens]:
+        """What the LM receives for each image."""
+        _, layouts = self.layouts(images)
+        with torch.no_grad():
+            return [reduce_image(layout, self.reducer, self.scope) for layout in layouts]  # type: ignore[arg-type]
+
+    def settings(self) -> dict[str, Any]:
+        """What a bundle records to rebuild this encoder."""
+        return {"method": self.reducer.name, "params": self.reducer.params(), "dtype": self.dtype_name,
+                "score_layer": None, "score_dtype": "float32", "positions": self.positions, "scope": self.scope,
+                "family": self.family}  # fmt: skip
+
+    def save(self, bundle_dir: str | Path, force: bool = False) -> Path:
+        """Write a bundle (`reducer.json`) that `prumerge_cli.load` and `patch` read back."""
+        from ..bundle import write_bundle
+
+        return write_bundle(self, Path(bundle_dir), force=force)  # type: ignore[arg-type]
