@@ -24,7 +24,7 @@ from .options import PARAM_HELP, parse_params
 
 @app.command("inspect")
 def inspect_images(
-    target: Annotated[Path, typer.Argument(help="A bundle or a model directory.")],
+    target: Annotated[Path, typer.Argument(help="A bundle, a model directory (LLaVA and its families) or an export.")],
     images: Annotated[list[Path], typer.Argument(help="Image files or directories of them.")],
     method: Annotated[str | None, typer.Option("--method", "-m", help=f"Override: {', '.join(REDUCERS)}.")] = None,
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help=PARAM_HELP)] = None,
@@ -64,9 +64,16 @@ def inspect_images(
         encoder = open_encoder(target, method, parse_params(param), model, full_hash, dtype).to(where)
     else:
         raise PrumergeError(f"unknown backend {backend!r}; choose torch or ort")
+    console = out_console()
+    from ..families.model import FamilyEncoder
+
+    if isinstance(encoder, FamilyEncoder):
+        from .inspect_tiles import inspect_family
+
+        inspect_family(encoder, target, paths, json_path, overlay, force, batch_size, console, overlay_names(paths))
+        return
     rows: list[dict[str, Any]] = []
     views = []
-    console = out_console()
     with Phases(console) as phases, phases.phase(f"reducing {len(paths)} images", len(paths)) as advance:
         for start in range(0, len(paths), batch_size):
             batch = [open_image(p) for p in paths[start : start + batch_size]]

@@ -49,7 +49,8 @@ class Tile:
 class ImageLayout:
     """An image's tiles and its unreduced layout: `span` places, the (rows, cols) of LM tokens of each pixel tile,
     the newline token (None where the family has none), the row each place belongs to (-1: no newline follows its
-    row) and the place of each row's newline."""
+    row), the place of each row's newline, and how the pixel tiles after the base one are arranged (rows, cols;
+    None: side by side)."""
 
     tiles: list[Tile]
     span: int
@@ -57,6 +58,7 @@ class ImageLayout:
     newline: torch.Tensor | None = None
     row_of: torch.Tensor | None = None
     newline_places: torch.Tensor | None = None
+    tile_grid: tuple[int, int] | None = None
 
 
 @dataclass
@@ -99,8 +101,8 @@ def reduce_image(layout: ImageLayout, reducer: Reducer, scope: Scope) -> ImageTo
     """Reduce an image's tiles (each alone, or all at once) and pack what they keep."""
     tiles = layout.tiles if scope == "tile" or len(layout.tiles) == 1 else [merged_tiles(layout.tiles, reducer)]
     kept = [reduce_tile(tile, reducer) for tile in tiles]
-    sources = torch.cat([tile.sources[k[2]] for tile, k in zip(tiles, kept, strict=True)])
-    cells = torch.cat([tile.cells[k[2]] for tile, k in zip(tiles, kept, strict=True)])
+    kept_sources = torch.cat([tile.sources[k[2]] for tile, k in zip(tiles, kept, strict=True)])
+    kept_cells = torch.cat([tile.cells[k[2]] for tile, k in zip(tiles, kept, strict=True)])
     tokens = torch.cat([k[0] for k in kept])
     places = torch.cat([k[1] for k in kept])
     extra = places == EXTRA_INDEX
@@ -116,4 +118,5 @@ def reduce_image(layout: ImageLayout, reducer: Reducer, scope: Scope) -> ImageTo
     extras = tokens[extra]
     packed = torch.cat([cells[order], extras])
     packed_places = torch.cat([cell_places[order], torch.full((len(extras),), layout.span - 1)])
-    return ImageTokens(packed, packed_places, layout.span, [len(k[0]) for k in kept], sources, cells)
+    return ImageTokens(packed, packed_places, layout.span, [len(k[0]) for k in kept], kept_sources,
+                       kept_cells)  # fmt: skip

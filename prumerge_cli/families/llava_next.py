@@ -99,7 +99,9 @@ class LlavaNextAdapter(FamilyAdapter):
         owner = torch.arange(1, tokens.shape[0])[:, None, None].expand(-1, n, 1)
         cell = torch.arange(n)[None, :, None].expand(tokens.shape[0] - 1, -1, 1)
         where = [to_unpadded(x.contiguous(), tile_grid, self.side, image_size) for x in (owner, cell)]
-        return self.grid_layout(base, *self.resize(*grid, *where))
+        layout = self.grid_layout(base, *self.resize(*grid, *where))
+        layout.tile_grid = (int(tile_grid[0]), int(tile_grid[1]))
+        return layout
 
     def resize(self, tokens, scores, keys, owner, cell):
         """The unpadded grid as the LM receives it (OneVision may downscale it)."""

@@ -85,6 +85,11 @@ class FamilyEncoder:
         check_scope(scope)
         return cls(load_family(Path(model_dir), dtype), reducer, Path(model_dir).resolve(), dtype, scope, positions)
 
+    def to(self, device: Any) -> FamilyEncoder:
+        """Move the model to `device`; returns self."""
+        self.model.hf_model.to(device)
+        return self
+
     @property
     def family(self) -> str:
         """The checkpoint's model type (llava_next, llava_onevision, internvl, gemma3)."""
@@ -103,11 +108,22 @@ class FamilyEncoder:
         pixel_values, inputs = self.prepare(images)
         return pixel_values, self.adapter.layouts(None, pixel_values, inputs, self.reducer.needs_scores)  # type: ignore[arg-type]
 
-    def encode_images(self, images: list[Image.Image]) -> list[ImageTokens]:
-        """What the LM receives for each image."""
-        _, layouts = self.layouts(images)
+    def reduce_layouts(self, layouts: list[ImageLayout]) -> list[ImageTokens]:
+        """What the LM receives for each image of `layouts`."""
         with torch.no_grad():
             return [reduce_image(layout, self.reducer, self.scope) for layout in layouts]  # type: ignore[arg-type]
+
+    def encode_images(self, images: list[Image.Image]) -> list[ImageTokens]:
+        """What the LM receives for each image."""
+        return self.reduce_layouts(self.layouts(images)[1])
+
+    def tile_pixels(self, pixel_values: torch.Tensor, layouts: list[ImageLayout]) -> list[torch.Tensor]:
+        """Each image's pixel tiles [t, 3, H, W], the base (or only) one first, from the processor's batch."""
+        counts = [1 + layout.tile_grid[0] * layout.tile_grid[1] if layout.tile_grid else len(layout.tiles)
+                  for layout in layouts]  # fmt: skip
+        if pixel_values.dim() == 5:
+            return [pixel_values[b, :n] for b, n in enumerate(counts)]
+        return list(torch.split(pixel_values, counts))
 
     def settings(self) -> dict[str, Any]:
         """What a bundle records to rebuild this encoder."""

@@ -1,0 +1,90 @@
+"""The commands on family checkpoints (tiny LLaVA-NeXT at the released model's geometry, and the others):
+compress writes a bundle with its scope, inspect reports the LM's tokens per image and draws the tiles, patch
+reads the bundle's settings, and what cannot apply is refused in one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText
+
+import prumerge_cli
+from prumerge_cli.bundle import read_bundle
+from prumerge_cli.zoo.families import FAMILIES, save_family
+
+from .cli_helpers import run_cli
+from .test_cli import assert_clean_error
+
+
+@pytest.fixture(scope="module")
+def next_dir(tmp_path_factory):
+    return save_family("llava_next", tmp_path_factory.mktemp("next") / "model", "real")
+
+
+@pytest.fixture(scope="module")
+def wide_image(tmp_path_factory):
+    """A 672x336 image with a red and a blue square on a dark ground."""
+    rng = np.random.default_rng(0)
+    pixels = (rng.random((336, 672, 3)) * 60).astype(np.uint8)
+    pixels[100:200, 150:250] = (230, 40, 40)
+    pixels[50:120, 500:600] = (40, 40, 230)
+    path = tmp_path_factory.mktemp("images") / "wide.png"
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_compress_and_inspect_a_llava_next_checkpoint(capsys, next_dir, wide_image, tmp_path):
+    bundle = tmp_path / "b"
+    res = run_cli(capsys, "compress", next_dir, "-o", bundle, "--scope", "image")
+    assert res.code == 0, res.err
+    record = read_bundle(bundle)
+    assert (record["family"], record["scope"], record["method"]) == ("llava_next", "image", "prumerge")
+    report, overlays = tmp_path / "r.json", tmp_path / "ov"
+    res = run_cli(capsys, "inspect", next_dir, wide_image, "--json", report, "--overlay", overlays)
+    assert res.code == 0, res.err
+    row = json.loads(report.read_text())["images"][0]
+    # 672x336: the base tile and two grid tiles of 24x24; unpadded 24 rows of 48 and a newline each
+    assert row["pixel_tiles"] == 3 and row["stock_tokens"] == 576 + 24 * 49
+    assert len(row["kept_per_tile"]) == 3 and row["tokens"] == sum(row["kept_per_tile"]) + row["newlines"]
+    assert 0 < row["newlines"] <= 24 and row["tokens"] < row["stock_tokens"]
+    assert {s for s, _ in row["kept_cells"]} == {0, 1, 2}
+    overlay = Image.open(overlays / "wide.overlay.png")
+    assert overlay.width > 3 * 224
+    assert "wide.png" in res.out and "kept per tile" in res.out
+
+
+def test_patch_reads_a_family_bundle_s_settings(capsys, next_dir, tmp_path):
+    bundle = tmp_path / "b"
+    assert run_cli(capsys, "compress", next_dir, "-o", bundle, "-m", "pool", "-p", "side=6").code == 0
+    model = AutoModelForImageTextToText.from_pretrained(str(next_dir), dtype=torch.float32)
+    prumerge_cli.patch(model, bundle)
+    try:
+        assert model._prumerge_reducer.params() == {"side": 6}
+        assert (model._prumerge_scope, model._prumerge_positions) == ("tile", "original")
+    finally:
+        prumerge_cli.unpatch(model)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_family_compresses_and_inspects(capsys, name, wide_image, tmp_path):
+    model_dir = save_family(name, tmp_path / name, "small")
+    bundle = tmp_path / "b"
+    assert run_cli(capsys, "compress", model_dir, "-o", bundle, "-m", "prumerge").code == 0
+    res = run_cli(capsys, "inspect", bundle, wide_image, "--json", tmp_path / "r.json")
+    assert res.code == 0, res.err
+    row = json.loads((tmp_path / "r.json").read_text())["images"][0]
+    assert row["tokens"] == sum(row["kept_per_tile"]) + row["newlines"] < row["stock_tokens"]
+
+
+def test_what_a_family_cannot_take_is_refused_in_one_line(capsys, next_dir, tmp_path):
+    out = tmp_path / "b"
+    assert_clean_error(run_cli(capsys, "compress", next_dir, "-o", out, "--finetune"), "tiled or pooled family")
+    assert_clean_error(run_cli(capsys, "compress", next_dir, "-o", out, "--score-layer", "1"), "--score-layer")
+    assert_clean_error(run_cli(capsys, "compress", next_dir, "-o", out, "--scope", "page"), "scope must be one of")
+    assert_clean_error(run_cli(capsys, "compress", next_dir, "-o", out, "-m", "pool", "--scope", "image"),
+                       "scope=image has no grid")  # fmt: skip
+    assert not out.exists()
