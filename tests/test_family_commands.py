@@ -88,3 +88,23 @@ def test_what_a_family_cannot_take_is_refused_in_one_line(capsys, next_dir, tmp_
     assert_clean_error(run_cli(capsys, "compress", next_dir, "-o", out, "-m", "pool", "--scope", "image"),
                        "scope=image has no grid")  # fmt: skip
     assert not out.exists()
+
+
+def test_bench_on_a_family_reports_tokens_time_and_prefill_beside_the_stock_model(capsys, next_dir, tmp_path):
+    report = tmp_path / "r.json"
+    res = run_cli(capsys, "bench", next_dir, "--methods", "prumerge,pool", "--batch-sizes", "2", "--synthetic", "2",
+                  "--iters", "1", "--warmup", "0", "--json", report)  # fmt: skip
+    assert res.code == 0, res.err
+    found = json.loads(report.read_text())
+    rows = {r["variant"]: r for r in found["family_rows"]}
+    assert found["llm_shape"] == "vicuna-7b" and set(rows) == {"none", "prumerge", "pool"}
+    assert rows["none"]["tokens"] == rows["none"]["stock_tokens"] == 2928  # 672x672: 576 + 48 x 49
+    assert rows["none"]["prefill_ratio"] == 1.0 and rows["prumerge"]["prefill_ratio"] < 0.5
+    assert rows["pool"]["tokens"] == 576 // 4 * 5 + 24  # 12x12 per tile, a newline per pooled row of the grid
+    assert "672x672" in res.out
+
+
+def test_bench_refuses_what_only_llava_1_5_checkpoints_take(capsys, next_dir, tmp_path):
+    for extra, fragment in ((["--backends", "ort"], "--backends ort/trt"), (["--plot", tmp_path / "p.png"], "--plot")):
+        assert_clean_error(run_cli(capsys, "bench", next_dir, "--synthetic", "1", *extra), fragment)
+    assert not (tmp_path / "p.png").exists()

@@ -1,9 +1,10 @@
 """An analytic cost model of a Llama-family LLM's prefill as a function of the visual-token count.
 
 For a sequence of T tokens (visual + text), hidden size H, MLP width I, L layers, A attention heads,
-G key/value heads (head dim D = H / A), vocabulary V and b bytes per element:
+G key/value heads (head dim D, H / A unless the model sets it, as Gemma 3 does), vocabulary V and b bytes per
+element:
 
-- prefill FLOPs = L * (2T(2H^2 + 2HGD) + 2T * 3HI + 4T^2 H) + 2TV
+- prefill FLOPs = L * (2T(2HAD + 2HGD) + 2T * 3HI + 4T^2 AD) + 2TV
   (q/o and k/v projections, the SwiGLU MLP, scores and weighted sum over all T keys, the LM head;
   one multiply-add = 2 FLOPs; the causal mask is not used to skip work, as in LLM-Viewer-style counts)
 - KV-cache bytes = 2 L T G D b
@@ -31,18 +32,26 @@ class LlmShape:
     kv_heads: int
     vocab: int
     bytes_per_element: int = 2
+    attention_head_dim: int = 0
+    """The head dimension where it is not hidden / heads (0: hidden / heads)."""
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.attention_head_dim or self.hidden // self.heads
 
 
 SHAPES: dict[str, LlmShape] = {
     "vicuna-7b": LlmShape(4096, 11008, 32, 32, 32, 32000),
     "vicuna-13b": LlmShape(5120, 13824, 40, 40, 40, 32000),
     "llama-3-8b": LlmShape(4096, 14336, 32, 32, 8, 128256),
+    "mistral-7b": LlmShape(4096, 14336, 32, 32, 8, 32000),
+    "qwen2-7b": LlmShape(3584, 18944, 28, 28, 4, 152064),
+    "qwen2.5-7b": LlmShape(3584, 18944, 28, 28, 4, 151674),
+    "gemma-3-4b": LlmShape(2560, 10240, 34, 8, 4, 262208, attention_head_dim=256),
 }
-"""LLaVA-1.5-7B and -13B use Vicuna-7B/13B v1.5 (Llama-2 shapes); LLaVA-NeXT-8B uses Llama-3-8B."""
+"""LLaVA-1.5-7B and -13B and LLaVA-v1.6-Vicuna-7B use Vicuna-7B/13B v1.5 (Llama-2 shapes); LLaVA-v1.6-Mistral-7B
+Mistral-7B; LLaVA-NeXT-8B Llama-3-8B; LLaVA-OneVision-7B Qwen2-7B; InternVL3-8B Qwen2.5-7B; Gemma 3 4B its own
+LM (8 heads of 256)."""
 
 LLAVA_TEXT_TOKENS = 32
 """Text tokens assumed beside the image in the reference comparison (system prompt plus a short question)."""
@@ -65,8 +74,8 @@ def shape_named(spec: str) -> tuple[str, LlmShape]:
 def prefill_flops(shape: LlmShape, tokens: int) -> float:
     """FLOPs of one prefill over `tokens` tokens."""
     h, t = shape.hidden, tokens
-    kv = shape.kv_heads * shape.head_dim
-    per_layer = 2 * t * (2 * h * h + 2 * h * kv) + 2 * t * 3 * h * shape.intermediate + 4 * t * t * h
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    per_layer = 2 * t * (2 * h * q + 2 * h * kv) + 2 * t * 3 * h * shape.intermediate + 4 * t * t * q
     return shape.layers * per_layer + 2 * t * h * shape.vocab
 
 

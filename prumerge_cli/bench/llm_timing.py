@@ -26,7 +26,8 @@ def random_llm(shape: LlmShape, device: torch.device, seed: int = 0) -> LlamaMod
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.intermediate,
                          num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                         num_key_value_heads=shape.kv_heads, vocab_size=256, max_position_embeddings=4096)  # fmt: skip
+                         num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim, vocab_size=256,
+                         max_position_embeddings=4096)  # fmt: skip
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     return LlamaModel(config).to(device, dtype).eval()
 

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import torch
 import typer
+from rich.console import Console
 
 from .. import atomic, devices, dtypes
 from ..errors import PrumergeError
 from ..lm.positions import DEFAULT_POSITIONS, POSITIONS_HELP, check_positions
 from ..progress import Phases
+
+if TYPE_CHECKING:
+    from ..bench.runner import BenchSettings
 from . import app
 from .console import out_console
 
@@ -82,8 +86,13 @@ def bench(
         raise PrumergeError("batch sizes must be positive integers")
     if prompts is not None:
         settings.prompts = [p for p in _read_lines(prompts) if p.strip()] or settings.prompts
-    pixels, source = load_pixels(targets[0], images, synthetic, model)
     console = out_console()
+    from ..bench.family_bench import is_family_target
+
+    if is_family_target(targets[0]):
+        bench_family(targets, images, synthetic, settings, json_path, plot, console)
+        return
+    pixels, source = load_pixels(targets[0], images, synthetic, model)
     with Phases(console) as phases:
         report = run_bench(targets, pixels, source, settings, phases)
     print_tables(report, console)
@@ -91,6 +100,27 @@ def bench(
         write_json(report, json_path)
     if plot is not None:
         write_plot(report, plot)
+
+
+def bench_family(targets: list[Path], images: Path | None, synthetic: int | None, settings: BenchSettings,
+                 json_path: Path | None, plot: Path | None, console: Console) -> None:  # fmt: skip
+    """The family bench: refuse what only LLaVA-1.5 checkpoints take, then measure and report."""
+    from ..bench.family_bench import family_images, print_family_tables, run_family_bench
+    from ..bench.report import write_json
+    from ..bundle import is_bundle, read_bundle
+    from ..models.loading import read_config
+
+    if settings.backends != ["torch"] or settings.llm is not None or plot is not None:
+        raise PrumergeError("on a family checkpoint bench measures the torch encoder and the cost model's prefill: "
+                            "--backends ort/trt, --llm and --plot take LLaVA-1.5-shaped checkpoints")  # fmt: skip
+    first = targets[0]
+    family = read_bundle(first)["family"] if is_bundle(first) else read_config(first)["model_type"]
+    pictures, source = family_images(family, images, synthetic)
+    with Phases(console) as phases:
+        report = run_family_bench(targets, pictures, source, settings, phases)
+    print_family_tables(report, console)
+    if json_path is not None:
+        write_json(report, json_path)
 
 
 def _read_lines(path: Path) -> list[str]:

@@ -76,6 +76,11 @@ class FamilyEncoder:
         self.scope = check_scope(scope)
         self.positions = check_positions(positions)
 
+    def with_reducer(self, reducer: Reducer, scope: str | None = None) -> FamilyEncoder:
+        """Another encoder on the same loaded model."""
+        return FamilyEncoder(self.model, reducer, self.model_dir, self.dtype_name, scope or self.scope,
+                             self.positions)  # fmt: skip
+
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, method: str = "prumerge", *, dtype: str = "fp32",
                         scope: str = DEFAULT_SCOPE, positions: str = "contiguous",
@@ -106,7 +111,12 @@ class FamilyEncoder:
     def layouts(self, images: list[Image.Image]) -> tuple[torch.Tensor, list[ImageLayout]]:
         """The pixel values of `images` and each one's layout (tiles with scores when the reducer needs them)."""
         pixel_values, inputs = self.prepare(images)
-        return pixel_values, self.adapter.layouts(None, pixel_values, inputs, self.reducer.needs_scores)  # type: ignore[arg-type]
+        return pixel_values, self.layouts_of(pixel_values, inputs)
+
+    @torch.no_grad()
+    def layouts_of(self, pixel_values: torch.Tensor, inputs: dict[str, Any]) -> list[ImageLayout]:
+        """Each image's layout from the processor's outputs (`prepare`)."""
+        return self.adapter.layouts(None, pixel_values, dict(inputs), self.reducer.needs_scores)  # type: ignore[arg-type]
 
     def reduce_layouts(self, layouts: list[ImageLayout]) -> list[ImageTokens]:
         """What the LM receives for each image of `layouts`."""
