@@ -67,6 +67,11 @@ class Asker:
         self.encoder.to(device)
         self.lm.model.to(device)
 
+    @property
+    def tokenizer(self):
+        """The LM's tokenizer."""
+        return self.lm.tokenizer
+
     def ask(self, images: list[Image.Image], questions: list[str], decoding: Decoding,
             on_token: Callable[[int], None] | None = None) -> list[Answer]:  # fmt: skip
         """Answer each (image, question) pair, batched; `on_token(id)` sees row 0's tokens as they come."""

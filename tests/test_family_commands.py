@@ -4,6 +4,7 @@ reads the bundle's settings, and what cannot apply is refused in one line."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -108,3 +109,30 @@ def test_bench_refuses_what_only_llava_1_5_checkpoints_take(capsys, next_dir, tm
     for extra, fragment in ((["--backends", "ort"], "--backends ort/trt"), (["--plot", tmp_path / "p.png"], "--plot")):
         assert_clean_error(run_cli(capsys, "bench", next_dir, "--synthetic", "1", *extra), fragment)
     assert not (tmp_path / "p.png").exists()
+
+
+def test_generate_answers_with_a_llava_next_bundle_as_the_patched_model_does(capsys, next_dir, wide_image, tmp_path):
+    bundle = tmp_path / "b"
+    assert run_cli(capsys, "compress", next_dir, "-o", bundle).code == 0
+    res = run_cli(capsys, "generate", bundle, "--image", wide_image, "--prompt", "what shape is there",
+                  "--max-new-tokens", "4")  # fmt: skip
+    assert res.code == 0, res.err
+    answer, stats = [line for line in res.out.splitlines() if line.strip()][-2:]
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(next_dir))
+    model = AutoModelForImageTextToText.from_pretrained(str(next_dir), dtype=torch.float32)
+    prumerge_cli.patch(model, bundle)
+    inputs = processor(images=[Image.open(wide_image)], text=["<s><image>what shape is there"], return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert answer == processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert stats.startswith(f"{model._prumerge_counts[0]} visual tokens kept")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="InternVL's processor needs it")
+def test_generate_says_in_one_line_when_transformers_cannot_build_the_processor(capsys, tmp_path):
+    model_dir = save_family("internvl", tmp_path / "internvl", "small")
+    Image.new("RGB", (64, 64)).save(tmp_path / "q.png")
+    assert run_cli(capsys, "compress", model_dir, "-o", tmp_path / "b").code == 0
+    res = run_cli(capsys, "generate", tmp_path / "b", "--image", tmp_path / "q.png", "--prompt", "what")
+    assert_clean_error(res, "generate needs it")

@@ -19,7 +19,7 @@ from .console import out_console
 
 @app.command()
 def generate(
-    bundle: Annotated[Path, typer.Argument(help="A bundle of a LLaVA checkpoint (prumerge compress).")],
+    bundle: Annotated[Path, typer.Argument(help="A bundle of a LLaVA or family checkpoint (prumerge compress).")],
     image: Annotated[Path | None, typer.Option(help="The image to ask about.")] = None,
     prompt: Annotated[str | None, typer.Option(help="The question.")] = None,
     batch: Annotated[
@@ -55,17 +55,25 @@ def generate(
     records = read_records(batch) if batch is not None else [{"image": str(image), "prompt": prompt}]
     pictures = [open_image(Path(r["image"])) for r in records]
     decoding = Decoding(max_new_tokens, temperature, top_p, seed)
-    asker = Asker(bundle, where, model, full_hash)
+    from ..bundle import read_bundle
+
+    if "family" in read_bundle(bundle):
+        from ..families.asker import FamilyAsker
+
+        asker: Asker | FamilyAsker = FamilyAsker(bundle, where, model, full_hash)
+    else:
+        asker = Asker(bundle, where, model, full_hash)
+    tokenizer = asker.tokenizer
     console = out_console()
-    for warning in prompt_warnings(asker.lm.tokenizer, [r["prompt"] for r in records], bundle):
+    for warning in prompt_warnings(tokenizer, [r["prompt"] for r in records], bundle):
         err.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     if batch is None:
         shown: list[int] = []
 
         def show(token: int) -> None:
-            before = asker.lm.tokenizer.decode(shown)
+            before = tokenizer.decode(shown)
             shown.append(token)
-            sys.stdout.write(asker.lm.tokenizer.decode(shown)[len(before) :])
+            sys.stdout.write(tokenizer.decode(shown)[len(before) :])
             sys.stdout.flush()
 
         (answer,) = asker.ask(pictures, [prompt], decoding, on_token=show)

@@ -21,6 +21,7 @@ class ReducedFamily:
     _prumerge_reducer: Reducer
     _prumerge_scope: str
     _prumerge_positions: str
+    _prumerge_counts: list[int]
 
     def reduced_images(self, input_ids: torch.Tensor, pixel_values: torch.Tensor,
                        inputs: dict[str, Any]) -> list[ImageTokens]:  # fmt: skip
@@ -39,6 +40,7 @@ class ReducedFamily:
             attention_mask = torch.ones_like(input_ids)
         adapter = self._prumerge_adapter
         images = self.reduced_images(input_ids, pixel_values, kwargs)
+        self._prumerge_counts = [len(i.tokens) for i in images]  # what the LM received, for callers to report
         pad = self.generation_config.pad_token_id  # type: ignore[attr-defined]
         ids, mask = shorten_placeholders(input_ids, attention_mask, adapter.image_token,
                                          [len(i.tokens) for i in images], 0 if pad is None else pad)  # fmt: skip
@@ -64,6 +66,13 @@ def unpatch_family(model: Any) -> Any:
     """Undo `patch_family` (a model that is not patched is returned as it is)."""
     if isinstance(model, ReducedFamily):
         model.__class__ = model._prumerge_host  # type: ignore[attr-defined]
-        for name in ("_prumerge_adapter", "_prumerge_reducer", "_prumerge_scope", "_prumerge_positions"):
-            delattr(model, name)
+        for name in (
+            "_prumerge_adapter",
+            "_prumerge_reducer",
+            "_prumerge_scope",
+            "_prumerge_positions",
+            "_prumerge_counts",
+        ):
+            if hasattr(model, name):
+                delattr(model, name)
     return model

@@ -41,6 +41,9 @@ TOWER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_att
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
             vocab_size=160)  # fmt: skip
 FAMILIES = ("llava_next", "llava_onevision", "internvl", "gemma3")
+CHAT_TEMPLATE = ("<s>{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
+                 "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}")  # fmt: skip
+"""The embedded model's prompt shape: `<s>`, the image, the question."""
 
 
 @dataclass(frozen=True)
@@ -156,8 +159,7 @@ def save_family(name: str, path: Path, geometry: str = "real", force: bool = Fal
         if name == "llava_next":
             LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}"
-                               ).save_pretrained(tmp)  # fmt: skip
+                               chat_template=CHAT_TEMPLATE).save_pretrained(tmp)  # fmt: skip
     return path
 
 
