@@ -136,3 +136,9 @@ def test_generate_says_in_one_line_when_transformers_cannot_build_the_processor(
     assert run_cli(capsys, "compress", model_dir, "-o", tmp_path / "b").code == 0
     res = run_cli(capsys, "generate", tmp_path / "b", "--image", tmp_path / "q.png", "--prompt", "what")
     assert_clean_error(res, "generate needs it")
+
+
+def test_export_refuses_a_family_in_one_line_that_says_why(capsys, next_dir, tmp_path):
+    res = run_cli(capsys, "export", next_dir, "-o", tmp_path / "e", "--onnx")
+    assert_clean_error(res, "no fixed-shape tile graph")
+    assert not (tmp_path / "e").exists()

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-from ..bundle import is_bundle, load, read_bundle
+from ..bundle import is_bundle, load
 from ..errors import PrumergeError
-from ..families.model import FamilyEncoder, is_family_checkpoint
+from ..families.model import FamilyEncoder
 from ..models.images import collect_images, open_image
 from ..progress import Phases
 from ..reducers import build_reducer
@@ -32,13 +32,6 @@ Gemma 3's one 896 px image."""
 FAMILY_LM = {"llava_next": "vicuna-7b", "llava_onevision": "qwen2-7b", "internvl": "qwen2.5-7b",
              "gemma3": "gemma-3-4b"}  # fmt: skip
 """The LM shape each family's usual 7B-class release has (cost model, when no --llm-shape is given)."""
-
-
-def is_family_target(target: Path) -> bool:
-    """Whether `target` is a family checkpoint or a bundle of one."""
-    if is_bundle(target):
-        return "family" in read_bundle(target)
-    return Path(target).is_dir() and is_family_checkpoint(Path(target))
 
 
 def family_images(family: str, images: Path | None, synthetic: int | None) -> tuple[list[Image.Image], str]:

@@ -87,7 +87,7 @@ def bench(
     if prompts is not None:
         settings.prompts = [p for p in _read_lines(prompts) if p.strip()] or settings.prompts
     console = out_console()
-    from ..bench.family_bench import is_family_target
+    from ..families.model import is_family_target
 
     if is_family_target(targets[0]):
         bench_family(targets, images, synthetic, settings, json_path, plot, console)

@@ -83,8 +83,11 @@ def export(
     from ..bundle import is_bundle
     from ..dynamic.bundle import is_dynamic
     from ..exporters.decode_export import DecodeOptions
+    from ..families.model import EXPORT_REFUSAL, is_family_target
     from ..targets import open_encoder
 
+    if is_family_target(target):
+        raise PrumergeError(f"{target}: {EXPORT_REFUSAL}")
     if is_bundle(target) and is_dynamic(target):
         options = DecodeOptions(batch_size or 1, prompt_tokens, new_tokens, plugins != "none", plugins == "aot", check)
         export_decode(target, output, options, trt, dtype, timing_cache, force, console, model, full_hash)

@@ -29,6 +29,21 @@ def is_family_checkpoint(model_dir: Path) -> bool:
     return read_config(Path(model_dir)).get("model_type") in MODEL_TYPES
 
 
+def is_family_target(target: Path) -> bool:
+    """Whether `target` is a family checkpoint or a bundle of one."""
+    from ..bundle import is_bundle, read_bundle
+
+    if is_bundle(target):
+        return "family" in read_bundle(target)
+    return Path(target).is_dir() and (Path(target) / "config.json").is_file() and is_family_checkpoint(Path(target))
+
+
+EXPORT_REFUSAL = ("export takes LLaVA-1.5-shaped checkpoints: a family's tiles are cut to each image's aspect "
+                  "(LLaVA-NeXT, OneVision), pooled or pixel-shuffled before the reduction (Gemma 3, InternVL), and "
+                  "packed with newlines on the host, so no fixed-shape tile graph is built for them yet; run them "
+                  "with `prumerge_cli.patch` or bench them on torch")  # fmt: skip
+
+
 @dataclass
 class LoadedFamily:
     """A family checkpoint, ready to run: the transformers model, its image processor and its weight files."""
