@@ -13,7 +13,7 @@ from transformers import AutoImageProcessor, AutoModelForImageTextToText
 
 import prumerge_cli
 from prumerge_cli.errors import PrumergeError
-from prumerge_cli.families import adapter_for
+from prumerge_cli.families.registry import adapter_for
 from prumerge_cli.models.tower import VisionTower
 from prumerge_cli.zoo.families import FAMILIES, IMAGE_TOKEN, build_family, save_family
 
@@ -197,7 +197,7 @@ def test_scope_image_reduces_once_over_the_tiles_and_pool_refuses_it(family):
     adapter = adapter_for(model)
     extra = {k: v for k, v in inputs.items() if k == "image_sizes"}
     layouts = adapter.layouts(inputs["input_ids"], inputs["pixel_values"], extra, True)
-    from prumerge_cli.families import reduce_image
+    from prumerge_cli.families.layout import reduce_image
     from prumerge_cli.reducers import build_reducer
 
     once = reduce_image(layouts[0], build_reducer("prumerge"), "image")

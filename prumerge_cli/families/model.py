@@ -16,8 +16,9 @@ from ..lm.positions import check_positions
 from ..models.loading import read_config
 from ..models.weights import weight_files
 from ..reducers import Reducer, build_reducer
-from . import ADAPTERS, DEFAULT_SCOPE, FamilyAdapter, ImageTokens, check_scope, reduce_image
-from .layout import ImageLayout
+from .base import FamilyAdapter
+from .layout import DEFAULT_SCOPE, ImageLayout, ImageTokens, check_scope, reduce_image
+from .registry import ADAPTERS
 
 MODEL_TYPES = {"llava_next": "LlavaNextForConditionalGeneration",
                "llava_onevision": "LlavaOnevisionForConditionalGeneration",

@@ -10,7 +10,8 @@ from transformers import LlavaForConditionalGeneration
 
 from ..bundle import is_bundle, read_bundle
 from ..errors import PrumergeError
-from ..families import ADAPTERS, DEFAULT_SCOPE, adapter_for, check_scope
+from ..families.layout import DEFAULT_SCOPE, check_scope
+from ..families.registry import ADAPTERS, adapter_for
 from ..lm.positions import check_positions
 from ..reducers import Reducer, build_reducer
 from .transformers_families import patch_family, unpatch_family

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from ..families import FamilyAdapter, ImageTokens, reduce_image
+from ..families.base import FamilyAdapter
+from ..families.layout import ImageTokens, reduce_image
 from ..reducers import Reducer
 from .transformers_llava import original_position_ids, shorten_placeholders, with_caller_prompt
 
