@@ -14,6 +14,7 @@ from PIL import Image
 
 from .bundle import load, read_bundle
 from .devices import finished, module_device
+from .encoder import ReducedVisionEncoder
 from .errors import PrumergeError
 from .finetune.bundle import REGIME, load_finetuned_lm, regime
 from .lm.llava_lm import LlavaLm
@@ -47,16 +48,27 @@ class Asker:
     adapters and projector of a fine-tuned one), on one device."""
 
     def __init__(self, bundle: str | Path, device: torch.device = torch.device("cpu"), model_dir: Path | None = None,
-                 full_hash: bool = False):  # fmt: skip
+                 full_hash: bool = False, every_token: bool = False, dtype: str | None = None):  # fmt: skip
+        """`every_token`: the bundle's model with method none (a Dynamic-LLaVA bundle's without its predictors;
+        a fine-tuned bundle's with its adapters), the baseline of what the bundle saves; `dtype`: the tower's."""
         self.dynamic = None
-        if read_bundle(bundle)["method"] == "dynamic":
+        options = {} if dtype is None else {"dtype": dtype}
+        method = "none" if every_token else None
+        if read_bundle(bundle)["method"] == "dynamic" and not every_token:
             from .dynamic.bundle import load_dynamic
 
             self.dynamic, self.encoder = load_dynamic(Path(bundle), model_dir=model_dir, full_hash=full_hash)
             self.lm = self.dynamic.lm
             self.dynamic.predictors.to(device)
+        elif read_bundle(bundle)["method"] == "dynamic":
+            from .model_ref import resolve_model
+
+            record = read_bundle(bundle)
+            llava = resolve_model(record["model"], Path(bundle), model_dir)
+            self.encoder = ReducedVisionEncoder.from_pretrained(llava, "none", **options)
+            self.lm = LlavaLm.from_pretrained(llava)
         else:
-            self.encoder = load(bundle, model_dir=model_dir, full_hash=full_hash)
+            self.encoder = load(bundle, method, model_dir=model_dir, full_hash=full_hash, **options)
             if self.encoder.projector is None:
                 raise PrumergeError(f"the model of {bundle} is a vision tower alone; generate needs a LLaVA checkpoint")
             if regime(read_bundle(bundle)) == REGIME:  # the adapters in the LM, the trained projector

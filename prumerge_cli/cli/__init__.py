@@ -42,7 +42,7 @@ def _options(
 
 
 def _register() -> None:
-    from . import bench, compress, convert, demo, export, generate, inspect_images, world  # noqa: F401  (commands register themselves on `app`)
+    from . import bench, compress, convert, demo, evaluate, export, generate, inspect_images, world  # noqa: F401  (commands register themselves on `app`)
 
 
 def quiet_transformers() -> None:
