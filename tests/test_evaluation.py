@@ -107,3 +107,18 @@ def test_bad_input_is_one_line(capsys, bundles, tmp_path):
     assert_clean_error(run_cli(capsys, "eval", LLAVA_DIR, "--tasks", "prumerge_world", "-o", out), "not a bundle")
     assert_clean_error(run_cli(capsys, "eval", bundle, "--tasks", " , ", "-o", out), "names no task")
     assert not out.exists()
+
+
+def test_world_writes_the_tasks_for_include_path(capsys, tmp_path):
+    res = run_cli(capsys, "world", "--lmms", "--split", "test", "--count", "2", "-o", tmp_path / "tasks")
+    assert res.code == 0, res.err
+    names = sorted(p.name for p in (tmp_path / "tasks").iterdir())
+    assert names == sorted(["data", "utils.py", "prumerge_world.yaml", *(f"prumerge_world_{q}.yaml"
+                                                                         for q in QUESTION_TYPES)])  # fmt: skip
+    from datasets import load_from_disk
+
+    data = load_from_disk(str(tmp_path / "tasks" / "data"))
+    assert set(data) == set(QUESTION_TYPES) and all(len(data[q]) == 2 for q in QUESTION_TYPES)
+    assert (
+        str((tmp_path / "tasks" / "data").resolve()) in (tmp_path / "tasks" / "prumerge_world_color.yaml").read_text()
+    )
