@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import torch
 import typer
@@ -215,11 +215,7 @@ def compress(
         probe = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(0))
         encoder(probe)
         encoder.save(output, force=force)
-    table = Table(title=f"bundle {output}", show_header=False)
-    table.add_row("model", f"{encoder.model_dir} ({encoder.model.model_type})")
-    table.add_row("method", method)
-    table.add_row("parameters", ", ".join(f"{k}={v}" for k, v in encoder.reducer.params().items()) or "-")
-    table.add_row("positions", encoder.positions)
+    table = bundle_table(output, f"{encoder.model_dir} ({encoder.model.model_type})", encoder)
     n = encoder.tower.num_patches
     extra = int(getattr(encoder.reducer, "merge", False))
     kept = encoder.reducer.max_tokens(n) - extra
@@ -227,6 +223,16 @@ def compress(
         "visual tokens", f"at most {kept} of {n} patches" + (", plus the merged extra token" if extra else "")
     )
     console.print(table)
+
+
+def bundle_table(output: Path, model: str, encoder: Any) -> Table:
+    """The written bundle's model, method, parameters and positions, for more rows to follow."""
+    table = Table(title=f"bundle {output}", show_header=False)
+    table.add_row("model", model)
+    table.add_row("method", encoder.reducer.name)
+    table.add_row("parameters", ", ".join(f"{k}={v}" for k, v in encoder.reducer.params().items()) or "-")
+    table.add_row("positions", encoder.positions)
+    return table
 
 
 def compress_family(model_dir: Path, output: Path, method: str, params: dict, dtype: str, positions: str, scope: str,
@@ -244,11 +250,7 @@ def compress_family(model_dir: Path, output: Path, method: str, params: dict, dt
                                               generator=torch.Generator().manual_seed(0)).numpy())  # fmt: skip
         image = encoder.encode_images([probe])[0]
         encoder.save(output, force=force)
-    table = Table(title=f"bundle {output}", show_header=False)
-    table.add_row("model", f"{encoder.model_dir} ({encoder.family})")
-    table.add_row("method", method)
-    table.add_row("parameters", ", ".join(f"{k}={v}" for k, v in encoder.reducer.params().items()) or "-")
-    table.add_row("positions", encoder.positions)
+    table = bundle_table(output, f"{encoder.model_dir} ({encoder.family})", encoder)
     table.add_row("scope", encoder.scope)
     table.add_row("probe 600x300", f"{len(image.tokens)} of {image.span} tokens to the LM (kept per tile "
                                    f"{', '.join(map(str, image.kept_per_tile))})")  # fmt: skip
