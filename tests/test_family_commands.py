@@ -77,8 +77,11 @@ def test_every_family_compresses_and_inspects(capsys, name, wide_image, tmp_path
     assert run_cli(capsys, "compress", model_dir, "-o", bundle, "-m", "prumerge").code == 0
     res = run_cli(capsys, "inspect", bundle, wide_image, "--json", tmp_path / "r.json")
     assert res.code == 0, res.err
-    row = json.loads((tmp_path / "r.json").read_text())["images"][0]
+    report = json.loads((tmp_path / "r.json").read_text())
+    row = report["images"][0]
     assert row["tokens"] == sum(row["kept_per_tile"]) + row["newlines"] < row["stock_tokens"]
+    # PruMerge's own score is the [CLS] row of a CLIP tower; elsewhere it is its received-attention variant
+    assert report["method"] == ("prumerge" if name == "llava_next" else "prumerge (received attention)")
 
 
 def test_what_a_family_cannot_take_is_refused_in_one_line(capsys, next_dir, tmp_path):

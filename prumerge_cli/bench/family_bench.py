@@ -64,7 +64,8 @@ def variants_of(targets: list[Path], s: BenchSettings) -> dict[str, FamilyEncode
         base = FamilyEncoder.from_pretrained(target, "none", dtype=s.dtype, positions=s.positions)
         out.setdefault("none", base)
         for method in s.methods:
-            out[method] = base.with_reducer(build_reducer(method))
+            encoder = base.with_reducer(build_reducer(method))
+            out[encoder.method_label] = encoder
     families = {encoder.family for encoder in out.values()}
     if len(families) > 1:
         raise PrumergeError(f"bench one family at a time, not {', '.join(sorted(families))}")

@@ -229,7 +229,7 @@ def bundle_table(output: Path, model: str, encoder: Any) -> Table:
     """The written bundle's model, method, parameters and positions, for more rows to follow."""
     table = Table(title=f"bundle {output}", show_header=False)
     table.add_row("model", model)
-    table.add_row("method", encoder.reducer.name)
+    table.add_row("method", getattr(encoder, "method_label", encoder.reducer.name))
     table.add_row("parameters", ", ".join(f"{k}={v}" for k, v in encoder.reducer.params().items()) or "-")
     table.add_row("positions", encoder.positions)
     return table

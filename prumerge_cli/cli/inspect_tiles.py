@@ -43,7 +43,7 @@ def inspect_family(encoder: FamilyEncoder, target: Path, paths: list[Path], json
                     views = [tile_picture(p.float().numpy(), encoder.processor) for p in pixels]
                     pictures.append(render_tiles(views, layout, image, encoder.processor, title))
             advance(len(batch))
-    report = {"target": str(target), "family": encoder.family, "method": encoder.reducer.name,
+    report = {"target": str(target), "family": encoder.family, "method": encoder.method_label,
               "params": encoder.reducer.params(), "scope": encoder.scope, "images": rows}  # fmt: skip
     if overlay is not None:
         with atomic.atomic_dir(overlay, force) as tmp:
@@ -59,7 +59,7 @@ def overlay_title(path: Path, encoder: FamilyEncoder, row: dict[str, Any], downs
     settings = ", ".join(f"{k}={v}" for k, v in encoder.reducer.params().items() if v is not None)
     tail = "; the grid transformers downscales is reduced as one tile and not drawn" if downscaled else ""
     counts = f"{row['tokens']} of {row['stock_tokens']} tokens to the LM, {row['newlines']} of them newlines"
-    return f"{path.name} ({encoder.family}): {encoder.reducer.name} ({settings}), scope {encoder.scope}: {counts}{tail}"
+    return f"{path.name} ({encoder.family}): {encoder.method_label} ({settings}), scope {encoder.scope}: {counts}{tail}"
 
 
 def print_table(report: dict[str, Any], console: Console) -> None:

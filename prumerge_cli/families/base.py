@@ -64,6 +64,11 @@ class FamilyAdapter(abc.ABC):
             raise PrumergeError(f"{self.host}: a list of vision feature layers is not supported")
 
     @property
+    def cls_score(self) -> bool:
+        """Whether the score is PruMerge's own [CLS] row (else the attention each token receives)."""
+        return False
+
+    @property
     def image_token(self) -> int:
         """The placeholder id the processor expands per image token."""
         return self.config.image_token_id

@@ -54,6 +54,10 @@ class LlavaNextAdapter(FamilyAdapter):
         self.score_layer = layers[score_layer_index(self.feature_layer, len(layers))]
         self.side = vision.image_size // vision.patch_size
 
+    @property
+    def cls_score(self) -> bool:
+        return self.has_cls
+
     def tiles_per_image(self, image_sizes: torch.Tensor, inputs: dict[str, Any]) -> list[int]:
         """How many tiles the processor made of each image (base included)."""
         return [image_size_to_num_patches(size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)

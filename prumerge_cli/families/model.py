@@ -112,6 +112,12 @@ class FamilyEncoder:
         return self
 
     @property
+    def method_label(self) -> str:
+        """The method's name, marked where its score is not PruMerge's [CLS] row (a received-attention variant)."""
+        name = self.reducer.name
+        return name if self.adapter.cls_score or not self.reducer.needs_scores else f"{name} (received attention)"
+
+    @property
     def family(self) -> str:
         """The checkpoint's model type (llava_next, llava_onevision, internvl, gemma3)."""
         return self.model.model_type
