@@ -3,7 +3,9 @@ model with every token if asked, with the visual tokens it kept, versions and ma
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
 import platform
 from dataclasses import dataclass
@@ -39,7 +41,6 @@ def go_offline(online: bool) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HOME", str(Path.home() / ".cache" / "prumerge" / "huggingface"))
-    os.environ.setdefault("TQDM_DISABLE", "1")  # lmms-eval's per-task bars; prumerge reports the phases
 
 
 def task_manager(tasks: tuple[str, ...], world_images: int):
@@ -63,8 +64,9 @@ def score(bundle: Path, settings: EvalSettings, manager: Any, every_token: bool 
     from .lmms_model import PrumergeLmms
 
     model = PrumergeLmms(str(bundle), settings.device, settings.batch_size, every_token=every_token)
-    found = simple_evaluate(model=model, tasks=list(settings.tasks), limit=settings.limit, task_manager=manager,
-                            log_samples=False, verbosity="ERROR", bootstrap_iters=0)  # fmt: skip
+    with contextlib.redirect_stderr(io.StringIO()):  # lmms-eval's per-task bars; prumerge reports the phases
+        found = simple_evaluate(model=model, tasks=list(settings.tasks), limit=settings.limit, task_manager=manager,
+                                log_samples=False, verbosity="ERROR", bootstrap_iters=0)  # fmt: skip
     if not found or "results" not in found:
         raise PrumergeError("lmms-eval returned no results")
     tokens = model.visual_tokens
