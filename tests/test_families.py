@@ -5,6 +5,8 @@ reference from the tower's eager attention weights."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,8 @@ from prumerge_cli.models.tower import VisionTower
 from prumerge_cli.zoo.families import FAMILIES, IMAGE_TOKEN, build_family, save_family
 
 NEW_TOKENS = 6
+IMAGE_KEYS = ("image_sizes", "image_grid_thw")
+"""The image inputs beside pixel values that a family's processor gives."""
 
 
 def images(seed: int = 0) -> list[Image.Image]:
@@ -43,12 +47,18 @@ def inputs_of(name: str, model, processor) -> dict:
     """A batch of two prompts, one image each, of different sizes where the family tiles them."""
     pixels = processor(images(), return_tensors="pt")
     with torch.no_grad():
-        sizes = {"image_sizes": pixels["image_sizes"]} if "image_sizes" in pixels else {}
+        sizes = {k: pixels[k] for k in IMAGE_KEYS if k in pixels}
         features = model.model.get_image_features(pixel_values=pixels["pixel_values"], **sizes).pooler_output
     if name in ("llava_next", "llava_onevision"):
         ids, mask = prompts([[len(f)] for f in features])
         return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels["pixel_values"],
                     image_sizes=pixels["image_sizes"])  # fmt: skip
+    if name == "qwen2_5_vl":  # <s>, vision start, the image's merged tokens, vision end, words
+        ids, mask = left_padded(
+            [[2, 5, *[IMAGE_TOKEN] * len(f), 6, *range(10, 12 + i)] for i, f in enumerate(features)]
+        )
+        return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels["pixel_values"],
+                    image_grid_thw=pixels["image_grid_thw"], mm_token_type_ids=(ids == IMAGE_TOKEN).int())  # fmt: skip
     per_image = features.shape[1]
     if name == "internvl":  # tiles of the first image, then of the second
         tiles = pixels["num_patches"].tolist()
@@ -77,22 +87,30 @@ def generate(model, inputs: dict) -> torch.Tensor:
 def row(inputs: dict, b: int, name: str, tiles: list[int] | None) -> dict:
     """Prompt b of a batch alone, its padding dropped."""
     keep = inputs["attention_mask"][b].bool()
-    texts = ("input_ids", "attention_mask", "token_type_ids")
+    texts = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
     out = {k: v[b : b + 1][:, keep] for k, v in inputs.items() if k in texts}
     if name == "internvl":
         assert tiles is not None
         first = sum(tiles[:b])
         out["pixel_values"] = inputs["pixel_values"][first : first + tiles[b]]
+    elif name == "qwen2_5_vl":  # patches of every image in a row
+        counts = inputs["image_grid_thw"].prod(-1).tolist()
+        out["pixel_values"] = inputs["pixel_values"][sum(counts[:b]) : sum(counts[: b + 1])]
     else:
         out["pixel_values"] = inputs["pixel_values"][b : b + 1]
-    if "image_sizes" in inputs:
-        out["image_sizes"] = inputs["image_sizes"][b : b + 1]
+    for key in IMAGE_KEYS:
+        if key in inputs:
+            out[key] = inputs[key][b : b + 1]
     return out
 
 
 @pytest.mark.parametrize("positions", ["contiguous", "original"])
 def test_method_none_is_the_stock_generate_token_for_token(family, positions):
-    _, model, inputs, _ = family
+    name, model, inputs, _ = family
+    if name == "qwen2_5_vl" and positions == "contiguous":  # M-RoPE: the 3-D positions are kept, always
+        with pytest.raises(PrumergeError, match="positions must be original"):
+            prumerge_cli.patch(model, "none", positions=positions)
+        return
     stock = generate(model, inputs)
     prumerge_cli.patch(model, "none", positions=positions)
     try:
@@ -114,7 +132,7 @@ def test_a_reduced_batch_equals_its_rows_alone(family, method):
         kept = [
             len(i.tokens)
             for i in model.reduced_images(
-                inputs["input_ids"], inputs["pixel_values"], {k: v for k, v in inputs.items() if k == "image_sizes"}
+                inputs["input_ids"], inputs["pixel_values"], {k: v for k, v in inputs.items() if k in IMAGE_KEYS}
             )
         ]
     finally:
@@ -136,7 +154,7 @@ def test_the_lm_receives_the_kept_tokens_plus_a_newline_per_row_that_keeps_one(f
     try:
         for b in range(2):
             one = row(inputs, b, name, tiles)
-            extra = {k: v for k, v in one.items() if k == "image_sizes"}
+            extra = {k: v for k, v in one.items() if k in IMAGE_KEYS}
             image = model.reduced_images(one["input_ids"], one["pixel_values"], dict(extra))[0]
             seen.clear()
             generate(model, one)
@@ -176,16 +194,50 @@ def eager_received(model, name: str, pixel_values: torch.Tensor) -> torch.Tensor
     return received
 
 
+def qwen_reference(model, pixel_values: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """The last vision block's eager attention weights (the library's eager path on the block's own q and k),
+    averaged over heads and queries per attention span and over each 2x2 merge group, put in raster order by
+    matching the merger's output on the block's output against the tower's (raster) output."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision, eager_attention_forward
+
+    visual = model.model.visual
+    block, seen = visual.blocks[-1], {}
+    hooks = [block.register_forward_pre_hook(lambda m, a, kw: seen.update(h=a[0], kw=kw), with_kwargs=True),
+             block.register_forward_hook(lambda m, a, out: seen.update(out=out))]  # fmt: skip
+    with torch.no_grad():
+        raster = visual(pixel_values, grid_thw=grid).pooler_output
+        for hook in hooks:
+            hook.remove()
+        attn = block.attn
+        q, k, v = attn.qkv(block.norm1(seen["h"])).reshape(len(seen["h"]), 3, attn.num_heads, -1).permute(1, 0, 2, 3)
+        q, k = apply_rotary_pos_emb_vision(q, k, *seen["kw"]["position_embeddings"])
+        bounds = seen["kw"]["cu_seqlens"].tolist()
+        received = []
+        for start, end in itertools.pairwise(bounds):
+            part = [x[start:end].transpose(0, 1)[None] for x in (q, k, v)]
+            _, weights = eager_attention_forward(attn, *part, attention_mask=None, scaling=attn.scaling)
+            received.append(weights.mean(dim=(1, 2))[0])
+        groups = torch.cat(received).view(-1, 4).mean(-1)
+        windowed = visual.merger(seen["out"])
+    order = [int((windowed - r).abs().sum(-1).argmin()) for r in raster]
+    return groups[order]
+
+
 def test_each_family_s_score_equals_a_plain_reference(family):
     name, model, inputs, tiles = family
     adapter = adapter_for(model)
-    extra = {k: v for k, v in inputs.items() if k == "image_sizes"}
+    extra = {k: v for k, v in inputs.items() if k in IMAGE_KEYS}
     layouts = adapter.layouts(inputs["input_ids"], inputs["pixel_values"], extra, True)
     if name == "llava_next":  # CLIP: PruMerge's [CLS] row, as LLaVA-1.5's tower computes it
         tiles = inputs["pixel_values"][0, :1]
         tower = VisionTower(model.model.vision_tower, "clip", model.config.vision_feature_layer)
         expected = tower(tiles).scores
         torch.testing.assert_close(layouts[0].tiles[0].scores[None], expected, rtol=1e-4, atol=1e-6)
+        return
+    if name == "qwen2_5_vl":
+        expected = qwen_reference(model, inputs["pixel_values"], inputs["image_grid_thw"])
+        found = torch.cat([layout.tiles[0].scores for layout in layouts])
+        torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-6)
         return
     pixels = inputs["pixel_values"][0, :1] if name == "llava_onevision" else inputs["pixel_values"][:1]
     expected = eager_received(model, name, pixels)
@@ -195,7 +247,7 @@ def test_each_family_s_score_equals_a_plain_reference(family):
 def test_scope_image_reduces_once_over_the_tiles_and_pool_refuses_it(family):
     _, model, inputs, _ = family
     adapter = adapter_for(model)
-    extra = {k: v for k, v in inputs.items() if k == "image_sizes"}
+    extra = {k: v for k, v in inputs.items() if k in IMAGE_KEYS}
     layouts = adapter.layouts(inputs["input_ids"], inputs["pixel_values"], extra, True)
     from prumerge_cli.families.layout import reduce_image
     from prumerge_cli.reducers import build_reducer
@@ -228,3 +280,67 @@ def test_onevision_s_downscaled_grid_is_one_tile_and_none_is_still_stock():
 def test_patch_refuses_a_class_it_cannot_map_in_one_line():
     with pytest.raises(PrumergeError, match=r"patch takes .*LlavaNextForConditionalGeneration.*; not Linear"):
         prumerge_cli.patch(torch.nn.Linear(2, 2), "prumerge")
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    path = save_family("qwen2_5_vl", tmp_path_factory.mktemp("qwen") / "model", "small")
+    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch.float32).eval()
+    return model, AutoImageProcessor.from_pretrained(str(path), backend="pil")
+
+
+def positions_seen(model, inputs: dict) -> list[torch.Tensor]:
+    """The position ids the LM receives at prefill and at each decoding step."""
+    seen: list[torch.Tensor] = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append(kw["position_ids"].clone()), with_kwargs=True
+    )
+    try:
+        generate(model, inputs)
+    finally:
+        hook.remove()
+    return seen
+
+
+def test_qwen_kept_tokens_keep_their_3d_positions_and_the_text_follows_on(qwen):
+    model, processor = qwen
+    inputs = inputs_of("qwen2_5_vl", model, processor)
+    stock = positions_seen(model, inputs)
+    prumerge_cli.patch(model, "prumerge")
+    try:
+        images = model.reduced_images(inputs["input_ids"], inputs["pixel_values"],
+                                      {"image_grid_thw": inputs["image_grid_thw"]})  # fmt: skip
+        reduced = positions_seen(model, inputs)
+    finally:
+        prumerge_cli.unpatch(model)
+    assert all(len(i.tokens) < i.span for i in images)
+    for b, image in enumerate(images):
+        ids, keep = inputs["input_ids"][b].tolist(), inputs["attention_mask"][b].bool()
+        start = ids.index(IMAGE_TOKEN)
+        text = [i for i in range(len(ids)) if keep[i] and ids[i] != IMAGE_TOKEN]
+        columns = sorted([i for i in text if i < start] + (start + image.places.clamp(max=image.span - 1)).tolist()
+                         + [i for i in text if i > start])  # fmt: skip
+        width = len(columns)
+        assert torch.equal(reduced[0][:, b, -width:], stock[0][:, b, columns])
+        for step in range(1, NEW_TOKENS):  # decoding goes on from the same place as the stock model's
+            assert torch.equal(reduced[step][:, b], stock[step][:, b])
+
+
+def test_qwen_two_images_in_one_prompt(qwen):
+    model, processor = qwen
+    pixels = processor(images(), return_tensors="pt")
+    counts = (pixels["image_grid_thw"].prod(-1) // 4).tolist()
+    row = [2, 5, *[IMAGE_TOKEN] * counts[0], 6, 10, 5, *[IMAGE_TOKEN] * counts[1], 6, 11]
+    ids = torch.tensor([row])
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels["pixel_values"],
+                  image_grid_thw=pixels["image_grid_thw"], mm_token_type_ids=(ids == IMAGE_TOKEN).int())  # fmt: skip
+    stock = generate(model, inputs)
+    prumerge_cli.patch(model, "none")
+    try:
+        assert torch.equal(generate(model, inputs), stock)
+        prumerge_cli.patch(model, "prumerge")
+        generate(model, inputs)
+        kept = model._prumerge_counts
+    finally:
+        prumerge_cli.unpatch(model)
+    assert len(kept) == 2 and all(k < n for k, n in zip(kept, counts, strict=True))

@@ -53,6 +53,8 @@ class FamilyAdapter(abc.ABC):
 
     host: ClassVar[str]
     """The transformers class adapted."""
+    mrope: ClassVar[bool] = False
+    """3-D rotary positions (Qwen): the kept tokens keep their original ids; `positions` gives them."""
     score_source: ClassVar[str]
     where: ClassVar[str]
     newlines: ClassVar[str]
@@ -85,3 +87,9 @@ class FamilyAdapter(abc.ABC):
     def generation_inputs(self, input_ids: torch.Tensor) -> dict[str, Any]:
         """Inputs the host derives from the (shortened) prompt, beyond ids and mask."""
         return {}
+
+    def positions(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, inputs: dict[str, Any],
+                  images: list[ImageLayout], ids: torch.Tensor) -> torch.Tensor | None:  # fmt: skip
+        """The position ids of the shortened prompt `ids` where the family sets them itself (M-RoPE), else None
+        (1-D positions: contiguous, or `original_position_ids`)."""
+        return None

@@ -9,9 +9,10 @@ from .gemma3 import Gemma3Adapter
 from .internvl import InternVLAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
+from .qwen2_5_vl import Qwen25VLAdapter
 
 ADAPTERS: dict[str, type[FamilyAdapter]] = {
-    cls.host: cls for cls in (LlavaNextAdapter, LlavaOnevisionAdapter, InternVLAdapter, Gemma3Adapter)
+    cls.host: cls for cls in (LlavaNextAdapter, LlavaOnevisionAdapter, InternVLAdapter, Gemma3Adapter, Qwen25VLAdapter)
 }
 
 

@@ -41,9 +41,11 @@ def patch(model: Any, bundle_or_method: str | Path, positions: str | None = None
           **params: Any) -> Any:  # fmt: skip
     """Make `model.generate(**processor(images=..., text=..., return_tensors="pt"))` run with reduced tokens, at
     `positions` and (tiled families) budget `scope`, each by default the bundle's (contiguous and tile for a
-    method name). Takes LLaVA and the classes of `prumerge_cli.families.ADAPTERS`."""
+    method name; M-RoPE models always keep their original positions). Takes LLaVA and the classes of
+    `prumerge_cli.families.registry.ADAPTERS`."""
     unpatch(model)
     reducer = reducer_of(bundle_or_method, params)
+    asked = positions
     positions = check_positions(setting_of(bundle_or_method, "positions", positions, "contiguous"))
     scope = check_scope(setting_of(bundle_or_method, "scope", scope, DEFAULT_SCOPE))
     if isinstance(model, LlavaForConditionalGeneration):
@@ -52,6 +54,11 @@ def patch(model: Any, bundle_or_method: str | Path, positions: str | None = None
     if adapter is None:
         names = ", ".join(["LlavaForConditionalGeneration", *ADAPTERS])
         raise PrumergeError(f"patch takes {names}; not {type(model).__name__}")
+    if adapter.mrope:
+        if asked == "contiguous":
+            raise PrumergeError(f"{type(model).__name__} keeps its tokens' 3-D (M-RoPE) positions: positions must be "
+                                "original")  # fmt: skip
+        positions = "original"
     return patch_family(model, adapter, reducer, positions, scope)
 
 

@@ -40,13 +40,17 @@ class ReducedFamily:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         adapter = self._prumerge_adapter
+        image_inputs = dict(kwargs)
         images = self.reduced_images(input_ids, pixel_values, kwargs)
         self._prumerge_counts = [len(i.tokens) for i in images]  # what the LM received, for callers to report
         pad = self.generation_config.pad_token_id  # type: ignore[attr-defined]
         ids, mask = shorten_placeholders(input_ids, attention_mask, adapter.image_token,
                                          [len(i.tokens) for i in images], 0 if pad is None else pad)  # fmt: skip
         kwargs |= adapter.generation_inputs(ids)
-        if self._prumerge_positions == "original":
+        given = adapter.positions(self, input_ids, attention_mask, image_inputs, images, ids)
+        if given is not None:
+            kwargs["position_ids"] = given
+        elif self._prumerge_positions == "original":
             kwargs["position_ids"] = original_position_ids(ids, mask, adapter.image_token, [i.places for i in images],
                                                            [i.span for i in images])  # fmt: skip
         image = adapter.image_output([i.tokens for i in images])

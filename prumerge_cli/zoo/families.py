@@ -1,5 +1,5 @@
-"""Tiny random checkpoints of the families beyond LLaVA-1.5 (LLaVA-NeXT, LLaVA-OneVision, InternVL, Gemma 3):
-the real transformers classes with narrow towers and a one-layer LM, at the real models' image geometry
+"""Tiny random checkpoints of the families beyond LLaVA-1.5 (LLaVA-NeXT, LLaVA-OneVision, InternVL, Gemma 3,
+Qwen2.5-VL): the real transformers classes with narrow towers and a one-layer LM, at the real models' image geometry
 (`real`: tile size, patch grid, grid pinpoints, pooling and pixel shuffle as the released checkpoints) or at
 112 px tiles (`small`, for the tests), each saved with its image processor as a user's checkpoint is.
 Usage: python -m prumerge_cli.zoo.families OUT_DIR [--geometry real|small]"""
@@ -28,6 +28,9 @@ from transformers import (
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     LlavaOnevisionImageProcessorPil,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
     SiglipVisionConfig,
 )
 
@@ -40,7 +43,7 @@ IMAGE_TOKEN = 4
 TOWER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
             vocab_size=160)  # fmt: skip
-FAMILIES = ("llava_next", "llava_onevision", "internvl", "gemma3")
+FAMILIES = ("llava_next", "llava_onevision", "internvl", "gemma3", "qwen2_5_vl")
 CHAT_TEMPLATE = ("<s>{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
                  "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}")  # fmt: skip
 """The embedded model's prompt shape: `<s>`, the image, the question."""
@@ -58,16 +61,18 @@ class Geometry:
     internvl_max_tiles: int
     gemma_image: int
     gemma_tokens: int
+    qwen_max_side: int
 
 
 GEOMETRIES = {
     "real": Geometry(336, ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)),
-                     384, tuple((384 * i, 384 * j) for i in range(1, 7) for j in range(1, 7)), 448, 12, 896, 256),
+                     384, tuple((384 * i, 384 * j) for i in range(1, 7) for j in range(1, 7)), 448, 12, 896, 256, 1344),
     "small": Geometry(112, ((112, 224), (224, 112), (224, 224), (224, 336), (336, 224)),
-                      112, ((112, 224), (224, 112), (224, 224), (224, 336), (336, 224)), 112, 6, 224, 16),
+                      112, ((112, 224), (224, 112), (224, 224), (224, 336), (336, 224)), 112, 6, 224, 16, 224),
 }  # fmt: skip
 """`real`: LLaVA-v1.6 (336 px CLIP tiles), OneVision (384 px SigLIP, up to 6x6 tiles), InternVL 2.5/3 (448 px,
-up to 12 tiles and a thumbnail), Gemma 3 (896 px, 256 tokens)."""
+up to 12 tiles and a thumbnail), Gemma 3 (896 px, 256 tokens), Qwen2.5-VL (dynamic resolution, up to 1344 px a
+side here)."""
 
 
 def sharpen(layers: Any, attention: str = "self_attn") -> None:
@@ -136,7 +141,28 @@ def gemma3(g: Geometry) -> tuple[Any, Any]:
     return model, Gemma3ImageProcessorPil(size={"height": g.gemma_image, "width": g.gemma_image})
 
 
-BUILDERS = {"llava_next": llava_next, "llava_onevision": llava_onevision, "internvl": internvl, "gemma3": gemma3}
+def qwen2_5_vl(g: Geometry) -> tuple[Any, Any]:
+    """Qwen2.5-VL: a windowed ViT (windows of 112 px, the last block full), 2x2 merger, M-RoPE, a Qwen2 LM."""
+    vision = dict(depth=3, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=TEXT["hidden_size"],
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                  fullatt_block_indexes=[2], in_channels=3)  # fmt: skip
+    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+    config = Qwen2_5_VLConfig(vision_config=vision, text_config=dict(TEXT, rope_parameters=rope, bos_token_id=2,
+                                                                     eos_token_id=3, pad_token_id=0),
+                              image_token_id=IMAGE_TOKEN, video_token_id=7, vision_start_token_id=5,
+                              vision_end_token_id=6)  # fmt: skip
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    with torch.no_grad():  # peaked attention, as a trained tower's: scale the q and k thirds of each qkv
+        for block in model.model.visual.blocks:
+            block.attn.qkv.weight[: 2 * vision["hidden_size"]].mul_(6.0)
+    side = g.qwen_max_side
+    processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=side * side, patch_size=14, merge_size=2,
+                                         temporal_patch_size=2)  # fmt: skip
+    return model, processor
+
+
+BUILDERS = {"llava_next": llava_next, "llava_onevision": llava_onevision, "internvl": internvl, "gemma3": gemma3,
+            "qwen2_5_vl": qwen2_5_vl}  # fmt: skip
 
 
 def build_family(name: str, geometry: str = "real", seed: int = 0, **options: Any) -> tuple[Any, Any]:
