@@ -25,12 +25,16 @@ def tile_picture(pixels: np.ndarray, processor: object) -> Image.Image:
 
 
 def framed_tile(
-    picture: Image.Image, grid: tuple[int, int], kept: list[int], colour: tuple[int, int, int]
+    picture: Image.Image,
+    grid: tuple[int, int],
+    kept: list[int],
+    colour: tuple[int, int, int],
+    size: tuple[int, int] = (TILE_SIDE, TILE_SIDE),
 ) -> Image.Image:
-    """The tile with its kept cells framed in `colour` and the others dimmed."""
+    """The tile at `size` (width, height) with its kept cells framed in `colour` and the others dimmed."""
     rows, cols = grid
-    view = np.asarray(picture.convert("RGB").resize((TILE_SIDE, TILE_SIDE), Image.Resampling.BICUBIC), np.float32)
-    ch, cw = TILE_SIDE / rows, TILE_SIDE / cols
+    view = np.asarray(picture.convert("RGB").resize(size, Image.Resampling.BICUBIC), np.float32)
+    ch, cw = size[1] / rows, size[0] / cols
     shown = view * 0.3 + 0.7 * 110
     boxes = []
     for cell in kept:
@@ -54,8 +58,10 @@ def render_tiles(pictures: list[Image.Image], layout: ImageLayout, image: ImageT
     for source, cell in zip(image.kept_sources.tolist(), image.kept_cells.tolist(), strict=True):
         if source >= 0:
             kept_at[source].append(cell)
-    panels = [framed_tile(p, layout.token_grid, kept_at[s], colour) for s, p in enumerate(pictures)]
     n = layout.token_grid[0] * layout.token_grid[1]
+    if len(pictures) == 1:  # one image at its own aspect (Gemma 3, Qwen)
+        return single_panel(pictures[0], layout, kept_at[0], colour, f"{len(kept_at[0])}/{n} kept", title)
+    panels = [framed_tile(p, layout.token_grid, kept_at[s], colour) for s, p in enumerate(pictures)]
     labels = [f"{'base' if s == 0 and layout.tile_grid else f'tile {s}'}: {len(kept_at[s])}/{n}"
               for s in range(len(panels))]  # fmt: skip
     if layout.tile_grid:
@@ -81,4 +87,22 @@ def render_tiles(pictures: list[Image.Image], layout: ImageLayout, image: ImageT
             x, y = gap + (TILE_SIDE + gap) * (first + c), header + (TILE_SIDE + label + gap) * r
         canvas.paste(panel, (x, y))
         draw.text((x, y + TILE_SIDE + 2), labels[s], fill="black", font=font)
+    return canvas
+
+
+def single_panel(picture: Image.Image, layout: ImageLayout, kept: list[int], colour: tuple[int, int, int],
+                 label: str, title: str) -> Image.Image:  # fmt: skip
+    """One image's overlay at its own aspect, fitted into `2 * TILE_SIDE` a side, under its title."""
+    scale = 2 * TILE_SIDE / max(picture.size)
+    panel = framed_tile(picture, layout.token_grid, kept, colour,
+                        (round(picture.width * scale), round(picture.height * scale)))  # fmt: skip
+    gap, font = 12, ImageFont.load_default(size=15)
+    width = max(panel.width, 2 * TILE_SIDE) + 2 * gap
+    lines = wrap(title, font, width - 2 * gap)
+    header = 12 + 20 * len(lines)
+    canvas = Image.new("RGB", (width, header + panel.height + 20 + gap), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((gap, 6), "\n".join(lines), fill="black", font=font, spacing=5)
+    canvas.paste(panel, (gap, header))
+    draw.text((gap, header + panel.height + 2), label, fill="black", font=font)
     return canvas

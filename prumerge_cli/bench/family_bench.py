@@ -24,29 +24,32 @@ from .cost_model import LLAVA_TEXT_TOKENS, prefill_flops, shape_named
 from .runner import BenchSettings
 from .timing import interleaved
 
-USUAL_SIZE = {"llava_next": (672, 672), "llava_onevision": (768, 768), "internvl": (896, 896),
-              "gemma3": (896, 896)}  # fmt: skip
+USUAL_SIZES = {"llava_next": [(672, 672)], "llava_onevision": [(768, 768)], "internvl": [(896, 896)],
+               "gemma3": [(896, 896)], "qwen2_5_vl": [(448, 448), (896, 896), (1344, 1344)]}  # fmt: skip
 """(width, height) the world images are resized to where no --images are given: LLaVA-NeXT's 2x2 tiles of
 336 px (2,928 tokens with newlines), OneVision's 2x2 of 384 px, InternVL's 2x2 of 448 px and a thumbnail,
-Gemma 3's one 896 px image."""
+Gemma 3's one 896 px image, Qwen2.5-VL at three resolutions (its token count grows with the pixels)."""
 FAMILY_LM = {"llava_next": "vicuna-7b", "llava_onevision": "qwen2-7b", "internvl": "qwen2.5-7b",
-             "gemma3": "gemma-3-4b"}  # fmt: skip
+             "gemma3": "gemma-3-4b", "qwen2_5_vl": "qwen2.5-7b"}  # fmt: skip
 """The LM shape each family's usual 7B-class release has (cost model, when no --llm-shape is given)."""
 
 
-def family_images(family: str, images: Path | None, synthetic: int | None) -> tuple[list[Image.Image], str]:
-    """The images of `--images`, or held-out world images at the family's usual size."""
+def family_images(family: str, images: Path | None, synthetic: int | None) -> list[tuple[str, list[Image.Image]]]:
+    """(what they are, images): the images of `--images`, or held-out world images at each usual size."""
     if images is not None:
         paths = collect_images([images])
-        return [open_image(p) for p in paths], f"{len(paths)} images from {images}"
+        return [(f"{len(paths)} images from {images}", [open_image(p) for p in paths])]
     count = 8 if synthetic is None else synthetic
     if count < 1:
         raise PrumergeError("--synthetic needs at least 1 image")
     from ..zoo.world import samples_of
 
-    size = USUAL_SIZE[family]
-    pictures = [s.image.resize(size, Image.Resampling.BICUBIC) for s in samples_of("test", 0, count)]
-    return pictures, f"{count} held-out procedural-world images at {size[0]}x{size[1]}"
+    pictures = [s.image for s in samples_of("test", 0, count)]
+    groups = []
+    for w, h in USUAL_SIZES[family]:
+        resized = [p.resize((w, h), Image.Resampling.BICUBIC) for p in pictures]
+        groups.append((f"{count} held-out procedural-world images at {w}x{h}", resized))
+    return groups
 
 
 def variants_of(targets: list[Path], s: BenchSettings) -> dict[str, FamilyEncoder]:
@@ -72,23 +75,23 @@ def variants_of(targets: list[Path], s: BenchSettings) -> dict[str, FamilyEncode
     return out
 
 
-def run_family_bench(targets: list[Path], images: list[Image.Image], source: str, s: BenchSettings,
+def run_family_bench(targets: list[Path], groups: list[tuple[str, list[Image.Image]]], s: BenchSettings,
                      phases: Phases) -> dict[str, Any]:  # fmt: skip
-    """Counts, interleaved timing and the prefill cost of every variant, per batch size."""
+    """Counts, interleaved timing and the prefill cost of every variant, per image group and batch size."""
     if s.threads is not None:
         torch.set_num_threads(s.threads)
     variants = variants_of(targets, s)
     family = next(iter(variants.values())).family
     shape_name, shape = shape_named(s.llm_shape or FAMILY_LM[family])
     rows = []
-    for batch in s.batch_sizes:
+    for (source, images), batch in ((g, b) for g in groups for b in s.batch_sizes):
         chunks = [images[i : i + batch] for i in range(0, len(images), batch)]
         prepared = [next(iter(variants.values())).prepare(chunk) for chunk in chunks]
         counted = {name: [t for p in prepared for t in e.reduce_layouts(e.layouts_of(*p))]
                    for name, e in variants.items()}  # fmt: skip
 
         rounds = s.warmup + s.iters
-        with phases.phase(f"timing {len(variants)} variants, batch {batch}", rounds) as advance:
+        with phases.phase(f"timing {len(variants)} variants, batch {batch}, {source}", rounds) as advance:
             times = interleaved({n: (lambda e=e, p=prepared: run_all(e, p)) for n, e in variants.items()}, s.iters,
                                 s.warmup, on_round=lambda: advance(1))  # fmt: skip
         base_ms = 1000 * times["none"].p50 / len(images)
@@ -98,12 +101,13 @@ def run_family_bench(targets: list[Path], images: list[Image.Image], source: str
             flops = prefill_flops(shape, round(tokens) + LLAVA_TEXT_TOKENS)
             base_flops = flops if name == "none" else base_flops
             ms = 1000 * times[name].p50 / len(images)
-            rows.append({"variant": name, "batch": batch, "tokens": tokens,
+            rows.append({"variant": name, "images": source, "batch": batch, "tokens": tokens,
                          "stock_tokens": sum(t.span for t in found) / len(found),
                          "newlines": sum(len(t.tokens) - sum(t.kept_per_tile) for t in found) / len(found),
                          "ms_per_image": ms, "latency_ratio": ms / base_ms, "prefill_tflops": flops / 1e12,
                          "prefill_ratio": flops / base_flops if base_flops else 1.0})  # fmt: skip
-    return {"family": family, "targets": [str(t) for t in targets], "images": source, "llm_shape": shape_name,
+    return {"family": family, "targets": [str(t) for t in targets], "images": [g[0] for g in groups],
+            "llm_shape": shape_name,
             "text_tokens": LLAVA_TEXT_TOKENS, "settings": {"batch_sizes": s.batch_sizes, "iters": s.iters,
                                                            "warmup": s.warmup, "threads": torch.get_num_threads()},
             "machine": {"cpu": platform.processor() or platform.machine()}, "family_rows": rows}  # fmt: skip
@@ -116,12 +120,13 @@ def run_all(encoder: FamilyEncoder, prepared: list[tuple[torch.Tensor, dict[str,
 
 
 def print_family_tables(report: dict[str, Any], console: Console) -> None:
-    """One table per batch size: counts, time per image and prefill cost, each with its ratio to `none`."""
-    for batch in report["settings"]["batch_sizes"]:
-        title = (f"{report['family']}, batch {batch}, {report['images']}: ratio = variant / none; prefill at "
+    """One table per image group and batch size: counts, time per image and prefill cost, each with its ratio to
+    `none`."""
+    for source, batch in ((g, b) for g in report["images"] for b in report["settings"]["batch_sizes"]):
+        title = (f"{report['family']}, batch {batch}, {source}: ratio = variant / none; prefill at "
                  f"{report['llm_shape']} with {report['text_tokens']} text tokens (cost model)")  # fmt: skip
         table = FoldingTable(title, ["variant", "LM tokens", "of stock", "newlines", "ms/image", "prefill TFLOPs"])
-        for row in (r for r in report["family_rows"] if r["batch"] == batch):
+        for row in (r for r in report["family_rows"] if r["batch"] == batch and r["images"] == source):
             table.add_row(row["variant"], f"{row['tokens']:.1f}", f"{row['stock_tokens']:.0f}",
                           f"{row['newlines']:.1f}", f"{row['ms_per_image']:.1f} x{row['latency_ratio']:.2f}",
                           f"{row['prefill_tflops']:.2f} x{row['prefill_ratio']:.2f}")  # fmt: skip

@@ -115,9 +115,9 @@ def bench_family(targets: list[Path], images: Path | None, synthetic: int | None
                             "--backends ort/trt, --llm and --plot take LLaVA-1.5-shaped checkpoints")  # fmt: skip
     first = targets[0]
     family = read_bundle(first)["family"] if is_bundle(first) else read_config(first)["model_type"]
-    pictures, source = family_images(family, images, synthetic)
+    groups = family_images(family, images, synthetic)
     with Phases(console) as phases:
-        report = run_family_bench(targets, pictures, source, settings, phases)
+        report = run_family_bench(targets, groups, settings, phases)
     print_family_tables(report, console)
     if json_path is not None:
         write_json(report, json_path)

@@ -80,6 +80,14 @@ class FamilyAdapter(abc.ABC):
                 with_scores: bool) -> list[ImageLayout]:  # fmt: skip
         """Each image's tiles and layout, in prompt order; consumes the family's image inputs from `inputs`."""
 
+    def pixel_tiles(self, pixel_values: torch.Tensor, layouts: list[ImageLayout]) -> list[torch.Tensor]:
+        """Each image's pixel tiles [t, 3, H, W] (the base or only one first) from the processor's batch."""
+        counts = [1 + layout.tile_grid[0] * layout.tile_grid[1] if layout.tile_grid else len(layout.tiles)
+                  for layout in layouts]  # fmt: skip
+        if pixel_values.dim() == 5:
+            return [pixel_values[b, :n] for b, n in enumerate(counts)]
+        return list(torch.split(pixel_values, counts))
+
     def image_output(self, tokens: list[torch.Tensor]) -> BaseModelOutputWithPooling:
         """The pre-computed image features as the host's `mm_encoder_outputs["image"]` takes them."""
         return BaseModelOutputWithPooling(pooler_output=torch.cat(tokens))

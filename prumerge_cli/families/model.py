@@ -22,7 +22,8 @@ from .registry import ADAPTERS
 
 MODEL_TYPES = {"llava_next": "LlavaNextForConditionalGeneration",
                "llava_onevision": "LlavaOnevisionForConditionalGeneration",
-               "internvl": "InternVLForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration"}  # fmt: skip
+               "internvl": "InternVLForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration",
+               "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}  # fmt: skip
 
 
 def is_family_checkpoint(model_dir: Path) -> bool:
@@ -127,7 +128,8 @@ class FamilyEncoder:
         out = self.processor(images, return_tensors="pt")
         if "num_crops" in out and int(out["num_crops"].sum()) > 0:
             raise PrumergeError("Gemma 3's pan-and-scan crops are not supported; turn do_pan_and_scan off")
-        return out["pixel_values"], {k: v for k, v in out.items() if k in ("image_sizes", "num_patches")}
+        return out["pixel_values"], {k: v for k, v in out.items()
+                                     if k in ("image_sizes", "num_patches", "image_grid_thw")}  # fmt: skip
 
     @torch.no_grad()
     def layouts(self, images: list[Image.Image]) -> tuple[torch.Tensor, list[ImageLayout]]:
@@ -151,11 +153,7 @@ class FamilyEncoder:
 
     def tile_pixels(self, pixel_values: torch.Tensor, layouts: list[ImageLayout]) -> list[torch.Tensor]:
         """Each image's pixel tiles [t, 3, H, W], the base (or only) one first, from the processor's batch."""
-        counts = [1 + layout.tile_grid[0] * layout.tile_grid[1] if layout.tile_grid else len(layout.tiles)
-                  for layout in layouts]  # fmt: skip
-        if pixel_values.dim() == 5:
-            return [pixel_values[b, :n] for b, n in enumerate(counts)]
-        return list(torch.split(pixel_values, counts))
+        return self.adapter.pixel_tiles(pixel_values, layouts)
 
     def settings(self) -> dict[str, Any]:
         """What a bundle records to rebuild this encoder."""

@@ -104,6 +104,23 @@ class Qwen25VLAdapter(FamilyAdapter):
         unit = self.merge**2
         return received.view(-1, unit).mean(-1)[back], keys.reshape(-1, unit * keys.shape[-1])[back]
 
+    def pixel_tiles(self, pixel_values, layouts):
+        """Each image as one picture [1, 3, H, W] at its processed resolution, from the processor's flattened
+        patches (rows: merge blocks, then the 2x2 inside; columns: channel, time, patch row, patch column)."""
+        config = self.visual.config
+        side, merge, frames = config.patch_size, self.merge, config.temporal_patch_size
+        pictures, start = [], 0
+        for layout in layouts:
+            rows, cols = layout.token_grid
+            count = rows * cols * merge * merge
+            patches = pixel_values[start : start + count].view(rows, cols, merge, merge, 3, frames, side, side)[
+                ..., 0, :, :
+            ]
+            picture = patches.permute(4, 0, 2, 5, 1, 3, 6).reshape(3, rows * merge * side, cols * merge * side)
+            pictures.append(picture[None])
+            start += count
+        return pictures
+
     def image_output(self, tokens):
         return BaseModelOutputWithPooling(pooler_output=tokens)
 
