@@ -49,29 +49,29 @@ class Asker:
 
     def __init__(self, bundle: str | Path, device: torch.device = torch.device("cpu"), model_dir: Path | None = None,
                  full_hash: bool = False, every_token: bool = False, dtype: str | None = None):  # fmt: skip
-        """`every_token`: the bundle's model with method none (a Dynamic-LLaVA bundle's without its predictors;
-        a fine-tuned bundle's with its adapters), the baseline of what the bundle saves; `dtype`: the tower's."""
+        """`every_token`: the bundle's model as its checkpoint has it, with method none (no predictors, adapters
+        or trained projector): what the bundle is measured against; `dtype`: the tower's."""
         self.dynamic = None
         options = {} if dtype is None else {"dtype": dtype}
-        method = "none" if every_token else None
-        if read_bundle(bundle)["method"] == "dynamic" and not every_token:
+        record = read_bundle(bundle)
+        if every_token:
+            from .model_ref import resolve_model, verify_weights
+
+            llava = resolve_model(record["model"], Path(bundle), model_dir)
+            self.encoder = ReducedVisionEncoder.from_pretrained(llava, "none", **options)
+            verify_weights(record["model"], llava, self.encoder.model.weight_files, full_hash)
+            self.lm = LlavaLm.from_pretrained(llava)
+        elif record["method"] == "dynamic":
             from .dynamic.bundle import load_dynamic
 
             self.dynamic, self.encoder = load_dynamic(Path(bundle), model_dir=model_dir, full_hash=full_hash)
             self.lm = self.dynamic.lm
             self.dynamic.predictors.to(device)
-        elif read_bundle(bundle)["method"] == "dynamic":
-            from .model_ref import resolve_model
-
-            record = read_bundle(bundle)
-            llava = resolve_model(record["model"], Path(bundle), model_dir)
-            self.encoder = ReducedVisionEncoder.from_pretrained(llava, "none", **options)
-            self.lm = LlavaLm.from_pretrained(llava)
         else:
-            self.encoder = load(bundle, method, model_dir=model_dir, full_hash=full_hash, **options)
+            self.encoder = load(bundle, model_dir=model_dir, full_hash=full_hash, **options)
             if self.encoder.projector is None:
                 raise PrumergeError(f"the model of {bundle} is a vision tower alone; generate needs a LLaVA checkpoint")
-            if regime(read_bundle(bundle)) == REGIME:  # the adapters in the LM, the trained projector
+            if regime(record) == REGIME:  # the adapters in the LM, the trained projector
                 self.lm = load_finetuned_lm(bundle, model_dir)
                 self.encoder.projector = self.lm.model.model.multi_modal_projector
             else:

@@ -74,14 +74,21 @@ def test_world_tasks_through_lmms_eval_score_as_the_project_does(capsys, bundles
     assert {"prumerge", "torch", "transformers", "lmms_eval"} <= set(report["versions"])
 
 
-def test_baseline_scores_every_token_and_prints_the_ratios(capsys, bundles, tmp_path):
-    bundle, expected = bundles["training-free"]
+def test_baseline_scores_the_checkpoint_as_it_is_and_prints_the_ratios(capsys, bundles, tmp_path):
+    bundle, expected = bundles["fine-tuned"]  # its baseline: the LLaVA it was tuned from, without its adapters
     res = run_cli(capsys, "eval", bundle, "--tasks", "prumerge_world_color,prumerge_world_count", "--images",
                   IMAGES, "--baseline", "-o", tmp_path / "out")  # fmt: skip
     assert res.code == 0, res.err
     report = json.loads((tmp_path / "out" / "results.json").read_text())
     assert report["baseline"]["visual_tokens"]["mean"] == 256
     every = report["baseline"]["results"]["prumerge_world_color"]["accuracy,none"]
+    from prumerge_cli.encoder import ReducedVisionEncoder
+
+    plain = ReducedVisionEncoder.from_pretrained(LLAVA_DIR, "none")
+    full = vqa_accuracy(plain, LlavaLm.from_pretrained(LLAVA_DIR), images=IMAGES)
+    assert every == pytest.approx(full.accuracy["color"])
+    count = report["baseline"]["results"]["prumerge_world_count"]["accuracy,none"]
+    assert count == pytest.approx(full.accuracy["count"])
     assert report["ratios"]["prumerge_world_color"] == pytest.approx(expected.accuracy["color"] / every)
     assert "every token" in res.out and "prumerge_world_count" in res.out
 

@@ -24,7 +24,7 @@ def evaluate(
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for results.json.")],
     limit: Annotated[int | None, typer.Option(min=1, help="Score only the first N documents of each task.")] = None,
     baseline: Annotated[
-        bool, typer.Option(help="Also score the bundle's model with every token; print ratios.")
+        bool, typer.Option(help="Also score the bundle's checkpoint as it is, every token; print the ratios.")
     ] = False,
     images: Annotated[int, typer.Option(min=1, help="Held-out world images behind the prumerge_world tasks.")] = 200,
     batch_size: Annotated[int, typer.Option(min=1, help="Requests per forward pass.")] = 8,

@@ -24,15 +24,14 @@ def manifest() -> ModelManifest:
 
 
 def open_asker(bundle: Path, device: torch.device, every_token: bool = False, dtype: str | None = None):
-    """The generate path of a bundle (a family's or a LLaVA's), or of its model with every token."""
+    """The generate path of a bundle (a family's or a LLaVA's), or of its model as the checkpoint has it, with
+    every token (`every_token`)."""
     from ..bundle import read_bundle
 
     if "family" in read_bundle(bundle):
         from ..families.asker import FamilyAsker
 
-        if every_token:
-            raise PrumergeError("every-token baselines of a family bundle: compress its model with -m none")
-        return FamilyAsker(bundle, device)
+        return FamilyAsker(bundle, device, every_token=every_token)
     from ..generate import Asker
 
     return Asker(bundle, device, every_token=every_token, dtype=dtype)

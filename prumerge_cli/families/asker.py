@@ -36,9 +36,10 @@ class TokenClock:
 
 
 class FamilyAsker:
-    """A family bundle's patched model and its processor, on one device."""
+    """A family bundle's patched model (with every token: `every_token`) and its processor, on one device."""
 
-    def __init__(self, bundle: Path, device: torch.device, model_dir: Path | None = None, full_hash: bool = False):
+    def __init__(self, bundle: Path, device: torch.device, model_dir: Path | None = None, full_hash: bool = False,
+                 every_token: bool = False):  # fmt: skip
         from transformers import AutoProcessor
 
         import prumerge_cli
@@ -55,7 +56,7 @@ class FamilyAsker:
             raise PrumergeError(f"{encoder.model_dir} has no chat template; generate needs it to build prompts")
         self.processor.tokenizer.padding_side = "left"
         self.model = encoder.model.hf_model.to(device)
-        prumerge_cli.patch(self.model, bundle)
+        prumerge_cli.patch(self.model, "none" if every_token else bundle)
         self.device = device
 
     @property
