@@ -6,6 +6,7 @@ reference from the tower's eager attention weights."""
 from __future__ import annotations
 
 import itertools
+import sys
 
 import numpy as np
 import pytest
@@ -53,7 +54,7 @@ def inputs_of(name: str, model, processor) -> dict:
         ids, mask = prompts([[len(f)] for f in features])
         return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels["pixel_values"],
                     image_sizes=pixels["image_sizes"])  # fmt: skip
-    if name == "qwen2_5_vl":  # <s>, vision start, the image's merged tokens, vision end, words
+    if name.startswith("qwen"):  # <s>, vision start, the image's merged tokens, vision end, words
         ids, mask = left_padded(
             [[2, 5, *[IMAGE_TOKEN] * len(f), 6, *range(10, 12 + i)] for i, f in enumerate(features)]
         )
@@ -93,7 +94,7 @@ def row(inputs: dict, b: int, name: str, tiles: list[int] | None) -> dict:
         assert tiles is not None
         first = sum(tiles[:b])
         out["pixel_values"] = inputs["pixel_values"][first : first + tiles[b]]
-    elif name == "qwen2_5_vl":  # patches of every image in a row
+    elif name.startswith("qwen"):  # patches of every image in a row
         counts = inputs["image_grid_thw"].prod(-1).tolist()
         out["pixel_values"] = inputs["pixel_values"][sum(counts[:b]) : sum(counts[: b + 1])]
     else:
@@ -107,7 +108,7 @@ def row(inputs: dict, b: int, name: str, tiles: list[int] | None) -> dict:
 @pytest.mark.parametrize("positions", ["contiguous", "original"])
 def test_method_none_is_the_stock_generate_token_for_token(family, positions):
     name, model, inputs, _ = family
-    if name == "qwen2_5_vl" and positions == "contiguous":  # M-RoPE: the 3-D positions are kept, always
+    if name.startswith("qwen") and positions == "contiguous":  # M-RoPE: the 3-D positions are kept, always
         with pytest.raises(PrumergeError, match="positions must be original"):
             prumerge_cli.patch(model, "none", positions=positions)
         return
@@ -198,8 +199,8 @@ def qwen_reference(model, pixel_values: torch.Tensor, grid: torch.Tensor) -> tor
     """The last vision block's eager attention weights (the library's eager path on the block's own q and k),
     averaged over heads and queries per attention span and over each 2x2 merge group, put in raster order by
     matching the merger's output on the block's output against the tower's (raster) output."""
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision, eager_attention_forward
-
+    host = sys.modules[type(model.model.visual).__module__]  # the model's own rotary and eager attention
+    rotary, eager_attention_forward = host.apply_rotary_pos_emb_vision, host.eager_attention_forward
     visual = model.model.visual
     block, seen = visual.blocks[-1], {}
     hooks = [block.register_forward_pre_hook(lambda m, a, kw: seen.update(h=a[0], kw=kw), with_kwargs=True),
@@ -210,7 +211,7 @@ def qwen_reference(model, pixel_values: torch.Tensor, grid: torch.Tensor) -> tor
             hook.remove()
         attn = block.attn
         q, k, v = attn.qkv(block.norm1(seen["h"])).reshape(len(seen["h"]), 3, attn.num_heads, -1).permute(1, 0, 2, 3)
-        q, k = apply_rotary_pos_emb_vision(q, k, *seen["kw"]["position_embeddings"])
+        q, k = rotary(q, k, *seen["kw"]["position_embeddings"])
         bounds = seen["kw"]["cu_seqlens"].tolist()
         received = []
         for start, end in itertools.pairwise(bounds):
@@ -234,7 +235,7 @@ def test_each_family_s_score_equals_a_plain_reference(family):
         expected = tower(tiles).scores
         torch.testing.assert_close(layouts[0].tiles[0].scores[None], expected, rtol=1e-4, atol=1e-6)
         return
-    if name == "qwen2_5_vl":
+    if name.startswith("qwen"):
         expected = qwen_reference(model, inputs["pixel_values"], inputs["image_grid_thw"])
         found = torch.cat([layout.tiles[0].scores for layout in layouts])
         torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-6)
@@ -282,9 +283,9 @@ def test_patch_refuses_a_class_it_cannot_map_in_one_line():
         prumerge_cli.patch(torch.nn.Linear(2, 2), "prumerge")
 
 
-@pytest.fixture(scope="module")
-def qwen(tmp_path_factory):
-    path = save_family("qwen2_5_vl", tmp_path_factory.mktemp("qwen") / "model", "small")
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+def qwen(request, tmp_path_factory):
+    path = save_family(request.param, tmp_path_factory.mktemp(request.param) / "model", "small")
     model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch.float32).eval()
     return model, AutoImageProcessor.from_pretrained(str(path), backend="pil")
 
@@ -304,7 +305,7 @@ def positions_seen(model, inputs: dict) -> list[torch.Tensor]:
 
 def test_qwen_kept_tokens_keep_their_3d_positions_and_the_text_follows_on(qwen):
     model, processor = qwen
-    inputs = inputs_of("qwen2_5_vl", model, processor)
+    inputs = inputs_of("qwen", model, processor)
     stock = positions_seen(model, inputs)
     prumerge_cli.patch(model, "prumerge")
     try:
@@ -329,7 +330,9 @@ def test_qwen_kept_tokens_keep_their_3d_positions_and_the_text_follows_on(qwen):
 def test_qwen_two_images_in_one_prompt(qwen):
     model, processor = qwen
     pixels = processor(images(), return_tensors="pt")
-    counts = (pixels["image_grid_thw"].prod(-1) // 4).tolist()
+    counts = [
+        len(f) for f in model.model.get_image_features(pixels["pixel_values"], pixels["image_grid_thw"]).pooler_output
+    ]
     row = [2, 5, *[IMAGE_TOKEN] * counts[0], 6, 10, 5, *[IMAGE_TOKEN] * counts[1], 6, 11]
     ids = torch.tensor([row])
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels["pixel_values"],

@@ -48,10 +48,11 @@ SHAPES: dict[str, LlmShape] = {
     "qwen2-7b": LlmShape(3584, 18944, 28, 28, 4, 152064),
     "qwen2.5-7b": LlmShape(3584, 18944, 28, 28, 4, 151674),
     "gemma-3-4b": LlmShape(2560, 10240, 34, 8, 4, 262208, attention_head_dim=256),
+    "qwen3-8b": LlmShape(4096, 12288, 36, 32, 8, 151936, attention_head_dim=128),
 }
 """LLaVA-1.5-7B and -13B and LLaVA-v1.6-Vicuna-7B use Vicuna-7B/13B v1.5 (Llama-2 shapes); LLaVA-v1.6-Mistral-7B
-Mistral-7B; LLaVA-NeXT-8B Llama-3-8B; LLaVA-OneVision-7B Qwen2-7B; InternVL3-8B Qwen2.5-7B; Gemma 3 4B its own
-LM (8 heads of 256)."""
+Mistral-7B; LLaVA-NeXT-8B Llama-3-8B; LLaVA-OneVision-7B Qwen2-7B; InternVL3-8B and Qwen2.5-VL-7B Qwen2.5-7B;
+Qwen3-VL-8B Qwen3-8B; Gemma 3 4B its own LM (8 heads of 256)."""
 
 LLAVA_TEXT_TOKENS = 32
 """Text tokens assumed beside the image in the reference comparison (system prompt plus a short question)."""

@@ -25,12 +25,13 @@ from .runner import BenchSettings
 from .timing import interleaved
 
 USUAL_SIZES = {"llava_next": [(672, 672)], "llava_onevision": [(768, 768)], "internvl": [(896, 896)],
-               "gemma3": [(896, 896)], "qwen2_5_vl": [(448, 448), (896, 896), (1344, 1344)]}  # fmt: skip
+               "gemma3": [(896, 896)], "qwen2_5_vl": [(448, 448), (896, 896), (1344, 1344)],
+               "qwen3_vl": [(448, 448), (896, 896), (1344, 1344)]}  # fmt: skip
 """(width, height) the world images are resized to where no --images are given: LLaVA-NeXT's 2x2 tiles of
 336 px (2,928 tokens with newlines), OneVision's 2x2 of 384 px, InternVL's 2x2 of 448 px and a thumbnail,
 Gemma 3's one 896 px image, Qwen2.5-VL at three resolutions (its token count grows with the pixels)."""
 FAMILY_LM = {"llava_next": "vicuna-7b", "llava_onevision": "qwen2-7b", "internvl": "qwen2.5-7b",
-             "gemma3": "gemma-3-4b", "qwen2_5_vl": "qwen2.5-7b"}  # fmt: skip
+             "gemma3": "gemma-3-4b", "qwen2_5_vl": "qwen2.5-7b", "qwen3_vl": "qwen3-8b"}  # fmt: skip
 """The LM shape each family's usual 7B-class release has (cost model, when no --llm-shape is given)."""
 
 

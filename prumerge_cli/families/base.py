@@ -14,7 +14,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..errors import PrumergeError
 from ..models.scores import cls_row, queries_and_keys, received_attention
-from .layout import ImageLayout
+from .layout import ImageLayout, ImageTokens
 
 
 @contextmanager
@@ -88,9 +88,9 @@ class FamilyAdapter(abc.ABC):
             return [pixel_values[b, :n] for b, n in enumerate(counts)]
         return list(torch.split(pixel_values, counts))
 
-    def image_output(self, tokens: list[torch.Tensor]) -> BaseModelOutputWithPooling:
-        """The pre-computed image features as the host's `mm_encoder_outputs["image"]` takes them."""
-        return BaseModelOutputWithPooling(pooler_output=torch.cat(tokens))
+    def image_output(self, images: list[ImageTokens]) -> BaseModelOutputWithPooling:
+        """What each image gives the LM, as the host's `mm_encoder_outputs["image"]` takes it."""
+        return BaseModelOutputWithPooling(pooler_output=torch.cat([i.tokens for i in images]))
 
     def generation_inputs(self, input_ids: torch.Tensor) -> dict[str, Any]:
         """Inputs the host derives from the (shortened) prompt, beyond ids and mask."""

@@ -4,7 +4,7 @@ each tile's merged extra token at the image's end."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -59,6 +59,9 @@ class ImageLayout:
     row_of: torch.Tensor | None = None
     newline_places: torch.Tensor | None = None
     tile_grid: tuple[int, int] | None = None
+    side: dict[str, torch.Tensor] | None = None
+    """Per-token features beside the tokens, by place [span, ...] (Qwen3-VL's deepstack features): cut to the
+    kept tokens with them, zeros for a merged extra token."""
 
 
 @dataclass
@@ -73,6 +76,7 @@ class ImageTokens:
     kept_per_tile: list[int]
     kept_sources: torch.Tensor
     kept_cells: torch.Tensor
+    side: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def merged_tiles(tiles: list[Tile], reducer: Reducer) -> Tile:
@@ -118,5 +122,9 @@ def reduce_image(layout: ImageLayout, reducer: Reducer, scope: Scope) -> ImageTo
     extras = tokens[extra]
     packed = torch.cat([cells[order], extras])
     packed_places = torch.cat([cell_places[order], torch.full((len(extras),), layout.span - 1)])
-    return ImageTokens(packed, packed_places, layout.span, [len(k[0]) for k in kept], kept_sources,
-                       kept_cells)  # fmt: skip
+    side = {}
+    for name, values in (layout.side or {}).items():
+        rows = torch.cat([values[cell_places[order]], values.new_zeros(len(extras), *values.shape[1:])])
+        side[name] = rows
+    return ImageTokens(packed, packed_places, layout.span, [len(k[0]) for k in kept], kept_sources, kept_cells,
+                       side)  # fmt: skip

@@ -132,8 +132,8 @@ class LlavaNextAdapter(FamilyAdapter):
         newline_places = n + torch.arange(rows) * (cols + 1) + cols
         return ImageLayout(tiles, span, (self.side, self.side), self.newline, row_of, newline_places)
 
-    def image_output(self, tokens):
-        return BaseModelOutputWithPooling(pooler_output=tokens)
+    def image_output(self, images):
+        return BaseModelOutputWithPooling(pooler_output=[i.tokens for i in images])
 
 
 def _part(x: torch.Tensor | None, index: Any) -> torch.Tensor | None:

@@ -23,7 +23,8 @@ from .registry import ADAPTERS
 MODEL_TYPES = {"llava_next": "LlavaNextForConditionalGeneration",
                "llava_onevision": "LlavaOnevisionForConditionalGeneration",
                "internvl": "InternVLForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration",
-               "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}  # fmt: skip
+               "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+               "qwen3_vl": "Qwen3VLForConditionalGeneration"}  # fmt: skip
 
 
 def is_family_checkpoint(model_dir: Path) -> bool:

@@ -71,6 +71,7 @@ class Qwen25VLAdapter(FamilyAdapter):
         with BlockInput(self.block) as block_input:
             out = self.visual(pixel_values.type(self.visual.dtype), grid_thw=grid)
         sizes = (grid.prod(-1) // self.merge**2).tolist()
+        side = self.side_features(out, sizes)
         tokens = torch.split(out.pooler_output, sizes)
         scores: list[Any] = [None] * len(sizes)
         keys: list[Any] = [None] * len(sizes)
@@ -82,8 +83,12 @@ class Qwen25VLAdapter(FamilyAdapter):
             rows, cols = t * h // self.merge, w // self.merge
             cells = torch.arange(len(x))
             tile = Tile(x, s, k, (rows, cols), cells, torch.zeros(len(x), dtype=torch.long), cells)
-            layouts.append(ImageLayout([tile], len(x), (rows, cols)))
+            layouts.append(ImageLayout([tile], len(x), (rows, cols), side=side.pop(0) if side else None))
         return layouts
+
+    def side_features(self, out: Any, sizes: list[int]) -> list[dict[str, torch.Tensor]]:
+        """Per image, the per-token features the LM takes beside the tokens (none here)."""
+        return []
 
     def scores(self, hidden: torch.Tensor, kwargs: dict[str, Any], grid: torch.Tensor):
         """(scores [M], keys [M, 4C]) of every merged token of the batch, in raster order, from the last block's
@@ -98,9 +103,7 @@ class Qwen25VLAdapter(FamilyAdapter):
         bounds = kwargs["cu_seqlens"].tolist()
         received = torch.cat([received_attention(q[None, s:e].flatten(2), k[None, s:e].flatten(2), attn.num_heads)[0]
                               for s, e in itertools.pairwise(bounds)])  # fmt: skip
-        config = self.visual.config
-        window_index, _ = get_vision_window_index(grid, self.merge, config.window_size, config.patch_size)
-        back = torch.argsort(window_index)
+        back = self.raster_order(grid)
         unit = self.merge**2
         return received.view(-1, unit).mean(-1)[back], keys.reshape(-1, unit * keys.shape[-1])[back]
 
@@ -121,8 +124,14 @@ class Qwen25VLAdapter(FamilyAdapter):
             start += count
         return pictures
 
-    def image_output(self, tokens):
-        return BaseModelOutputWithPooling(pooler_output=tokens)
+    def raster_order(self, grid: torch.Tensor) -> torch.Tensor:
+        """Where each merge group of the raster order stands in the tower's window order."""
+        config = self.visual.config
+        window_index, _ = get_vision_window_index(grid, self.merge, config.window_size, config.patch_size)
+        return torch.argsort(window_index)
+
+    def image_output(self, images):
+        return BaseModelOutputWithPooling(pooler_output=[i.tokens for i in images])
 
     def generation_inputs(self, input_ids):
         return {"mm_token_type_ids": (input_ids == self.image_token).int()}

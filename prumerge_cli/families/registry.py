@@ -10,10 +10,11 @@ from .internvl import InternVLAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_vl import Qwen25VLAdapter
+from .qwen3_vl import Qwen3VLAdapter
 
-ADAPTERS: dict[str, type[FamilyAdapter]] = {
-    cls.host: cls for cls in (LlavaNextAdapter, LlavaOnevisionAdapter, InternVLAdapter, Gemma3Adapter, Qwen25VLAdapter)
-}
+FAMILY_ADAPTERS = (LlavaNextAdapter, LlavaOnevisionAdapter, InternVLAdapter, Gemma3Adapter, Qwen25VLAdapter,
+                   Qwen3VLAdapter)  # fmt: skip
+ADAPTERS: dict[str, type[FamilyAdapter]] = {cls.host: cls for cls in FAMILY_ADAPTERS}
 
 
 def adapter_for(model: Any) -> FamilyAdapter | None:

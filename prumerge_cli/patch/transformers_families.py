@@ -53,7 +53,7 @@ class ReducedFamily:
         elif self._prumerge_positions == "original":
             kwargs["position_ids"] = original_position_ids(ids, mask, adapter.image_token, [i.places for i in images],
                                                            [i.span for i in images])  # fmt: skip
-        image = adapter.image_output([i.tokens for i in images])
+        image = adapter.image_output(images)
         out = host.generate(input_ids=ids, attention_mask=mask, mm_encoder_outputs={"image": image}, **kwargs)  # type: ignore[misc]
         return with_caller_prompt(out, input_ids, ids.shape[1])
 

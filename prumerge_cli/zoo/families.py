@@ -1,7 +1,8 @@
 """Tiny random checkpoints of the families beyond LLaVA-1.5 (LLaVA-NeXT, LLaVA-OneVision, InternVL, Gemma 3,
-Qwen2.5-VL): the real transformers classes with narrow towers and a one-layer LM, at the real models' image geometry
-(`real`: tile size, patch grid, grid pinpoints, pooling and pixel shuffle as the released checkpoints) or at
-112 px tiles (`small`, for the tests), each saved with its image processor as a user's checkpoint is.
+Qwen2.5-VL, Qwen3-VL): the real transformers classes with narrow towers and a one-layer LM, at the real models'
+image geometry (`real`: tile size, patch grid, grid pinpoints, pooling and pixel shuffle as the released
+checkpoints) or at 112 px tiles (`small`, for the tests), each saved with its image processor as a user's
+checkpoint is.
 Usage: python -m prumerge_cli.zoo.families OUT_DIR [--geometry real|small]"""
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLImageProcessorPil,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
     SiglipVisionConfig,
 )
 
@@ -43,7 +46,7 @@ IMAGE_TOKEN = 4
 TOWER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
             vocab_size=160)  # fmt: skip
-FAMILIES = ("llava_next", "llava_onevision", "internvl", "gemma3", "qwen2_5_vl")
+FAMILIES = ("llava_next", "llava_onevision", "internvl", "gemma3", "qwen2_5_vl", "qwen3_vl")
 CHAT_TEMPLATE = ("<s>{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
                  "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}")  # fmt: skip
 """The embedded model's prompt shape: `<s>`, the image, the question."""
@@ -161,8 +164,28 @@ def qwen2_5_vl(g: Geometry) -> tuple[Any, Any]:
     return model, processor
 
 
+def qwen3_vl(g: Geometry) -> tuple[Any, Any]:
+    """Qwen3-VL: a ViT of full attention with learned positions (a 4x4 grid resampled), deepstack mergers after
+    the first two blocks, 2x2 merger, interleaved M-RoPE, a Qwen3 LM."""
+    vision = dict(depth=3, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=TEXT["hidden_size"],
+                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+                  deepstack_visual_indexes=[0, 1], in_channels=3)  # fmt: skip
+    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True, "rope_theta": 10000.0}
+    text = dict(TEXT, head_dim=16, rope_parameters=rope, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    config = Qwen3VLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, video_token_id=7,
+                           vision_start_token_id=5, vision_end_token_id=6)  # fmt: skip
+    model = Qwen3VLForConditionalGeneration(config)
+    with torch.no_grad():  # peaked attention, as a trained tower's: scale the q and k thirds of each qkv
+        for block in model.model.visual.blocks:
+            block.attn.qkv.weight[: 2 * vision["hidden_size"]].mul_(6.0)
+    side = g.qwen_max_side
+    processor = Qwen2VLImageProcessorPil(min_pixels=64 * 64, max_pixels=side * side, patch_size=16, merge_size=2,
+                                         temporal_patch_size=2)  # fmt: skip
+    return model, processor
+
+
 BUILDERS = {"llava_next": llava_next, "llava_onevision": llava_onevision, "internvl": internvl, "gemma3": gemma3,
-            "qwen2_5_vl": qwen2_5_vl}  # fmt: skip
+            "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl}  # fmt: skip
 
 
 def build_family(name: str, geometry: str = "real", seed: int = 0, **options: Any) -> tuple[Any, Any]:
