@@ -347,3 +347,13 @@ def test_qwen_two_images_in_one_prompt(qwen):
     finally:
         prumerge_cli.unpatch(model)
     assert len(kept) == 2 and all(k < n for k, n in zip(kept, counts, strict=True))
+
+
+def test_qwen_video_is_refused_in_one_line(qwen):
+    model, _ = qwen
+    prumerge_cli.patch(model, "prumerge")
+    try:
+        with pytest.raises(PrumergeError, match="video inputs are not reduced"):
+            model.generate(input_ids=torch.tensor([[2, 7]]), pixel_values_videos=torch.zeros(4, 1176))
+    finally:
+        prumerge_cli.unpatch(model)

@@ -66,8 +66,6 @@ class Qwen25VLAdapter(FamilyAdapter):
         grid = inputs.pop("image_grid_thw", None)
         if grid is None:
             raise PrumergeError(f"{self.host}: the image inputs need image_grid_thw, as the processor gives them")
-        if inputs.get("pixel_values_videos") is not None:
-            raise PrumergeError(f"{self.host}: video inputs are not reduced; pass images only")
         with BlockInput(self.block) as block_input:
             out = self.visual(pixel_values.type(self.visual.dtype), grid_thw=grid)
         sizes = (grid.prod(-1) // self.merge**2).tolist()

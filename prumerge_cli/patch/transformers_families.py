@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..errors import PrumergeError
 from ..families.base import FamilyAdapter
 from ..families.layout import ImageTokens, reduce_image
 from ..reducers import Reducer
@@ -33,6 +34,8 @@ class ReducedFamily:
             return [reduce_image(layout, reducer, self._prumerge_scope) for layout in layouts]  # type: ignore[arg-type]
 
     def generate(self, input_ids=None, pixel_values=None, attention_mask=None, **kwargs: Any):
+        if kwargs.get("pixel_values_videos") is not None:
+            raise PrumergeError(f"{type(self).__name__}: video inputs are not reduced; unpatch the model for them")
         host = super()
         if pixel_values is None or input_ids is None:
             return host.generate(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,  # type: ignore[misc]
