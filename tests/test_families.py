@@ -65,7 +65,10 @@ def inputs_of(name: str, model, processor) -> dict:
         tiles = pixels["num_patches"].tolist()
         ids, mask = prompts([[per_image * tiles[0]], [per_image * tiles[1]]])
         return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels["pixel_values"], tiles=tiles)
-    ids, mask = left_padded([[2, 5, *[IMAGE_TOKEN] * per_image, 6, 10, 11], [2, 5, *[IMAGE_TOKEN] * per_image, 6, 12]])
+    boi, eoi = model.config.boi_token_index, model.config.eoi_token_index
+    ids, mask = left_padded(
+        [[2, boi, *[IMAGE_TOKEN] * per_image, eoi, 10, 11], [2, boi, *[IMAGE_TOKEN] * per_image, eoi, 12]]
+    )
     return dict(input_ids=ids, attention_mask=mask, token_type_ids=(ids == IMAGE_TOKEN).long(),
                 pixel_values=pixels["pixel_values"])  # fmt: skip
 

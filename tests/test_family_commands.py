@@ -145,3 +145,23 @@ def test_export_refuses_a_family_in_one_line_that_says_why(capsys, next_dir, tmp
     res = run_cli(capsys, "export", next_dir, "-o", tmp_path / "e", "--onnx")
     assert_clean_error(res, "no fixed-shape tile graph")
     assert not (tmp_path / "e").exists()
+
+
+def test_generate_answers_with_a_gemma3_bundle_through_its_processor(capsys, wide_image, tmp_path):
+    model_dir = save_family("gemma3", tmp_path / "gemma3", "small")
+    bundle = tmp_path / "b"
+    assert run_cli(capsys, "compress", model_dir, "-o", bundle).code == 0
+    res = run_cli(capsys, "generate", bundle, "--image", wide_image, "--prompt", "what color", "--max-new-tokens", "3")
+    assert res.code == 0, res.err
+    answer, stats = res.out.rstrip("\n").split("\n")[-2:]  # the answer may decode to nothing
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(model_dir))
+    model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch.float32)
+    prumerge_cli.patch(model, bundle)
+    question = {"type": "text", "text": "what color"}
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, question]}])
+    inputs = processor(images=[Image.open(wide_image).convert("RGB")], text=[text], return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert answer == processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert stats.startswith(f"{model._prumerge_counts[0]} visual tokens kept") and model._prumerge_counts[0] < 16

@@ -18,6 +18,7 @@ from transformers import (
     Gemma3Config,
     Gemma3ForConditionalGeneration,
     Gemma3ImageProcessorPil,
+    Gemma3Processor,
     GotOcr2ImageProcessorPil,
     InternVLConfig,
     InternVLForConditionalGeneration,
@@ -29,6 +30,7 @@ from transformers import (
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     LlavaOnevisionImageProcessorPil,
+    PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLImageProcessorPil,
@@ -50,6 +52,8 @@ FAMILIES = ("llava_next", "llava_onevision", "internvl", "gemma3", "qwen2_5_vl",
 CHAT_TEMPLATE = ("<s>{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
                  "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}")  # fmt: skip
 """The embedded model's prompt shape: `<s>`, the image, the question."""
+GEMMA_MARKERS = ("<start_of_image>", "<end_of_image>")
+"""Gemma 3's image markers, added to the embedded tokenizer for its tiny model."""
 
 
 @dataclass(frozen=True)
@@ -133,12 +137,22 @@ def internvl(g: Geometry) -> tuple[Any, Any]:
     return model, processor
 
 
+def gemma_tokenizer() -> PreTrainedTokenizerFast:
+    """The embedded tokenizer with Gemma 3's image markers, named as its processor asks for them."""
+    words = build_tokenizer(extra=GEMMA_MARKERS)
+    return PreTrainedTokenizerFast(tokenizer_object=words.backend_tokenizer, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<s>", eos_token="</s>",
+                                   extra_special_tokens={"image_token": "<image>", "boi_token": GEMMA_MARKERS[0],
+                                                         "eoi_token": GEMMA_MARKERS[1]})  # fmt: skip
+
+
 def gemma3(g: Geometry) -> tuple[Any, Any]:
     """Gemma 3: a SigLIP tower without [CLS], pooled into `gemma_tokens` tokens, a Gemma 3 LM."""
     text = dict(TEXT, model_type="gemma3_text", head_dim=16, query_pre_attn_scalar=16, sliding_window=8)
     vision = SiglipVisionConfig(image_size=g.gemma_image, patch_size=14, vision_use_head=False, **TOWER)
+    boi, eoi = gemma_tokenizer().convert_tokens_to_ids(list(GEMMA_MARKERS))
     config = Gemma3Config(vision_config=vision.to_dict(), text_config=text, mm_tokens_per_image=g.gemma_tokens,
-                          image_token_index=IMAGE_TOKEN, boi_token_index=5, eoi_token_index=6)  # fmt: skip
+                          image_token_index=IMAGE_TOKEN, boi_token_index=boi, eoi_token_index=eoi)  # fmt: skip
     model = Gemma3ForConditionalGeneration(config)
     sharpen(model.model.vision_tower.encoder.layers)
     return model, Gemma3ImageProcessorPil(size={"height": g.gemma_image, "width": g.gemma_image})
@@ -198,17 +212,21 @@ def build_family(name: str, geometry: str = "real", seed: int = 0, **options: An
 
 def save_family(name: str, path: Path, geometry: str = "real", force: bool = False) -> Path:
     """Write `name` as a checkpoint directory: weights, config, the embedded tokenizer and the image processor
-    (LLaVA-NeXT: its whole processor, so `AutoProcessor` loads it)."""
+    (LLaVA-NeXT and Gemma 3: their whole processors, so `AutoProcessor` loads them)."""
     model, image_processor = build_family(name, geometry)
     with atomic.atomic_dir(path, force) as tmp:
         model.save_pretrained(tmp)
-        tokenizer = build_tokenizer()
+        tokenizer = gemma_tokenizer() if name == "gemma3" else build_tokenizer()
         tokenizer.save_pretrained(tmp)
         image_processor.save_pretrained(tmp)
         if name == "llava_next":
             LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                chat_template=CHAT_TEMPLATE).save_pretrained(tmp)  # fmt: skip
+        if name == "gemma3":
+            template = CHAT_TEMPLATE.replace("<image>", GEMMA_MARKERS[0])
+            Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template,
+                            image_seq_length=model.config.mm_tokens_per_image).save_pretrained(tmp)  # fmt: skip
     return path
 
 
