@@ -168,14 +168,7 @@ def qwen2_5_vl(g: Geometry) -> tuple[Any, Any]:
                                                                      eos_token_id=3, pad_token_id=0),
                               image_token_id=IMAGE_TOKEN, video_token_id=7, vision_start_token_id=5,
                               vision_end_token_id=6)  # fmt: skip
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    with torch.no_grad():  # peaked attention, as a trained tower's: scale the q and k thirds of each qkv
-        for block in model.model.visual.blocks:
-            block.attn.qkv.weight[: 2 * vision["hidden_size"]].mul_(6.0)
-    side = g.qwen_max_side
-    processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=side * side, patch_size=14, merge_size=2,
-                                         temporal_patch_size=2)  # fmt: skip
-    return model, processor
+    return with_qwen_processor(Qwen2_5_VLForConditionalGeneration(config), 14, g)
 
 
 def qwen3_vl(g: Geometry) -> tuple[Any, Any]:
@@ -188,13 +181,19 @@ def qwen3_vl(g: Geometry) -> tuple[Any, Any]:
     text = dict(TEXT, head_dim=16, rope_parameters=rope, bos_token_id=2, eos_token_id=3, pad_token_id=0)
     config = Qwen3VLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, video_token_id=7,
                            vision_start_token_id=5, vision_end_token_id=6)  # fmt: skip
-    model = Qwen3VLForConditionalGeneration(config)
-    with torch.no_grad():  # peaked attention, as a trained tower's: scale the q and k thirds of each qkv
+    return with_qwen_processor(Qwen3VLForConditionalGeneration(config), 16, g)
+
+
+def with_qwen_processor(model: Any, patch: int, g: Geometry) -> tuple[Any, Any]:
+    """A Qwen model with peaked tower attention (the q and k thirds of each qkv scaled, as a trained tower's),
+    and its image processor: 2x2 merges of `patch`-pixel patches, images from 4 merges to `qwen_max_side`."""
+    width = model.config.vision_config.hidden_size
+    with torch.no_grad():
         for block in model.model.visual.blocks:
-            block.attn.qkv.weight[: 2 * vision["hidden_size"]].mul_(6.0)
+            block.attn.qkv.weight[: 2 * width].mul_(6.0)
     side = g.qwen_max_side
-    processor = Qwen2VLImageProcessorPil(min_pixels=64 * 64, max_pixels=side * side, patch_size=16, merge_size=2,
-                                         temporal_patch_size=2)  # fmt: skip
+    processor = Qwen2VLImageProcessorPil(min_pixels=(4 * patch) ** 2, max_pixels=side * side, patch_size=patch,
+                                         merge_size=2, temporal_patch_size=2)  # fmt: skip
     return model, processor
 
 
