@@ -107,9 +107,12 @@ def test_the_entry_point_serves_lmms_eval_s_own_command(bundles, cache, tmp_path
     assert "prumerge_world_color" in proc.stdout and "accuracy" in proc.stdout, proc.stdout[-2000:]
 
 
-def test_bad_input_is_one_line(capsys, bundles, tmp_path):
+def test_bad_input_is_one_line(capsys, bundles, clip_dir, tmp_path):
     bundle, _ = bundles["training-free"]
     out = tmp_path / "out"
+    assert run_cli(capsys, "compress", clip_dir, "-o", tmp_path / "clip").code == 0  # a tower without an LM
+    assert_clean_error(run_cli(capsys, "eval", tmp_path / "clip", "--tasks", "prumerge_world_color", "-o", out),
+                       "a vision tower alone")  # fmt: skip
     assert_clean_error(run_cli(capsys, "eval", bundle, "--tasks", "no_such_task", "-o", out), "unknown task")
     assert_clean_error(run_cli(capsys, "eval", LLAVA_DIR, "--tasks", "prumerge_world", "-o", out), "not a bundle")
     assert_clean_error(run_cli(capsys, "eval", bundle, "--tasks", " , ", "-o", out), "names no task")

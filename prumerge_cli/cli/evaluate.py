@@ -35,7 +35,16 @@ def evaluate(
     """Score a bundle with lmms-eval, offline by default: its results, the visual tokens kept, versions and
     machine go into one JSON."""
     from ..bundle import read_bundle
-    from ..evaluation.run import EvalSettings, go_offline, headline, machine, require_lmms_eval, score, task_manager
+    from ..evaluation.run import (
+        EvalSettings,
+        go_offline,
+        headline,
+        machine,
+        quiet_lmms_eval,
+        require_lmms_eval,
+        score,
+        task_manager,
+    )
     from ..versions import package_versions
 
     atomic.check_output(output, force)
@@ -43,7 +52,12 @@ def evaluate(
     if not names:
         raise PrumergeError("--tasks names no task")
     record = read_bundle(bundle)
+    kind = record.get("model", {}).get("model_type")
+    if "family" not in record and kind != "llava":
+        raise PrumergeError(f"{bundle} reduces a {kind} checkpoint, a vision tower alone: eval needs a LLaVA or a "
+                            "family checkpoint, whose LM answers")  # fmt: skip
     require_lmms_eval()
+    quiet_lmms_eval()
     go_offline(online)
     settings = EvalSettings(names, limit, images, batch_size, str(devices.resolve_device(device)), online)
     console = out_console()

@@ -8,6 +8,7 @@ import importlib.util
 import io
 import os
 import platform
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,14 @@ def go_offline(online: bool) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HOME", str(Path.home() / ".cache" / "prumerge" / "huggingface"))
+
+
+def quiet_lmms_eval() -> None:
+    """lmms-eval's log (loguru, DEBUG by default) down to its errors: prumerge reports the phases."""
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level="ERROR")
 
 
 def task_manager(tasks: tuple[str, ...], world_images: int):

@@ -26,6 +26,9 @@ def write_world_tasks(out: Path, split: str = "test", images: int = 200, force: 
     """Write the first `images` samples of `split` and the task files to `out` (atomically); returns `out`, the
     directory to pass as `--include_path`."""
     from datasets import Dataset, DatasetDict, Features, Image, Value
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()  # prumerge reports the phase
 
     atomic.check_output(out, force)
     samples = samples_of(split, 0, images)
