@@ -5,7 +5,6 @@ at the real LM's shape."""
 
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from ..progress import Phases
 from ..reducers import build_reducer
 from ..tables import FoldingTable
 from .cost_model import LLAVA_TEXT_TOKENS, prefill_flops, shape_named
-from .runner import BenchSettings
+from .runner import BenchSettings, machine
 from .timing import interleaved
 
 USUAL_SIZES = {"llava_next": [(672, 672)], "llava_onevision": [(768, 768)], "internvl": [(896, 896)],
@@ -111,7 +110,7 @@ def run_family_bench(targets: list[Path], groups: list[tuple[str, list[Image.Ima
             "llm_shape": shape_name,
             "text_tokens": LLAVA_TEXT_TOKENS, "settings": {"batch_sizes": s.batch_sizes, "iters": s.iters,
                                                            "warmup": s.warmup, "threads": torch.get_num_threads()},
-            "machine": {"cpu": platform.processor() or platform.machine()}, "family_rows": rows}  # fmt: skip
+            "machine": machine(), "family_rows": rows}  # fmt: skip
 
 
 def run_all(encoder: FamilyEncoder, prepared: list[tuple[torch.Tensor, dict[str, Any]]]) -> None:

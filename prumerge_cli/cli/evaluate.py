@@ -34,12 +34,12 @@ def evaluate(
 ) -> None:
     """Score a bundle with lmms-eval, offline by default: its results, the visual tokens kept, versions and
     machine go into one JSON."""
+    from ..bench.runner import machine
     from ..bundle import read_bundle
     from ..evaluation.run import (
         EvalSettings,
         go_offline,
         headline,
-        machine,
         quiet_lmms_eval,
         require_lmms_eval,
         score,

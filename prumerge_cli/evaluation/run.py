@@ -7,7 +7,6 @@ import contextlib
 import importlib.util
 import io
 import os
-import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,9 +92,3 @@ def headline(results: dict[str, Any]) -> dict[str, float]:
                 out[task] = float(value)
                 break
     return out
-
-
-def machine() -> dict[str, Any]:
-    """Where the scores were taken."""
-    return {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
-            "cores": os.cpu_count()}  # fmt: skip

@@ -55,9 +55,6 @@ class FamilyAdapter(abc.ABC):
     """The transformers class adapted."""
     mrope: ClassVar[bool] = False
     """3-D rotary positions (Qwen): the kept tokens keep their original ids; `positions` gives them."""
-    score_source: ClassVar[str]
-    where: ClassVar[str]
-    newlines: ClassVar[str]
 
     def __init__(self, model: Any):
         self.model = model
@@ -97,7 +94,7 @@ class FamilyAdapter(abc.ABC):
         return {}
 
     def positions(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, inputs: dict[str, Any],
-                  images: list[ImageLayout], ids: torch.Tensor) -> torch.Tensor | None:  # fmt: skip
+                  images: list[ImageTokens], ids: torch.Tensor) -> torch.Tensor | None:  # fmt: skip
         """The position ids of the shortened prompt `ids` where the family sets them itself (M-RoPE), else None
         (1-D positions: contiguous, or `original_position_ids`)."""
         return None

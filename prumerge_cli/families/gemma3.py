@@ -21,9 +21,6 @@ from .layout import ImageLayout, Tile
 
 class Gemma3Adapter(FamilyAdapter):
     host: ClassVar[str] = "Gemma3ForConditionalGeneration"
-    score_source: ClassVar[str] = "received attention (SigLIP), pooled as the projector pools"
-    where: ClassVar[str] = "projected tokens after the 4x4 pooling"
-    newlines: ClassVar[str] = "none"
 
     def __init__(self, model: Any):
         super().__init__(model)

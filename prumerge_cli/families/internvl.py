@@ -36,9 +36,6 @@ def placeholder_runs(input_ids: torch.Tensor, token: int) -> list[int]:
 
 class InternVLAdapter(FamilyAdapter):
     host: ClassVar[str] = "InternVLForConditionalGeneration"
-    score_source: ClassVar[str] = "received attention (InternViT)"
-    where: ClassVar[str] = "projected tokens of each tile, after the pixel shuffle"
-    newlines: ClassVar[str] = "none"
 
     def __init__(self, model: Any):
         super().__init__(model)

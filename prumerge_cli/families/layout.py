@@ -122,9 +122,7 @@ def reduce_image(layout: ImageLayout, reducer: Reducer, scope: Scope) -> ImageTo
     extras = tokens[extra]
     packed = torch.cat([cells[order], extras])
     packed_places = torch.cat([cell_places[order], torch.full((len(extras),), layout.span - 1)])
-    side = {}
-    for name, values in (layout.side or {}).items():
-        rows = torch.cat([values[cell_places[order]], values.new_zeros(len(extras), *values.shape[1:])])
-        side[name] = rows
+    side = {name: torch.cat([values[cell_places[order]], values.new_zeros(len(extras), *values.shape[1:])])
+            for name, values in (layout.side or {}).items()}  # fmt: skip
     return ImageTokens(packed, packed_places, layout.span, [len(k[0]) for k in kept], kept_sources, kept_cells,
                        side)  # fmt: skip

@@ -35,9 +35,6 @@ def to_unpadded(tiles: torch.Tensor, tile_grid: tuple[int, int], side: int, imag
 
 class LlavaNextAdapter(FamilyAdapter):
     host: ClassVar[str] = "LlavaNextForConditionalGeneration"
-    score_source: ClassVar[str] = "[CLS] row (CLIP), or received attention (SigLIP)"
-    where: ClassVar[str] = "projected tokens of each tile, after unpadding"
-    newlines: ClassVar[str] = "after every row that keeps a token; base tile first, none"
 
     def __init__(self, model: Any):
         super().__init__(model)

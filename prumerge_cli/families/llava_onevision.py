@@ -22,8 +22,6 @@ from .llava_next import LlavaNextAdapter
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     host: ClassVar[str] = "LlavaOnevisionForConditionalGeneration"
-    score_source: ClassVar[str] = "received attention (SigLIP)"
-    where: ClassVar[str] = "projected tokens of each tile, after unpadding (a downscaled grid: one tile)"
 
     def tiles_per_image(self, image_sizes: torch.Tensor, inputs: dict[str, Any]) -> list[int]:
         per_prompt = inputs.pop("batch_num_images", None)

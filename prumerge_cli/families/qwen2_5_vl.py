@@ -52,9 +52,6 @@ class BlockInput:
 class Qwen25VLAdapter(FamilyAdapter):
     host: ClassVar[str] = "Qwen2_5_VLForConditionalGeneration"
     mrope: ClassVar[bool] = True
-    score_source: ClassVar[str] = "received attention in the last vision block, raster order, mean per 2x2 group"
-    where: ClassVar[str] = "merged tokens (after the 2x2 PatchMerger), on each image's own grid"
-    newlines: ClassVar[str] = "none"
 
     def __init__(self, model: Any):
         super().__init__(model)

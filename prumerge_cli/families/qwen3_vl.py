@@ -19,8 +19,6 @@ from .qwen2_5_vl import Qwen25VLAdapter
 
 class Qwen3VLAdapter(Qwen25VLAdapter):
     host: ClassVar[str] = "Qwen3VLForConditionalGeneration"
-    score_source: ClassVar[str] = "received attention in the last vision block, mean per 2x2 group"
-    where: ClassVar[str] = "merged tokens on each image's own grid; deepstack features cut alike"
 
     def raster_order(self, grid: torch.Tensor) -> torch.Tensor:
         return torch.arange(int(grid.prod(-1).sum()) // self.merge**2)
