@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from prumerge_cli.zoo.world import (
     POSITIONS,
     QUESTION_TYPES,
     RELATIONS,
+    as_read,
     ask,
     fingerprint,
     make_sample,
@@ -53,6 +55,20 @@ def test_every_question_type_is_asked_and_tokenizable():
     assert 0.35 < yes < 0.65 and 0.3 < nothing < 0.7, (yes, nothing)
     assert set(answers["count"]) == {"two", "three", "four"}
     assert len(vocabulary()) == len(set(vocabulary()))
+
+
+def test_questions_are_grammatical_and_read_as_the_model_was_trained():
+    tok = build_tokenizer()
+    presence = [qa.question for i in range(300) for qa in make_sample(split_seed("test", i)).lesson
+                if qa.kind == "presence"]  # fmt: skip
+    orange = [q for q in presence if "orange" in q]
+    assert orange and all(" an orange " in q for q in orange)
+    assert not any(" an " in q for q in presence if q not in orange) and not any(" a orange " in q for q in presence)
+    for question in orange:
+        assert tok(question).input_ids == tok(as_read(question)).input_ids
+        assert tok.decode(tok(question, add_special_tokens=False).input_ids) == as_read(question)
+    committed = json.loads((Path(__file__).parents[1] / "prumerge_cli/zoo/llava/tokenizer.json").read_text())
+    assert committed["normalizer"] == json.loads(tok.backend_tokenizer.to_str())["normalizer"]
 
 
 def test_presence_and_relation_say_what_is_at_the_cell_then_answer():

@@ -32,7 +32,7 @@ from .tokenizer import build_tokenizer
 from .vqa import answered, greedy_replies
 from .world import DESCRIBE, POSITIONS, QA, QUESTION_TYPES, Sample, ask, ask_about, samples_of
 
-PROBE_WORDS = ("an", "larger", "than", "same", "as")
+PROBE_WORDS = ("larger", "than", "same", "as")
 """Words the candidate families use beyond the world's vocabulary."""
 
 

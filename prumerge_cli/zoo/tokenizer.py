@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from tokenizers import Tokenizer
+from tokenizers import Regex, Tokenizer
 from tokenizers.models import WordLevel
-from tokenizers.normalizers import Lowercase
+from tokenizers.normalizers import Lowercase, Replace, Sequence
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import PreTrainedTokenizerFast
 
-from .world import vocabulary
+from .world import READ_AS, vocabulary
 
 SPECIALS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 IMAGE_TOKEN = "<image>"
@@ -18,7 +18,8 @@ def build_tokenizer(extra: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
     """Specials first (<pad>=0, <unk>=1, <s>=2, </s>=3, <image>=4), then the world's words, then `extra` words."""
     vocab = {word: i for i, word in enumerate((*SPECIALS, *vocabulary(), *extra))}
     core = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    core.normalizer = Lowercase()
+    folds = [Replace(Regex(rf"\b{spelling}\b"), word) for spelling, word in READ_AS.items()]
+    core.normalizer = Sequence([Lowercase(), *folds])  # "an orange cross" reads as the trained "a orange cross"
     core.pre_tokenizer = Whitespace()  # words and punctuation apart: "Describe the image." reads as the world's words
     return PreTrainedTokenizerFast(
         tokenizer_object=core,

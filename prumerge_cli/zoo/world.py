@@ -31,6 +31,9 @@ QUESTION_FORMS = ("what color is the object at center", "what shape is the objec
                   "what size is the object at south", "how many objects are there",
                   "what color is left of the object at center", "is there a red circle at east")  # fmt: skip
 """One question of each type, as the embedded model was trained to read them (lower case, no question mark)."""
+READ_AS = {"an": "a"}
+"""Spellings the embedded model reads as another word: the article before a vowel ("an orange cross") is its "a".
+The tokenizer folds them, so a grammatical question reads as the one the model was trained on."""
 
 
 @dataclass(frozen=True)
@@ -183,8 +186,18 @@ def ask_presence(scene: list[Thing], rng: random.Random) -> QA:
         shape = rng.choice([s for s in SHAPES if s != thing.shape]) if miss == "shape" else thing.shape
         asked = Thing(colour, shape, thing.size, thing.cell)
     there = next((t.name for t in scene if t.cell == asked.cell), "nothing")
-    return QA(f"is there a {asked.name} at {POSITIONS[asked.cell]}", "yes" if there == asked.name else "no",
+    return QA(f"is there {indefinite(asked.name)} at {POSITIONS[asked.cell]}", "yes" if there == asked.name else "no",
               "presence", there)  # fmt: skip
+
+
+def indefinite(name: str) -> str:
+    """'a red circle', 'an orange cross'."""
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def as_read(text: str) -> str:
+    """`text` as the embedded model reads it, with `READ_AS`'s spellings folded ('is there a orange cross')."""
+    return " ".join(READ_AS.get(word, word) for word in text.split())
 
 
 DESCRIBE = "describe the image ."
@@ -270,12 +283,12 @@ def vocabulary() -> list[str]:
 
 def fingerprint(lessons: bool, count: int = 16) -> str:
     """sha256 of the vocabulary and the first `count` training samples' images, captions and near misses (and
-    their training conversations with `lessons`): what a stage trained on the world depends on, so that a
-    change to the world makes the stage stale."""
+    their training conversations with `lessons`, as the model reads them): what a stage trained on the world depends
+    on, so that a change to the world makes the stage stale."""
     digest = hashlib.sha256(" ".join(vocabulary()).encode())
     for sample in samples_of("train", 0, count):
         digest.update(np.asarray(sample.image).tobytes())
         digest.update(f"{sample.caption}|{sample.near_miss}".encode())
         if lessons:
-            digest.update("|".join(f"{qa.question}>{qa.reply}" for qa in sample.lesson).encode())
+            digest.update("|".join(f"{as_read(qa.question)}>{qa.reply}" for qa in sample.lesson).encode())
     return digest.hexdigest()
