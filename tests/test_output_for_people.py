@@ -49,10 +49,11 @@ def test_tables_on_80_columns_fold_instead_of_cutting_names_and_numbers():
 
 
 def test_help_names_values_plainly_and_fits_80_columns():
-    for command in ("compress", "inspect", "bench", "export", "generate"):
+    for command in ("compress", "inspect", "bench", "export", "generate", "eval", "demo"):
         res = run_subprocess(command, "--help", env={"COLUMNS": "80"})
         assert res.code == 0, res.err
-        assert not re.search(r"<(bool|str|int|float|path|list\[\w+\])>|\{\w+\}|…", res.out), (command, res.out)
+        assert not re.search(r"<(bool|str|int|float|path|list\[\w+\])>|\{\w+\}|…|\[x[<>]=", res.out), (command, res.out)
+        assert len(res.out.splitlines()) <= 120, (command, len(res.out.splitlines()))  # compress has 50 options
     assert "Usage: prumerge compress [OPTIONS] MODEL_DIR" in run_subprocess("compress", "--help").out
 
 

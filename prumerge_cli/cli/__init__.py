@@ -65,8 +65,8 @@ METAVARS = {int: "N", float: "X", Path: "PATH", str: "TEXT"}
 
 def plain_metavars(command: Any) -> None:
     """Name every value in help as a user reads it: arguments by their name in capitals (MODEL_DIR, TARGETS...),
-    option values by kind (N, X, PATH, TEXT); flags show none, and their `--no-X` form only where X is on by
-    default. (Typer's click-like classes, by their kind.)"""
+    option values by kind (N, X, PATH, TEXT) without their range; flags show none, and their `--no-X` form only
+    where X is on by default. (Typer's click-like classes, by their kind.)"""
     for sub in getattr(command, "commands", {}).values():
         sub.get_help_option = lambda ctx, made=sub.get_help_option: without_type(made(ctx))
         for param in sub.params:
@@ -79,9 +79,11 @@ def plain_metavars(command: Any) -> None:
                 param.display_type_rich = lambda ctx: None
                 if not param.default:
                     param.secondary_opts = []
-            elif param.param_type_name == "option" and param.metavar is None:
-                kind = param.type_descriptor.annotation
-                param.metavar = METAVARS.get(get_args(kind)[0] if get_args(kind) else kind, "VALUE")
+            elif param.param_type_name == "option":
+                param._get_number_range_help_str = lambda: None  # a range is checked, and named when a value misses
+                if param.metavar is None:
+                    kind = param.type_descriptor.annotation
+                    param.metavar = METAVARS.get(get_args(kind)[0] if get_args(kind) else kind, "VALUE")
 
 
 def without_type(option: Any) -> Any:

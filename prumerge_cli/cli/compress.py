@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # the training and model modules load transformers: imported 
     from ..finetune.compress import FinetuneJob
 
 
-LORA_TARGETS_HELP = f"Comma-separated LM linear layers that get adapters (default: all, {', '.join(LINEAR_LAYERS)})."
+LORA_TARGETS_HELP = f"Comma-separated LM linears (default: all, {', '.join(LINEAR_LAYERS)})."
 
 
 def DYN(**kwargs: object) -> typer.models.OptionInfo:
@@ -52,81 +52,66 @@ def TUNE(**kwargs: object) -> typer.models.OptionInfo:
 def compress(
     model_dir: Annotated[
         Path,
-        typer.Argument(
-            help="Local checkpoint directory: CLIP, SigLIP, LLaVA, LLaVA-NeXT, OneVision, InternVL, Gemma 3."
-        ),
+        typer.Argument(help="Checkpoint directory: CLIP, SigLIP, LLaVA, NeXT, OneVision, InternVL, Gemma 3."),
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Bundle directory to write.")],
-    method: Annotated[
-        str, typer.Option("--method", "-m", help=f"Reducer: {', '.join(REDUCERS)}, or dynamic.")
-    ] = "prumerge",
+    method: Annotated[str, typer.Option("--method", "-m", help=f"{', '.join(REDUCERS)} or dynamic.")] = "prumerge",
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help=PARAM_HELP)] = None,
     dtype: Annotated[str, typer.Option(help=f"Tower dtype: {dtypes.HELP}.")] = "fp32",
-    score_layer: Annotated[int | None, typer.Option(help="Encoder layer whose q/k give scores and keys.")] = None,
-    score_dtype: Annotated[str, typer.Option(help="'model' (official) or 'fp32' scores.")] = "model",
+    score_layer: Annotated[int | None, typer.Option(help="Layer whose q/k give scores and keys.")] = None,
+    score_dtype: Annotated[str, typer.Option(help="'model' (official) or 'fp32'.")] = "model",
     positions: Annotated[str, typer.Option(help=POSITIONS_HELP)] = DEFAULT_POSITIONS,
     scope: Annotated[str, typer.Option(help=SCOPE_HELP + ".")] = DEFAULT_SCOPE,
     force: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
-    device: Annotated[
-        str, typer.Option(help=f"Where the model runs: {devices.HELP} (dynamic: cuda = one GPU per torchrun process).")
-    ] = "cpu",
-    data: Annotated[Path | None, TRAIN(help="LLaVA conversation JSON to train on.")] = None,
-    images: Annotated[Path | None, TRAIN(help="Directory the records' image paths are relative to.")] = None,
-    vision_keep: Annotated[
-        float, DYN(min=0.0, max=1.0, help="Image-token keep rate (training target and prefill top-k).")
-    ] = 0.2,
-    output_keep: Annotated[float, DYN(min=0.0, max=1.0, help="Output-token keep rate targeted in training.")] = 0.5,
-    output_min_len: Annotated[int, DYN(min=0, help="LEN^OT: shorter final answers are never sparsified.")] = 50,
-    vision_source: Annotated[str, DYN(help="Image tokens: 'predictor', or 'prumerge' / 'prumerge+'.")] = "predictor",
-    sparse_layer: Annotated[int, DYN(help="Decoder layer whose input feeds the predictors.")] = 2,
-    predictor_width: Annotated[int, DYN(help="Vision predictor width (d_model).")] = 512,
-    predictor_heads: Annotated[int, DYN(help="Vision predictor attention heads.")] = 8,
-    predictor_blocks: Annotated[int, DYN(help="Vision predictor transformer blocks.")] = 2,
-    text_predictor_width: Annotated[int, DYN(help="Output predictor MLP widths W, W/2, W/4 (official 512).")] = 512,
+    device: Annotated[str, typer.Option(help=f"{devices.HELP} (torchrun: one GPU a process).")] = "cpu",
+    data: Annotated[Path | None, TRAIN(help="LLaVA conversation JSON.")] = None,
+    images: Annotated[Path | None, TRAIN(help="Folder the image paths start from.")] = None,
+    vision_keep: Annotated[float, DYN(min=0.0, max=1.0, help="Image keep rate, 0-1.")] = 0.2,
+    output_keep: Annotated[float, DYN(min=0.0, max=1.0, help="Output keep rate, 0-1.")] = 0.5,
+    output_min_len: Annotated[int, DYN(min=0, help="Shorter answers keep every token.")] = 50,
+    vision_source: Annotated[str, DYN(help="predictor, prumerge or prumerge+.")] = "predictor",
+    sparse_layer: Annotated[int, DYN(help="Decoder layer feeding the predictors.")] = 2,
+    predictor_width: Annotated[int, DYN(help="Vision predictor width.")] = 512,
+    predictor_heads: Annotated[int, DYN(help="Vision predictor heads.")] = 8,
+    predictor_blocks: Annotated[int, DYN(help="Vision predictor blocks.")] = 2,
+    text_predictor_width: Annotated[int, DYN(help="Output predictor: W, W/2, W/4.")] = 512,
     steps: Annotated[int, TRAIN(min=1, help="Optimisation steps.")] = 300,
-    batch_size: Annotated[int, TRAIN(min=1, help="Conversations per step (per process under torchrun).")] = 8,
-    lr: Annotated[float, TRAIN(help="Learning rate of the predictors (dynamic) or the LoRA adapters.")] = 2e-4,
-    llm_lr: Annotated[float, DYN(min=0.0, help="Projector / LM learning rate when they are trained.")] = 5e-6,
+    batch_size: Annotated[int, TRAIN(min=1, help="Conversations a step (a process).")] = 8,
+    lr: Annotated[float, TRAIN(help="Predictors' or LoRA's learning rate.")] = 2e-4,
+    llm_lr: Annotated[float, DYN(min=0.0, help="LM and projector learning rate.")] = 5e-6,
     train_projector: Annotated[bool, DYN(help="Train the projector too.")] = False,
     train_llm: Annotated[bool, DYN(help="Train the LM too.")] = False,
-    official: Annotated[bool, DYN(help="The official recipe: train the LM and projector at --llm-lr too.")] = False,
-    mask_loss_weight: Annotated[float, DYN(min=0.0, help="λ, the weight of the keep-rate losses.")] = 100.0,
-    grad_accum: Annotated[int, TRAIN(min=1, help="Micro-batches accumulated per optimizer step.")] = 1,
-    precision: Annotated[str, TRAIN(help="fp32, bf16 (autocast), or fp16 (autocast, a loss scaler; GPU).")] = "fp32",
-    gradient_checkpointing: Annotated[bool, TRAIN(help="Recompute the LM layers' activations in backward.")] = False,
-    template: Annotated[
-        str, TRAIN(help="Conversation template: plain, vicuna_v1, or auto (from the checkpoint's chat template).")
-    ] = "auto",
-    skip_missing_images: Annotated[bool, TRAIN(help="Leave out records whose image is missing or unreadable.")] = False,
-    plan: Annotated[bool, DYN(help="Print the memory per GPU the run needs and if it fits; train nothing.")] = False,
-    gpus: Annotated[int | None, DYN(help="GPUs of the planned run (default: torchrun's WORLD_SIZE, or 1).")] = None,
-    gpu_memory: Annotated[float | None, DYN(help="GiB per GPU for --plan (default: the visible GPU's).")] = None,
-    seq_len: Annotated[int, DYN(help="Longest sequence (image and text tokens) for --plan.")] = 2048,
-    stop_after: Annotated[
-        int | None, TRAIN(help="Checkpoint and stop after N steps of this run (time-limited jobs); --resume goes on.")
-    ] = None,
-    distill_kl: Annotated[
-        float, DYN(min=0.0, help="Weight of KL to the full-token model's next-token distribution.")
-    ] = 0.0,
+    official: Annotated[bool, DYN(help="Train LM and projector too (official).")] = False,
+    mask_loss_weight: Annotated[float, DYN(min=0.0, help="λ, weight of the keep-rate losses.")] = 100.0,
+    grad_accum: Annotated[int, TRAIN(min=1, help="Micro-batches a step.")] = 1,
+    precision: Annotated[str, TRAIN(help="fp32, or bf16/fp16 autocast (fp16: GPU).")] = "fp32",
+    gradient_checkpointing: Annotated[bool, TRAIN(help="Recompute LM activations in backward.")] = False,
+    template: Annotated[str, TRAIN(help="plain, vicuna_v1 or auto (chat template).")] = "auto",
+    skip_missing_images: Annotated[bool, TRAIN(help="Leave out records without a readable image.")] = False,
+    plan: Annotated[bool, DYN(help="Print memory per GPU and fit; no training.")] = False,
+    gpus: Annotated[int | None, DYN(help="GPUs planned (default: WORLD_SIZE or 1).")] = None,
+    gpu_memory: Annotated[float | None, DYN(help="GiB per GPU (default: the visible GPU's).")] = None,
+    seq_len: Annotated[int, DYN(help="Longest sequence --plan assumes.")] = 2048,
+    stop_after: Annotated[int | None, TRAIN(help="Checkpoint and stop after N steps.")] = None,
+    distill_kl: Annotated[float, DYN(min=0.0, help="Weight of KL to the full model's logits.")] = 0.0,
     distill_prumerge: Annotated[float, DYN(min=0.0, help="Weight of BCE to PruMerge's kept patches.")] = 0.0,
     save_every: Annotated[int, TRAIN(min=1, help="Checkpoint every N steps.")] = 50,
-    resume: Annotated[bool, TRAIN(help="Continue from the last checkpoint of this output.")] = False,
-    restart: Annotated[bool, TRAIN(help="Delete this output's checkpoint and start over.")] = False,
-    seed: Annotated[int, TRAIN(help="Seed of initialisation, data order and Gumbel noise.")] = 0,
-    finetune: Annotated[bool, TUNE(help="LoRA-fine-tune the LM (and the projector) with --method active.")] = False,
+    resume: Annotated[bool, TRAIN(help="Go on from this output's checkpoint.")] = False,
+    restart: Annotated[bool, TRAIN(help="Drop this output's checkpoint, start anew.")] = False,
+    seed: Annotated[int, TRAIN(help="Seed: init, data order, Gumbel noise.")] = 0,
+    finetune: Annotated[bool, TUNE(help="LoRA-tune LM and projector, --method active.")] = False,
     lora_rank: Annotated[int, TUNE(min=1, help="LoRA rank.")] = 128,
     lora_alpha: Annotated[float, TUNE(help="LoRA alpha.")] = 256.0,
     lora_dropout: Annotated[float, TUNE(min=0.0, max=0.99, help="LoRA dropout.")] = 0.05,
     lora_targets: Annotated[str, TUNE(show_default=False, help=LORA_TARGETS_HELP)] = ",".join(LINEAR_LAYERS),
-    projector_lr: Annotated[float, TUNE(min=0.0, help="Learning rate of the projector.")] = 2e-5,
-    merge_lora: Annotated[
-        bool, TUNE(help="MODEL_DIR is a fine-tuned bundle: write a plain LLaVA directory with it merged in.")
-    ] = False,
+    projector_lr: Annotated[float, TUNE(min=0.0, help="Projector learning rate.")] = 2e-5,
+    merge_lora: Annotated[bool, TUNE(help="MODEL_DIR is a fine-tuned bundle: write its merged LLaVA.")] = False,
 ) -> None:
     """Configure a reducer on a model, check it runs, and write a bundle (reducer.json).
 
-    With [bold]--method dynamic[/bold], train Dynamic-LLaVA predictors on a LLaVA checkpoint instead
-    (`torchrun --nproc-per-node N $(which prumerge) compress ...` trains data-parallel)."""
+    With [bold]--method dynamic[/bold], train Dynamic-LLaVA predictors on a LLaVA instead;
+    with [bold]--finetune[/bold], LoRA-tune its LM with the reducer active. Both train
+    data-parallel under `torchrun --nproc-per-node N $(which prumerge) compress`."""
     atomic.check_output(output, force)
     check_positions(positions)
     check_scope(scope)

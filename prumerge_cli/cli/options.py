@@ -8,7 +8,7 @@ from typing import Any
 from ..errors import PrumergeError
 from ..exporters.trt_support import PLUGIN_MODES
 
-PARAM_HELP = "Reducer parameter KEY=VALUE (repeatable), e.g. -p knn=16 -p merge=false."
+PARAM_HELP = "Reducer parameter, repeatable: -p knn=16 -p merge=false."
 
 OPTIONAL_VALUES = {"--plugins": ("jit", PLUGIN_MODES)}
 

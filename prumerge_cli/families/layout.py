@@ -18,8 +18,7 @@ DEFAULT_SCOPE: Scope = "tile"
 """Per tile: a tile's [CLS] softmax (or received attention) sums over that tile alone, so one IQR fence per tile
 compares like with like, every tile keeps its share of the image (the peers' "32 x 5" budgets), and a tile has
 the fixed shape an export needs."""
-SCOPE_HELP = ("Where a tiled image's budget applies: 'tile' (PruMerge's fence, a top-k budget or a pool side per "
-              "tile) or 'image' (once over all of an image's tiles; pool has no grid there)")  # fmt: skip
+SCOPE_HELP = "Budget of a tiled image: per 'tile' or over the whole 'image'"
 
 
 def check_scope(scope: str) -> Scope:

@@ -14,8 +14,7 @@ DEFAULT_POSITIONS = "original"
 """The geometry the LM was trained on: the embedded LLaVA scores about 19 points higher with original positions
 (its model card, `zoo/MODEL_CARD.md`, has the current figures); upstream checkpoints converted by `prumerge
 convert` keep the contiguous positions they were trained with."""
-POSITIONS_HELP = ("Where the LM places the reduced tokens: 'contiguous' (upstream: positions 1..k) or 'original' "
-                  "(each token at its patch's position).")  # fmt: skip
+POSITIONS_HELP = "'original' (each token at its patch's place) or 'contiguous' (upstream, 1..k)."
 
 
 def check_positions(positions: str) -> str:
