@@ -121,7 +121,8 @@ steps, the lookup first: "what color is left of the object at center" -> "west b
 a red circle at northwest" -> "blue circle no"; a reply is right if it ends with the answer. Asked directly
 (by an object's looks, or as a yes/no that compares two things) they stayed at chance in every earlier build
 and probe (issue #19). Splits are disjoint seed ranges (train from 0, val from 10,000,000, test from
-20,000,000). The word-level vocabulary has {vocab} words.
+20,000,000). The word-level vocabulary has {vocab} words; its tokenizer reads "an" as "a" ("is there an
+orange cross" is the trained "is there a orange cross").
 
 ## `clip/` - CLIPModel
 - Vision: ViT, 224x224 pixels, 14-pixel patches (16x16 = 256 patches + CLS), 4 layers, width 128, 4 heads;
