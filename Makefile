@@ -15,11 +15,11 @@ $(STAMP): pyproject.toml constraints.txt tests/tensorrt_versions.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	@# lmms-eval without its declared dependencies (torchvision, a CUDA torch, wandb, opencv...): its evaluator
-	@# imports none of them; eval-runtime holds what it does import
-	$(BIN)/pip install -q --no-deps -c constraints.txt lmms-eval
 	$(BIN)/pip install -q -c constraints.txt -e ".[onnx,dev,eval-runtime]"
 	$(BIN)/pip install -q -c constraints.txt -e ".[rtx]" || echo "tensorrt-rtx-cu12 is unavailable: the TensorRT-RTX build test will skip"
+	@# lmms-eval without its declared dependencies (torchvision, a CUDA torch, wandb, opencv...): its evaluator
+	@# imports none of them; eval-runtime holds what it does import. Last, so that no later install lists them.
+	$(BIN)/pip install -q --no-deps -c constraints.txt lmms-eval
 	@# TensorRT's pure-Python plugin package, one wheel per supported minor version, for the plugin tests
 	grep -v '^#' tests/tensorrt_versions.txt | while read -r v; do \
 		$(BIN)/pip download -q --no-deps --only-binary=:all: -d $(VENV)/tensorrt-wheels "tensorrt-cu12-bindings==$$v" || exit 1; \
