@@ -94,6 +94,17 @@ def test_what_a_family_cannot_take_is_refused_in_one_line(capsys, next_dir, tmp_
     assert not out.exists()
 
 
+def test_an_m_rope_model_s_bundle_keeps_original_positions(capsys, tmp_path):
+    """Qwen's tokens keep their 3-D positions: contiguous is refused before loading, not recorded and ignored."""
+    model_dir = save_family("qwen2_5_vl", tmp_path / "qwen", "small")
+    out = tmp_path / "b"
+    res = run_cli(capsys, "compress", model_dir, "-o", out, "--positions", "contiguous")
+    assert_clean_error(res, "positions must be original")
+    assert not out.exists()
+    assert run_cli(capsys, "compress", model_dir, "-o", out).code == 0
+    assert json.loads((out / "reducer.json").read_text())["positions"] == "original"
+
+
 def test_bench_on_a_family_reports_tokens_time_and_prefill_beside_the_stock_model(capsys, next_dir, tmp_path):
     report = tmp_path / "r.json"
     res = run_cli(capsys, "bench", next_dir, "--methods", "prumerge,pool", "--batch-sizes", "2", "--synthetic", "2",

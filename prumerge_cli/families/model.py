@@ -47,6 +47,17 @@ EXPORT_REFUSAL = ("export takes LLaVA-1.5-shaped checkpoints: a family's tiles a
                   "with `prumerge_cli.patch` or bench them on torch")  # fmt: skip
 
 
+def family_positions(model_type: str | None, positions: str | None) -> str:
+    """`positions` checked for `model_type`: M-RoPE models keep their tokens' original 3-D positions (None gives
+    them original, the others contiguous)."""
+    mrope = model_type in MODEL_TYPES and ADAPTERS[MODEL_TYPES[model_type]].mrope
+    positions = check_positions(positions or ("original" if mrope else "contiguous"))
+    if mrope and positions != "original":
+        raise PrumergeError(f"{MODEL_TYPES[model_type]} keeps its tokens' 3-D (M-RoPE) positions: positions must be "
+                            "original")  # fmt: skip
+    return positions
+
+
 @dataclass
 class LoadedFamily:
     """A family checkpoint, ready to run: the transformers model, its image processor and its weight files."""
@@ -84,7 +95,7 @@ class FamilyEncoder:
     """Call `encode_images` to get each image's `ImageTokens` (projected, packed as the LM receives them)."""
 
     def __init__(self, model: LoadedFamily, reducer: Reducer, model_dir: Path, dtype: str = "fp32",
-                 scope: str = DEFAULT_SCOPE, positions: str = "contiguous"):  # fmt: skip
+                 scope: str = DEFAULT_SCOPE, positions: str | None = None):  # fmt: skip
         self.model = model
         self.adapter: FamilyAdapter = ADAPTERS[MODEL_TYPES[model.model_type]](model.hf_model)
         self.reducer = reducer
@@ -92,7 +103,7 @@ class FamilyEncoder:
         self.model_dir = model_dir
         self.dtype_name = canonical(dtype)
         self.scope = check_scope(scope)
-        self.positions = check_positions(positions)
+        self.positions = family_positions(model.model_type, positions)
 
     def with_reducer(self, reducer: Reducer, scope: str | None = None) -> FamilyEncoder:
         """Another encoder on the same loaded model."""
@@ -101,11 +112,13 @@ class FamilyEncoder:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, method: str = "prumerge", *, dtype: str = "fp32",
-                        scope: str = DEFAULT_SCOPE, positions: str = "contiguous",
+                        scope: str = DEFAULT_SCOPE, positions: str | None = None,
                         **params: Any) -> FamilyEncoder:  # fmt: skip
-        """Load a family checkpoint and attach reducer `method` applied with `scope`."""
+        """Load a family checkpoint and attach reducer `method` applied with `scope` at `positions` (default:
+        original for M-RoPE models, whose 3-D positions are kept, contiguous for the others)."""
         reducer = build_reducer(method, **params)
         check_scope(scope)
+        positions = family_positions(read_config(Path(model_dir)).get("model_type"), positions)  # before loading
         return cls(load_family(Path(model_dir), dtype), reducer, Path(model_dir).resolve(), dtype, scope, positions)
 
     def to(self, device: Any) -> FamilyEncoder:

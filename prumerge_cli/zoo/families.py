@@ -40,6 +40,7 @@ from transformers import (
 )
 
 from .. import atomic
+from ..cli import quiet_transformers
 from .tokenizer import build_tokenizer
 
 IMAGE_TOKEN = 4
@@ -230,7 +231,8 @@ def save_family(name: str, path: Path, geometry: str = "real", force: bool = Fal
 
 
 def main() -> None:
-    """Command-line entry: write the four tiny family checkpoints under OUT_DIR."""
+    """Command-line entry: write the six tiny family checkpoints under OUT_DIR."""
+    quiet_transformers()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("out", type=Path)
     parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="real")
