@@ -27,7 +27,7 @@ from ..errors import PrumergeError
 from ..models.tower import ScoreDtype
 from ..models.weights import hash_files
 from ..progress import Phases, phase_of
-from ..reducers import TowerSignals
+from ..reducers import Reducer, TowerSignals
 from ..versions import package_versions
 
 MANIFEST = "manifest.json"
@@ -164,19 +164,53 @@ def export_onnx(
     if next(module.parameters()).dtype != dtype:  # cast a copy: the caller's encoder keeps its own dtype
         module = copy.deepcopy(module)
     module = module.to(dtype).eval()
+    sample = sample_pixels(options.batch or SAMPLE_BATCH, encoder.image_size, dtype).to(module_device(encoder))
+    width = (encoder.projector.linear_2.out_features if module.projector is not None
+             else encoder.tower.vision.config.hidden_size)  # fmt: skip
+    facts = GraphFacts(
+        encoder.image_size, encoder.tower.num_patches, encoder.grid, width, encoder.positions,
+        encoder.reducer.params(), module.projector is not None, score_dtype,
+        "float32" if score_dtype == "float32" else options.dtype,
+        {"model": str(encoder.model_dir), "model_type": encoder.model.model_type},
+    )  # fmt: skip
+    return write_export(module, sample, options, facts, encoder.processor, out_dir, force, phases)
+
+
+@dataclass(frozen=True)
+class GraphFacts:
+    """What the manifest says of an exported graph beside the options: its input side, the patches (or tiles'
+    tokens) it reduces on their grid, the width of its tokens, and where they come from."""
+
+    image_size: int
+    num_patches: int
+    grid: tuple[int, int]
+    width: int
+    positions: str
+    params: dict[str, Any]
+    with_projector: bool
+    score_dtype: str
+    merge_dtype: str
+    source: dict[str, Any]
+    batch_name: str = "batch"
+    """What the first dimension counts: images, or a family's tiles."""
+
+
+def write_export(module: nn.Module, sample: torch.Tensor, options: OnnxOptions, facts: GraphFacts, processor: Any,
+                 out_dir: Path, force: bool, phases: Phases | None) -> dict[str, Any]:  # fmt: skip
+    """Trace `module` (pixel_values -> tokens, lengths, indices) on `sample` to ONNX, check ONNX Runtime against
+    it unless `options.check` is off, and write `out_dir` (the graph, the image processor, the manifest)."""
     table = None
     if options.plugins:
         from ..plugins.onnx_ops import translation_table
 
         table = translation_table(options.aot)
-    side = encoder.image_size
-    sample = sample_pixels(options.batch or SAMPLE_BATCH, side, dtype).to(module_device(encoder))
     dynamic = None
     if options.batch is None:
         dynamic = {"pixel_values": {0: torch.export.Dim("batch", min=1, max=max(2, options.max_batch))}}
+    name = module.reducer.name
     with atomic.atomic_dir(out_dir, force=force) as tmp:
         start = time.perf_counter()
-        with phase_of(phases, f"exporting {encoder.reducer.name} to ONNX (opset {options.opset}, {options.dtype})"):
+        with phase_of(phases, f"exporting {name} to ONNX (opset {options.opset}, {options.dtype})"):
             with exporting():
                 program = torch.onnx.export(
                     module, (sample,), dynamo=True, opset_version=options.opset, input_names=["pixel_values"],
@@ -184,19 +218,19 @@ def export_onnx(
                 )  # fmt: skip
             program.save(str(tmp / "model.onnx"))
         export_seconds = time.perf_counter() - start
-        encoder.processor.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
         if options.plugins:
             onnx.checker.check_model(str(tmp / "model.onnx"))
         parity = None
         if options.check:
             with phase_of(phases, "checking ONNX Runtime against PyTorch"):
                 parity = check_parity(module, tmp / "model.onnx", sample, options)
-        manifest = build_manifest(encoder, module, options, tmp, export_seconds, parity)
+        manifest = build_manifest(facts, module.reducer, options, tmp, export_seconds, parity)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
-def check_parity(module: ExportModule, model_path: Path, sample: torch.Tensor, options: OnnxOptions) -> dict[str, Any]:
+def check_parity(module: nn.Module, model_path: Path, sample: torch.Tensor, options: OnnxOptions) -> dict[str, Any]:
     """ONNX Runtime (CPU) against PyTorch on the sample.
 
     fp32: lengths and indices equal, tokens within 1e-4 max abs (times the largest token magnitude where
@@ -255,22 +289,16 @@ def plugin_records(aot: bool) -> list[dict[str, str]]:
 
 
 def build_manifest(
-    encoder: ReducedVisionEncoder,
-    module: ExportModule,
+    facts: GraphFacts,
+    reducer: Reducer,
     options: OnnxOptions,
     out_dir: Path,
     export_seconds: float,
     parity: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """Everything a runtime or a reader needs to know about the export."""
-    n = encoder.tower.num_patches
-    kmax = module.reducer.max_tokens(n)
-    width = (
-        encoder.projector.linear_2.out_features
-        if module.projector is not None
-        else encoder.tower.vision.config.hidden_size
-    )
-    batch: Any = options.batch if options.batch is not None else "batch"
+    kmax = reducer.max_tokens(facts.num_patches)
+    batch: Any = options.batch if options.batch is not None else facts.batch_name
     files = sorted(p for p in out_dir.iterdir() if p.is_file() and p.name != MANIFEST)
     return {
         "format": FORMAT,
@@ -280,30 +308,26 @@ def build_manifest(
         "dtype": options.dtype,
         "batch": {"fixed": options.batch} if options.batch else {"min": 1, "max": max(2, options.max_batch)},
         "inputs": [
-            {
-                "name": "pixel_values",
-                "shape": [batch, 3, encoder.image_size, encoder.image_size],
-                "dtype": options.dtype,
-            }
+            {"name": "pixel_values", "shape": [batch, 3, facts.image_size, facts.image_size], "dtype": options.dtype}
         ],
         "outputs": [
-            {"name": "tokens", "shape": [batch, kmax, width], "dtype": options.dtype},
+            {"name": "tokens", "shape": [batch, kmax, facts.width], "dtype": options.dtype},
             {"name": "lengths", "shape": [batch], "dtype": "int64"},
             {"name": "indices", "shape": [batch, kmax], "dtype": "int64", "extra_token": -1, "padding": -2},
         ],
-        "method": module.reducer.name,
-        "score_dtype": module.score_dtype,
-        "merge_dtype": "float32" if module.score_dtype == "float32" else options.dtype,
-        "params": encoder.reducer.params(),
+        "method": reducer.name,
+        "score_dtype": facts.score_dtype,
+        "merge_dtype": facts.merge_dtype,
+        "params": facts.params,
         "kmax": kmax,
-        "kmax_rule": module.reducer.bound_rule,
-        "num_patches": n,
-        "positions": encoder.positions,
-        "grid": list(encoder.grid),
-        "image_size": encoder.image_size,
-        "with_projector": module.projector is not None,
+        "kmax_rule": reducer.bound_rule,
+        "num_patches": facts.num_patches,
+        "positions": facts.positions,
+        "grid": list(facts.grid),
+        "image_size": facts.image_size,
+        "with_projector": facts.with_projector,
         "plugins": plugin_records(options.aot) if options.plugins else [],
-        "source": {"model": str(encoder.model_dir), "model_type": encoder.model.model_type},
+        "source": facts.source,
         "export_seconds": round(export_seconds, 2),
         "parity": parity,
         "files": {p.name: {"sha256": hash_files([p]), "bytes": p.stat().st_size} for p in files},

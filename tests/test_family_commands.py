@@ -152,12 +152,6 @@ def test_generate_says_in_one_line_when_transformers_cannot_build_the_processor(
     assert_clean_error(res, "generate needs it")
 
 
-def test_export_refuses_a_family_in_one_line_that_says_why(capsys, next_dir, tmp_path):
-    res = run_cli(capsys, "export", next_dir, "-o", tmp_path / "e", "--onnx")
-    assert_clean_error(res, "no fixed-shape tile graph")
-    assert not (tmp_path / "e").exists()
-
-
 def test_generate_answers_with_a_gemma3_bundle_through_its_processor(capsys, wide_image, tmp_path):
     model_dir = save_family("gemma3", tmp_path / "gemma3", "small")
     bundle = tmp_path / "b"

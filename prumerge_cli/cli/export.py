@@ -61,6 +61,8 @@ def export(
 ) -> None:
     """Export the vision encoder + reducer (+ projector) with static shapes, and check it.
 
+    Gemma 3 and InternVL export a graph over a batch of tiles, each reduced alone on the LM's tokens.
+
     A predictor bundle (compress --method dynamic) exports its sparse-KV decode step instead: ONNX `Attention`
     over static KV buffers, or with [bold]--plugins[/bold] one prumerge::SparseKVAttention node per layer."""
     if onnx == trt:
@@ -83,11 +85,12 @@ def export(
     from ..bundle import is_bundle
     from ..dynamic.bundle import is_dynamic
     from ..exporters.decode_export import DecodeOptions
-    from ..families.model import EXPORT_REFUSAL, is_family_target
+    from ..families.model import is_family_target
     from ..targets import open_encoder
 
-    if is_family_target(target):
-        raise PrumergeError(f"{target}: {EXPORT_REFUSAL}")
+    if is_family_target(target) and trt:
+        raise PrumergeError(f"{target}: TensorRT export takes LLaVA-1.5-shaped checkpoints; a Gemma 3 or InternVL "
+                            "one exports with --onnx")  # fmt: skip
     if is_bundle(target) and is_dynamic(target):
         options = DecodeOptions(batch_size or 1, prompt_tokens, new_tokens, plugins != "none", plugins == "aot", check)
         export_decode(target, output, options, trt, dtype, timing_cache, force, console, model, full_hash)
@@ -115,9 +118,18 @@ def export(
     options = OnnxOptions(
         opset, dtype, batch_size, max_batch, with_projector, check, plugins != "none", plugins == "aot"
     )
+    family = is_family_target(target)
+    if family:
+        from ..exporters.family_onnx import check_family_export, export_family_onnx
+        from ..families.model import family_settings
+
+        check_family_export(*family_settings(target), options)
     encoder = open_encoder(target, method, parse_params(param), model, full_hash).to(where)
     with Phases(console) as phases:
-        manifest = export_onnx(encoder, output, options, force=force, phases=phases)
+        if family:
+            manifest = export_family_onnx(encoder, output, options, force=force, phases=phases)  # type: ignore[arg-type]
+        else:
+            manifest = export_onnx(encoder, output, options, force=force, phases=phases)
     print_manifest(console, output, manifest)
 
 

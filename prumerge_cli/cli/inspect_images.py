@@ -55,9 +55,13 @@ def inspect_images(
     if backend == "ort":
         if method or param:
             raise PrumergeError("--method and --param do not apply to an ONNX export")
+        from ..runtime.family_ort import FamilyOrtEncoder, is_family_export
         from ..runtime.ort import OrtEncoder
 
-        encoder = OrtEncoder(target, threads=threads)
+        if is_family_export(target) and overlay is not None:
+            raise PrumergeError(f"{target} is a tile graph: --overlay draws the torch model's tiles, so inspect the "
+                                "bundle for overlays")  # fmt: skip
+        encoder = FamilyOrtEncoder(target, threads) if is_family_export(target) else OrtEncoder(target, threads)
     elif backend == "torch":
         from ..targets import open_encoder
 
@@ -66,8 +70,9 @@ def inspect_images(
         raise PrumergeError(f"unknown backend {backend!r}; choose torch or ort")
     console = out_console()
     from ..families.model import FamilyEncoder
+    from ..runtime.family_ort import FamilyOrtEncoder
 
-    if isinstance(encoder, FamilyEncoder):
+    if isinstance(encoder, FamilyEncoder | FamilyOrtEncoder):
         from .inspect_tiles import inspect_family
 
         inspect_family(encoder, target, paths, json_path, overlay, force, batch_size, console, overlay_names(paths))

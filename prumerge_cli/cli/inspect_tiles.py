@@ -15,30 +15,37 @@ from ..models.images import open_image
 from ..overlay import save_png
 from ..overlay_tiles import render_tiles, tile_picture
 from ..progress import Phases
+from ..runtime.family_ort import FamilyOrtEncoder
 from ..tables import FoldingTable
 
 
-def inspect_family(encoder: FamilyEncoder, target: Path, paths: list[Path], json_path: Path | None,
-                   overlay: Path | None, force: bool, batch_size: int, console: Console,
+def inspect_family(encoder: FamilyEncoder | FamilyOrtEncoder, target: Path, paths: list[Path],
+                   json_path: Path | None, overlay: Path | None, force: bool, batch_size: int, console: Console,
                    names: list[str]) -> None:  # fmt: skip
-    """Reduce `paths` in batches; print the table, write the JSON report and the overlays (`names`) if asked."""
+    """Reduce `paths` in batches; print the table, write the JSON report and the overlays (`names`, from the torch
+    encoder's tiles) if asked. A tile graph's pixel tiles are the tiles it reduced."""
     rows: list[dict[str, Any]] = []
     pictures = []
     with Phases(console) as phases, phases.phase(f"reducing {len(paths)} images", len(paths)) as advance:
         for start in range(0, len(paths), batch_size):
             batch = [open_image(p) for p in paths[start : start + batch_size]]
-            pixel_values, layouts = encoder.layouts(batch)
-            images = encoder.reduce_layouts(layouts)
-            tiles = encoder.tile_pixels(pixel_values, layouts)
+            if isinstance(encoder, FamilyEncoder):
+                pixel_values, layouts = encoder.layouts(batch)
+                images = encoder.reduce_layouts(layouts)
+                tiles = encoder.tile_pixels(pixel_values, layouts)
+            else:
+                images = encoder.encode_images(batch)
+                layouts, tiles = [None] * len(batch), [None] * len(batch)
             for path, layout, image, pixels in zip(paths[start : start + batch_size], layouts, images, tiles,
                                                    strict=True):  # fmt: skip
                 kept = sum(image.kept_per_tile)
-                rows.append({"image": str(path), "pixel_tiles": len(pixels), "tokens": len(image.tokens),
+                count = len(image.kept_per_tile) if pixels is None else len(pixels)
+                rows.append({"image": str(path), "pixel_tiles": count, "tokens": len(image.tokens),
                              "stock_tokens": image.span, "newlines": len(image.tokens) - kept,
                              "kept_per_tile": image.kept_per_tile,
                              "kept_cells": list(map(list, zip(image.kept_sources.tolist(), image.kept_cells.tolist(),
                                                               strict=True)))})  # fmt: skip
-                if overlay is not None:
+                if overlay is not None and isinstance(encoder, FamilyEncoder) and layout is not None:
                     title = overlay_title(path, encoder, rows[-1], any(t.sources[0] < 0 for t in layout.tiles))
                     views = [tile_picture(p.float().numpy(), encoder.processor) for p in pixels]
                     pictures.append(render_tiles(views, layout, image, encoder.processor, title))

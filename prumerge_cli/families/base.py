@@ -14,6 +14,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..errors import PrumergeError
 from ..models.scores import cls_row, queries_and_keys, received_attention
+from ..reducers import TowerSignals
 from .layout import ImageLayout, ImageTokens
 
 
@@ -55,6 +56,9 @@ class FamilyAdapter(abc.ABC):
     """The transformers class adapted."""
     mrope: ClassVar[bool] = False
     """3-D rotary positions (Qwen): the kept tokens keep their original ids; `positions` gives them."""
+    fixed_tiles: ClassVar[bool] = False
+    """Every tile is one square of pixels, reduced alone into a fixed grid (Gemma 3, InternVL): `tile_signals`
+    runs them as one batch, and a fixed-shape graph of it exports."""
 
     def __init__(self, model: Any):
         self.model = model
@@ -71,6 +75,11 @@ class FamilyAdapter(abc.ABC):
     def image_token(self) -> int:
         """The placeholder id the processor expands per image token."""
         return self.config.image_token_id
+
+    def tile_signals(self, pixel_values: torch.Tensor, with_scores: bool) -> TowerSignals:
+        """Every tile's projected tokens [T, n, D] and (`with_scores`) scores [T, n] and keys [T, n, K], on each
+        tile's fixed grid; only where `fixed_tiles`."""
+        raise PrumergeError(f"{self.host}: tiles are cut to each image, so there is no batch of fixed tiles")
 
     @abc.abstractmethod
     def layouts(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, inputs: dict[str, Any],

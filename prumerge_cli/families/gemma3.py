@@ -15,12 +15,14 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..reducers import TowerSignals
 from .base import FamilyAdapter, layer_input, token_scores
 from .layout import ImageLayout, Tile
 
 
 class Gemma3Adapter(FamilyAdapter):
     host: ClassVar[str] = "Gemma3ForConditionalGeneration"
+    fixed_tiles: ClassVar[bool] = True
 
     def __init__(self, model: Any):
         super().__init__(model)
@@ -35,7 +37,7 @@ class Gemma3Adapter(FamilyAdapter):
         grid = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
         return self.projector.avg_pool(grid).flatten(2).transpose(1, 2)
 
-    def layouts(self, input_ids, pixel_values, inputs, with_scores):
+    def tile_signals(self, pixel_values, with_scores):
         with layer_input(self.score_layer) as seen:
             out = self.tower(pixel_values=pixel_values.to(self.model.dtype))
         tokens = self.projector(out.last_hidden_state)
@@ -43,6 +45,11 @@ class Gemma3Adapter(FamilyAdapter):
         if with_scores:
             scores, keys = token_scores(self.score_layer, seen[0], False, False)
             scores, keys = self.pool(scores[..., None])[..., 0], self.pool(keys)
+        return TowerSignals(tokens, scores, keys, (self.side, self.side))
+
+    def layouts(self, input_ids, pixel_values, inputs, with_scores):
+        signals = self.tile_signals(pixel_values, with_scores)
+        tokens, scores, keys = signals.features, signals.scores, signals.keys
         n, grid = self.side * self.side, (self.side, self.side)
         cells = torch.arange(n)
         return [ImageLayout([Tile(tokens[b], None if scores is None else scores[b], None if keys is None else keys[b],

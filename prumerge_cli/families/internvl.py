@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import PrumergeError
+from ..reducers import TowerSignals
 from .base import FamilyAdapter, layer_input, score_layer_index, token_scores
 from .layout import ImageLayout, Tile
 
@@ -36,6 +37,7 @@ def placeholder_runs(input_ids: torch.Tensor, token: int) -> list[int]:
 
 class InternVLAdapter(FamilyAdapter):
     host: ClassVar[str] = "InternVLForConditionalGeneration"
+    fixed_tiles: ClassVar[bool] = True
 
     def __init__(self, model: Any):
         super().__init__(model)
@@ -47,6 +49,7 @@ class InternVLAdapter(FamilyAdapter):
         self.feature_layer = self.config.vision_feature_layer
         self.score_layer = layers[score_layer_index(self.feature_layer, len(layers))]
         self.per_tile = self.config.image_seq_length
+        self.side = int(self.per_tile**0.5)
 
     def shuffle(self, x: torch.Tensor) -> torch.Tensor:
         """[T, N, F] per patch to [T, N / 4, 4F] per LM token, as the model shuffles its features."""
@@ -54,16 +57,17 @@ class InternVLAdapter(FamilyAdapter):
         out = self.inner.pixel_shuffle(x.reshape(x.shape[0], side, side, -1), self.config.downsample_ratio)
         return out.reshape(x.shape[0], -1, out.shape[-1])
 
-    def encode(self, pixel_values: torch.Tensor, with_scores: bool):
-        """Projected tokens [T, n, D] of every tile and (with scores) their scores [T, n] and keys [T, n, 4C]."""
+    def tile_signals(self, pixel_values, with_scores):
+        """Keys [T, n, 4C]: each token's four patches' keys side by side."""
         with layer_input(self.score_layer) as seen:
             out = self.tower(pixel_values=pixel_values.to(self.model.dtype), output_hidden_states=True)
         hidden = out.last_hidden_state if self.feature_layer == -1 else out.hidden_states[self.feature_layer]
         tokens = self.projector(self.shuffle(hidden[:, 1:]))
+        grid = (self.side, self.side)
         if not with_scores:
-            return tokens, None, None
+            return TowerSignals(tokens, None, None, grid)
         scores, keys = token_scores(self.score_layer, seen[0], False, True)
-        return tokens, self.shuffle(scores[..., None]).mean(-1), self.shuffle(keys)
+        return TowerSignals(tokens, self.shuffle(scores[..., None]).mean(-1), self.shuffle(keys), grid)
 
     def layouts(self, input_ids, pixel_values, inputs, with_scores):
         counted = inputs.pop("num_patches", None)  # the image processor's count, where it is at hand
@@ -73,8 +77,9 @@ class InternVLAdapter(FamilyAdapter):
             tiles = [run // self.per_tile for run in placeholder_runs(input_ids, self.image_token)]
         if sum(tiles) != pixel_values.shape[0]:
             raise PrumergeError(f"the prompts place {sum(tiles)} tiles but pixel_values holds {pixel_values.shape[0]}")
-        tokens, scores, keys = self.encode(pixel_values, with_scores)
-        side = int(self.per_tile**0.5)
+        signals = self.tile_signals(pixel_values, with_scores)
+        tokens, scores, keys = signals.features, signals.scores, signals.keys
+        side = self.side
         cells = torch.arange(self.per_tile)
         layouts, start = [], 0
         for count in tiles:

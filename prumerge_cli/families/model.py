@@ -41,10 +41,14 @@ def is_family_target(target: Path) -> bool:
     return Path(target).is_dir() and (Path(target) / "config.json").is_file() and is_family_checkpoint(Path(target))
 
 
-EXPORT_REFUSAL = ("export takes LLaVA-1.5-shaped checkpoints: a family's tiles are cut to each image's aspect "
-                  "(LLaVA-NeXT, OneVision), pooled or pixel-shuffled before the reduction (Gemma 3, InternVL), and "
-                  "packed with newlines on the host, so no fixed-shape tile graph is built for them yet; run them "
-                  "with `prumerge_cli.patch` or bench them on torch")  # fmt: skip
+def family_settings(target: Path) -> tuple[str, str]:
+    """The model type and budget scope of a family checkpoint (default scope) or bundle, read without loading."""
+    from ..bundle import is_bundle, read_bundle
+
+    if is_bundle(target):
+        bundle = read_bundle(target)
+        return bundle["family"], bundle.get("scope", DEFAULT_SCOPE)
+    return read_config(Path(target))["model_type"], DEFAULT_SCOPE
 
 
 def family_positions(model_type: str | None, positions: str | None) -> str:
@@ -89,6 +93,15 @@ def load_family(model_dir: Path, dtype: str = "fp32") -> LoadedFamily:
     if type(model).__name__ != MODEL_TYPES[model_type]:
         raise PrumergeError(f"{model_dir} loads as {type(model).__name__}, not {MODEL_TYPES[model_type]}")
     return LoadedFamily(model_type, model.eval().requires_grad_(False), processor, files)
+
+
+def prepare_images(processor: Any, images: list[Image.Image]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """A family image processor's pixel values of `images` and the other image inputs an adapter reads."""
+    out = processor(images, return_tensors="pt")
+    if "num_crops" in out and int(out["num_crops"].sum()) > 0:
+        raise PrumergeError("Gemma 3's pan-and-scan crops are not supported; turn do_pan_and_scan off")
+    return out["pixel_values"], {k: v for k, v in out.items()
+                                 if k in ("image_sizes", "num_patches", "image_grid_thw")}  # fmt: skip
 
 
 class FamilyEncoder:
@@ -139,11 +152,7 @@ class FamilyEncoder:
 
     def prepare(self, images: list[Image.Image]) -> tuple[torch.Tensor, dict[str, Any]]:
         """The processor's pixel values of `images` and the other image inputs the adapter reads."""
-        out = self.processor(images, return_tensors="pt")
-        if "num_crops" in out and int(out["num_crops"].sum()) > 0:
-            raise PrumergeError("Gemma 3's pan-and-scan crops are not supported; turn do_pan_and_scan off")
-        return out["pixel_values"], {k: v for k, v in out.items()
-                                     if k in ("image_sizes", "num_patches", "image_grid_thw")}  # fmt: skip
+        return prepare_images(self.processor, images)
 
     @torch.no_grad()
     def layouts(self, images: list[Image.Image]) -> tuple[torch.Tensor, list[ImageLayout]]:
