@@ -83,3 +83,16 @@ def test_inspect_runs_the_tile_graph_and_reports_what_the_bundle_reports(capsys,
     assert reports[1]["method"] == "prumerge+ (received attention)" and reports[1]["scope"] == "tile"
     res = run_cli(capsys, "inspect", "--backend", "ort", out, *paths, "--overlay", tmp_path / "ov")
     assert_clean_error(res, "inspect the bundle for overlays")
+
+
+def test_bench_times_the_tile_graph_beside_the_torch_encoder(capsys, tmp_path):
+    model_dir = save_family("gemma3", tmp_path / "gemma3", "small")
+    report = tmp_path / "r.json"
+    res = run_cli(capsys, "bench", model_dir, "--methods", "prumerge+", "--backends", "torch,ort", "--synthetic", "2",
+                  "--batch-sizes", "2", "--iters", "1", "--warmup", "0", "--json", report)  # fmt: skip
+    assert res.code == 0, res.err
+    rows = {(r["variant"], r["backend"]): r for r in json.loads(report.read_text())["family_rows"]}
+    label = "prumerge+ (received attention)"
+    assert set(rows) == {(v, b) for v in ("none", label) for b in ("torch", "ort")}
+    assert rows[label, "ort"]["tokens"] == rows[label, "torch"]["tokens"] < rows["none", "ort"]["tokens"] == 16
+    assert rows["none", "ort"]["latency_ratio"] == rows["none", "torch"]["latency_ratio"] == 1.0

@@ -5,6 +5,8 @@ at the real LM's shape."""
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,8 @@ from rich.console import Console
 
 from ..bundle import is_bundle, load
 from ..errors import PrumergeError
+from ..exporters.onnx_export import OnnxOptions
+from ..families.layout import ImageTokens
 from ..families.model import FamilyEncoder
 from ..models.images import collect_images, open_image
 from ..progress import Phases
@@ -75,48 +79,76 @@ def variants_of(targets: list[Path], s: BenchSettings) -> dict[str, FamilyEncode
     return out
 
 
+Encode = Callable[[tuple[torch.Tensor, dict[str, Any]]], list[ImageTokens]]
+"""What a variant does with one prepared batch (the image processor's outputs): the timed work, tower to packing."""
+
+
+def encoders_of(variants: dict[str, FamilyEncoder], backends: list[str], workdir: Path,
+                phases: Phases) -> dict[tuple[str, str], Encode]:  # fmt: skip
+    """(variant, backend) -> its encode: torch runs the encoder, ort the variant's tile graph, exported into
+    `workdir` (Gemma 3 and InternVL, scope tile)."""
+    out: dict[tuple[str, str], Encode] = {}
+    if "torch" in backends:
+        for name, e in variants.items():
+            out[name, "torch"] = lambda p, e=e: e.reduce_layouts(e.layouts_of(*p))
+    if "ort" in backends:
+        from ..exporters.family_onnx import check_family_export, export_family_onnx
+        from ..runtime.family_ort import FamilyOrtEncoder
+
+        options = OnnxOptions(check=False)
+        for e in variants.values():
+            check_family_export(e.family, e.scope, options)
+        with phases.phase(f"exporting {len(variants)} tile graphs for ort", len(variants)) as advance:
+            for i, (name, e) in enumerate(variants.items()):
+                export_family_onnx(e, workdir / str(i), options)
+                out[name, "ort"] = lambda p, o=FamilyOrtEncoder(workdir / str(i)): o.encode_prepared(*p)
+                advance()
+    return out
+
+
 def run_family_bench(targets: list[Path], groups: list[tuple[str, list[Image.Image]]], s: BenchSettings,
                      phases: Phases) -> dict[str, Any]:  # fmt: skip
-    """Counts, interleaved timing and the prefill cost of every variant, per image group and batch size."""
+    """Counts, interleaved timing and the prefill cost of every variant on each backend, per image group and batch
+    size; ratios are to `none` on the same backend."""
     if s.threads is not None:
         torch.set_num_threads(s.threads)
     variants = variants_of(targets, s)
     family = next(iter(variants.values())).family
     shape_name, shape = shape_named(s.llm_shape or FAMILY_LM[family])
     rows = []
-    for (source, images), batch in ((g, b) for g in groups for b in s.batch_sizes):
-        chunks = [images[i : i + batch] for i in range(0, len(images), batch)]
-        prepared = [next(iter(variants.values())).prepare(chunk) for chunk in chunks]
-        counted = {name: [t for p in prepared for t in e.reduce_layouts(e.layouts_of(*p))]
-                   for name, e in variants.items()}  # fmt: skip
-
-        rounds = s.warmup + s.iters
-        with phases.phase(f"timing {len(variants)} variants, batch {batch}, {source}", rounds) as advance:
-            times = interleaved({n: (lambda e=e, p=prepared: run_all(e, p)) for n, e in variants.items()}, s.iters,
-                                s.warmup, on_round=lambda: advance(1))  # fmt: skip
-        base_ms = 1000 * times["none"].p50 / len(images)
-        base_flops = None
-        for name, found in counted.items():
-            tokens = sum(len(t.tokens) for t in found) / len(found)
-            flops = prefill_flops(shape, round(tokens) + LLAVA_TEXT_TOKENS)
-            base_flops = flops if name == "none" else base_flops
-            ms = 1000 * times[name].p50 / len(images)
-            rows.append({"variant": name, "images": source, "batch": batch, "tokens": tokens,
-                         "stock_tokens": sum(t.span for t in found) / len(found),
-                         "newlines": sum(len(t.tokens) - sum(t.kept_per_tile) for t in found) / len(found),
-                         "ms_per_image": ms, "latency_ratio": ms / base_ms, "prefill_tflops": flops / 1e12,
-                         "prefill_ratio": flops / base_flops if base_flops else 1.0})  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="prumerge-bench-") as workdir:
+        encoders = encoders_of(variants, s.backends, Path(workdir), phases)
+        for (source, images), batch in ((g, b) for g in groups for b in s.batch_sizes):
+            chunks = [images[i : i + batch] for i in range(0, len(images), batch)]
+            prepared = [next(iter(variants.values())).prepare(chunk) for chunk in chunks]
+            counted = {key: [t for p in prepared for t in encode(p)] for key, encode in encoders.items()}
+            rounds = s.warmup + s.iters
+            with phases.phase(f"timing {len(encoders)} variants, batch {batch}, {source}", rounds) as advance:
+                times = interleaved({f"{n} [{b}]": (lambda f=f, ps=prepared: [f(p) for p in ps])
+                                     for (n, b), f in encoders.items()}, s.iters, s.warmup,
+                                    on_round=lambda: advance(1))  # fmt: skip
+            base_flops = prefill_flops(shape, round(mean_tokens(counted["none", s.backends[0]])) + LLAVA_TEXT_TOKENS)
+            for (name, backend), found in counted.items():
+                tokens = mean_tokens(found)
+                flops = prefill_flops(shape, round(tokens) + LLAVA_TEXT_TOKENS)
+                ms = 1000 * times[f"{name} [{backend}]"].p50 / len(images)
+                base_ms = 1000 * times[f"none [{backend}]"].p50 / len(images)
+                rows.append({"variant": name, "backend": backend, "images": source, "batch": batch,
+                             "tokens": tokens, "stock_tokens": sum(t.span for t in found) / len(found),
+                             "newlines": sum(len(t.tokens) - sum(t.kept_per_tile) for t in found) / len(found),
+                             "ms_per_image": ms, "latency_ratio": ms / base_ms, "prefill_tflops": flops / 1e12,
+                             "prefill_ratio": flops / base_flops})  # fmt: skip
     return {"family": family, "targets": [str(t) for t in targets], "images": [g[0] for g in groups],
             "llm_shape": shape_name,
             "text_tokens": LLAVA_TEXT_TOKENS, "settings": {"batch_sizes": s.batch_sizes, "iters": s.iters,
-                                                           "warmup": s.warmup, "threads": torch.get_num_threads()},
+                                                           "warmup": s.warmup, "threads": torch.get_num_threads(),
+                                                           "backends": s.backends},
             "machine": machine(), "family_rows": rows}  # fmt: skip
 
 
-def run_all(encoder: FamilyEncoder, prepared: list[tuple[torch.Tensor, dict[str, Any]]]) -> None:
-    """Reduce every prepared batch (the timed work: tower, score, reduction, projector, packing)."""
-    for pixel_values, inputs in prepared:
-        encoder.reduce_layouts(encoder.layouts_of(pixel_values, inputs))
+def mean_tokens(images: list[ImageTokens]) -> float:
+    """The mean count of tokens the LM receives per image."""
+    return sum(len(t.tokens) for t in images) / len(images)
 
 
 def print_family_tables(report: dict[str, Any], console: Console) -> None:
@@ -125,9 +157,10 @@ def print_family_tables(report: dict[str, Any], console: Console) -> None:
     for source, batch in ((g, b) for g in report["images"] for b in report["settings"]["batch_sizes"]):
         title = (f"{report['family']}, batch {batch}, {source}: ratio = variant / none; prefill at "
                  f"{report['llm_shape']} with {report['text_tokens']} text tokens (cost model)")  # fmt: skip
-        table = FoldingTable(title, ["variant", "LM tokens", "of stock", "newlines", "ms/image", "prefill TFLOPs"])
+        table = FoldingTable(title, ["variant", "backend", "LM tokens", "of stock", "newlines", "ms/image",
+                                     "prefill TFLOPs"])  # fmt: skip
         for row in (r for r in report["family_rows"] if r["batch"] == batch and r["images"] == source):
-            table.add_row(row["variant"], f"{row['tokens']:.1f}", f"{row['stock_tokens']:.0f}",
+            table.add_row(row["variant"], row["backend"], f"{row['tokens']:.1f}", f"{row['stock_tokens']:.0f}",
                           f"{row['newlines']:.1f}", f"{row['ms_per_image']:.1f} x{row['latency_ratio']:.2f}",
                           f"{row['prefill_tflops']:.2f} x{row['prefill_ratio']:.2f}")  # fmt: skip
         table.print(console)

@@ -110,9 +110,10 @@ def bench_family(targets: list[Path], images: Path | None, synthetic: int | None
     from ..bundle import is_bundle, read_bundle
     from ..models.loading import read_config
 
-    if settings.backends != ["torch"] or settings.llm is not None or plot is not None:
-        raise PrumergeError("on a family checkpoint bench measures the torch encoder and the cost model's prefill: "
-                            "--backends ort/trt, --llm and --plot take LLaVA-1.5-shaped checkpoints")  # fmt: skip
+    if not set(settings.backends) <= {"torch", "ort"} or settings.llm is not None or plot is not None:
+        raise PrumergeError("on a family checkpoint bench measures the encoder (torch, and ort for Gemma 3 and "
+                            "InternVL) and the cost model's prefill: --backends trt, --llm and --plot take "
+                            "LLaVA-1.5-shaped checkpoints")  # fmt: skip
     first = targets[0]
     family = read_bundle(first)["family"] if is_bundle(first) else read_config(first)["model_type"]
     groups = family_images(family, images, synthetic)

@@ -60,8 +60,11 @@ class FamilyOrtEncoder:
 
     def encode_images(self, images: list[Image.Image]) -> list[ImageTokens]:
         """What the LM receives for each image."""
-        pixel_values, inputs = prepare_images(self.processor, images)
-        counts = inputs.get("num_patches", torch.ones(len(images), dtype=torch.long)).tolist()
+        return self.encode_prepared(*prepare_images(self.processor, images))
+
+    def encode_prepared(self, pixel_values: torch.Tensor, inputs: dict[str, Any]) -> list[ImageTokens]:
+        """`encode_images` from the image processor's outputs (`prepare_images`)."""
+        counts = inputs.get("num_patches", torch.ones(len(pixel_values), dtype=torch.long)).tolist()
         reduced = self.graph(pixel_values)
         packed, start = [], 0
         for count in counts:
