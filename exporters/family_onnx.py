@@ -56,6 +56,9 @@ def export_family_onnx(encoder: FamilyEncoder, out_dir: Path, options: OnnxOptio
     """Export the tile graph of `encoder`, check ONNX Runtime against PyTorch and write `out_dir`; returns the
     manifest."""
     check_family_export(encoder.family, encoder.scope, options)
+    if encoder.dtype_name != "fp32":
+        raise PrumergeError(f"{encoder.adapter.host}: a family's graph exports from an fp32 tower, not "
+                            f"{encoder.dtype_name}")  # fmt: skip
     module = FamilyTileModule(encoder).eval()
     side = int(encoder.processor.size["height"])
     sample = sample_pixels(options.batch or SAMPLE_BATCH, side, torch.float32).to(module_device(module))

@@ -47,11 +47,12 @@ def test_the_tile_graph_runs_in_onnx_runtime_as_the_family_encoder_runs_in_torch
         torch.testing.assert_close(g.tokens, w.tokens, atol=1e-5, rtol=1e-5)
 
 
-def test_what_the_tile_graph_cannot_be_is_refused_before_loading(capsys, tmp_path):
+def test_what_the_tile_graph_cannot_be_is_refused_in_one_line(capsys, tmp_path):
     next_dir = save_family("llava_next", tmp_path / "next", "small")
     qwen_dir = save_family("qwen2_5_vl", tmp_path / "qwen", "small")
     internvl_dir = save_family("internvl", tmp_path / "internvl", "small")
     assert run_cli(capsys, "compress", internvl_dir, "-o", tmp_path / "image", "--scope", "image").code == 0
+    assert run_cli(capsys, "compress", internvl_dir, "-o", tmp_path / "half", "--dtype", "fp16").code == 0
     out = tmp_path / "e"
     for args, words in [
         ((next_dir, "--onnx"), "cut to each image's aspect"),
@@ -60,6 +61,7 @@ def test_what_the_tile_graph_cannot_be_is_refused_before_loading(capsys, tmp_pat
         ((internvl_dir, "--onnx", "--dtype", "fp16"), "in fp32 without plugin nodes"),
         ((internvl_dir, "--onnx", "--plugins"), "in fp32 without plugin nodes"),
         ((internvl_dir, "--trt"), "exports with --onnx"),
+        ((tmp_path / "half", "--onnx"), "from an fp32 tower, not fp16"),
     ]:
         assert_clean_error(run_cli(capsys, "export", *args, "-o", out), words)
         assert not out.exists()

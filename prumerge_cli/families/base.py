@@ -41,8 +41,10 @@ def score_layer_index(feature_layer: int, num_layers: int) -> int:
 
 def token_scores(layer: nn.Module, hidden: torch.Tensor, cls_query: bool, has_cls: bool):
     """(scores [T, N], keys [T, N, C]) of the patches (a [CLS] token dropped) from the score layer's input: the
-    [CLS] row (`cls_query`, PruMerge on CLIP) or the attention each patch receives, in float32."""
-    queries, keys, heads = queries_and_keys(layer, hidden.float())
+    [CLS] row (`cls_query`, PruMerge on CLIP) or the attention each patch receives: q and k projected in the
+    layer's own dtype, as its forward projects them, the scores in float32."""
+    queries, keys, heads = queries_and_keys(layer, hidden)
+    queries, keys = queries.float(), keys.float()
     if cls_query:
         return cls_row(queries[:, :1], keys), keys[:, 1:]
     scores = received_attention(queries, keys, heads)
