@@ -85,6 +85,8 @@ def test_inspect_runs_the_tile_graph_and_reports_what_the_bundle_reports(capsys,
     assert reports[1]["method"] == "prumerge+ (received attention)" and reports[1]["scope"] == "tile"
     res = run_cli(capsys, "inspect", "--backend", "ort", out, *paths, "--overlay", tmp_path / "ov")
     assert_clean_error(res, "inspect the bundle for overlays")
+    assert_clean_error(run_cli(capsys, "inspect", out, *paths), "is an ONNX export: inspect it with --backend ort")
+    assert_clean_error(run_cli(capsys, "bench", out), "bench its bundle with --backends torch,ort")
 
 
 def test_bench_times_the_tile_graph_beside_the_torch_encoder(capsys, tmp_path):

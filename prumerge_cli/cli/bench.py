@@ -88,7 +88,13 @@ def bench(
         settings.prompts = [p for p in _read_lines(prompts) if p.strip()] or settings.prompts
     console = out_console()
     from ..families.model import is_family_target
+    from ..runtime.family_ort import is_family_export
+    from ..runtime.ort import is_onnx_export
 
+    for target in targets:
+        if is_onnx_export(target) and is_family_export(target):
+            raise PrumergeError(f"{target} is a family's tile graph: bench its bundle with --backends torch,ort, "
+                                "which exports the graph of every variant itself")  # fmt: skip
     if is_family_target(targets[0]):
         bench_family(targets, images, synthetic, settings, json_path, plot, console)
         return

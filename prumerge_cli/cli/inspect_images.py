@@ -63,7 +63,11 @@ def inspect_images(
                                 "bundle for overlays")  # fmt: skip
         encoder = FamilyOrtEncoder(target, threads) if is_family_export(target) else OrtEncoder(target, threads)
     elif backend == "torch":
+        from ..runtime.ort import is_onnx_export
         from ..targets import open_encoder
+
+        if is_onnx_export(target):
+            raise PrumergeError(f"{target} is an ONNX export: inspect it with --backend ort")
 
         encoder = open_encoder(target, method, parse_params(param), model, full_hash, dtype).to(where)
     else:
