@@ -100,3 +100,17 @@ def test_bench_times_the_tile_graph_beside_the_torch_encoder(capsys, tmp_path):
     assert set(rows) == {(v, b) for v in ("none", label) for b in ("torch", "ort")}
     assert rows[label, "ort"]["tokens"] == rows[label, "torch"]["tokens"] < rows["none", "ort"]["tokens"] == 16
     assert rows["none", "ort"]["latency_ratio"] == rows["none", "torch"]["latency_ratio"] == 1.0
+
+
+@pytest.mark.parametrize("name", ["gemma3", "internvl"])
+def test_the_tile_graph_builds_with_tensorrt_rtx(name, tmp_path):
+    trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu12 cannot be installed here")
+    from prumerge_cli.exporters.family_onnx import export_family_onnx
+    from prumerge_cli.exporters.onnx_export import OnnxOptions
+    from prumerge_cli.exporters.trt_build import BatchProfile, build_engine
+    from prumerge_cli.families.model import FamilyEncoder
+
+    encoder = FamilyEncoder.from_pretrained(save_family(name, tmp_path / name, "small"), "prumerge")
+    manifest = export_family_onnx(encoder, tmp_path / "e", OnnxOptions(max_batch=4, check=False))
+    plan, cache = build_engine(trt, tmp_path / "e" / "model.onnx", manifest["image_size"], BatchProfile(1, 2, 4))
+    assert len(plan) > 100_000 and len(cache) > 0
