@@ -90,7 +90,7 @@ def encoders_of(variants: dict[str, FamilyEncoder], backends: list[str], workdir
     out: dict[tuple[str, str], Encode] = {}
     if "torch" in backends:
         for name, e in variants.items():
-            out[name, "torch"] = lambda p, e=e: e.reduce_layouts(e.layouts_of(*p))
+            out[name, "torch"] = lambda p, e=e: e.encode_prepared(*p)
     if "ort" in backends:
         from ..exporters.family_onnx import check_family_export, export_family_onnx
         from ..runtime.family_ort import FamilyOrtEncoder

@@ -13,11 +13,11 @@ from .. import atomic, devices, dtypes
 from ..errors import PrumergeError
 from ..lm.positions import DEFAULT_POSITIONS, POSITIONS_HELP, check_positions
 from ..progress import Phases
+from . import app
+from .console import out_console
 
 if TYPE_CHECKING:
     from ..bench.runner import BenchSettings
-from . import app
-from .console import out_console
 
 
 def parse_list(text: str, kind=str) -> list:

@@ -88,7 +88,8 @@ def export(
     from ..families.model import is_family_target
     from ..targets import open_encoder
 
-    if is_family_target(target) and trt:
+    family = is_family_target(target)
+    if family and trt:
         raise PrumergeError(f"{target}: TensorRT export takes LLaVA-1.5-shaped checkpoints; a Gemma 3 or InternVL "
                             "one exports with --onnx")  # fmt: skip
     if is_bundle(target) and is_dynamic(target):
@@ -118,7 +119,6 @@ def export(
     options = OnnxOptions(
         opset, dtype, batch_size, max_batch, with_projector, check, plugins != "none", plugins == "aot"
     )
-    family = is_family_target(target)
     if family:
         from ..exporters.family_onnx import check_family_export, export_family_onnx
         from ..families.model import family_settings

@@ -58,17 +58,17 @@ def inspect_images(
         from ..runtime.family_ort import FamilyOrtEncoder, is_family_export
         from ..runtime.ort import OrtEncoder
 
-        if is_family_export(target) and overlay is not None:
+        family = is_family_export(target)
+        if family and overlay is not None:
             raise PrumergeError(f"{target} is a tile graph: --overlay draws the torch model's tiles, so inspect the "
                                 "bundle for overlays")  # fmt: skip
-        encoder = FamilyOrtEncoder(target, threads) if is_family_export(target) else OrtEncoder(target, threads)
+        encoder = FamilyOrtEncoder(target, threads) if family else OrtEncoder(target, threads)
     elif backend == "torch":
         from ..runtime.ort import is_onnx_export
         from ..targets import open_encoder
 
         if is_onnx_export(target):
             raise PrumergeError(f"{target} is an ONNX export: inspect it with --backend ort")
-
         encoder = open_encoder(target, method, parse_params(param), model, full_hash, dtype).to(where)
     else:
         raise PrumergeError(f"unknown backend {backend!r}; choose torch or ort")

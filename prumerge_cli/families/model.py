@@ -172,7 +172,11 @@ class FamilyEncoder:
 
     def encode_images(self, images: list[Image.Image]) -> list[ImageTokens]:
         """What the LM receives for each image."""
-        return self.reduce_layouts(self.layouts(images)[1])
+        return self.encode_prepared(*self.prepare(images))
+
+    def encode_prepared(self, pixel_values: torch.Tensor, inputs: dict[str, Any]) -> list[ImageTokens]:
+        """`encode_images` from the image processor's outputs (`prepare`)."""
+        return self.reduce_layouts(self.layouts_of(pixel_values, inputs))
 
     def tile_pixels(self, pixel_values: torch.Tensor, layouts: list[ImageLayout]) -> list[torch.Tensor]:
         """Each image's pixel tiles [t, 3, H, W], the base (or only) one first, from the processor's batch."""

@@ -11,14 +11,14 @@ from PIL import Image
 
 from ..errors import PrumergeError
 from ..families.layout import ImageTokens
-from ..families.model import prepare_images
+from ..families.model import MODEL_TYPES, prepare_images
 from ..reducers import EXTRA_INDEX, ReducedTokens
 from .ort import OrtEncoder, read_manifest
 
 
 def is_family_export(path: str | Path) -> bool:
     """Whether the export at `path` is a family's tile graph."""
-    return "scope" in read_manifest(path)["source"]
+    return read_manifest(path)["source"]["model_type"] in MODEL_TYPES
 
 
 def pack_tiles(reduced: ReducedTokens, per_tile: int) -> ImageTokens:
